@@ -1,0 +1,198 @@
+"""`codi2` command line. Exit codes: 0 ok, 1 runtime failure, 2 usage or config error.
+
+`codi2 --config PATH --user-id U --tenant-id T` with no subcommand means `run`: that is how the
+workspace pod template calls it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from codi2 import __version__
+from codi2.config import ConfigError, Settings, load_settings
+from codi2.events import ACTIONS, EventQuery, parse_time
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+FOLLOW_POLL_S = 0.5
+SUBCOMMANDS = {"run", "events", "config"}
+
+
+class UsageError(Exception):
+    """Bad input on the command line: one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("CODI2_CONFIG"),
+        metavar="PATH",
+        help="codi2.toml to load (default: $CODI2_CONFIG; without either, built-in defaults and env only)",
+    )
+    parser.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="codi2",
+        description="Workspace audit daemon: every file change under the watch paths becomes an audit event.",
+        epilog="With no subcommand, `codi2 [--config PATH] [--user-id U] [--tenant-id T]` runs the daemon.",
+    )
+    parser.add_argument("--version", action="version", version=f"codi2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = sub.add_parser("run", help="run the daemon (the default)", description="Run the daemon in the foreground.")
+    _config_arg(run)
+    run.add_argument("--user-id", help="user the events belong to (default: $USER_ID)")
+    run.add_argument("--tenant-id", help="tenant the events are scoped to (default: $TENANT_ID)")
+    run.add_argument("--session-id", help="IDE session id recorded in each event (default: $SESSION_ID)")
+
+    events = sub.add_parser(
+        "events",
+        help="read the audit trail back, oldest first",
+        description="Print audit events from the configured store, oldest first.",
+    )
+    _config_arg(events)
+    events.add_argument("--tenant-id", help="tenant to read (default: the configured identity, $TENANT_ID)")
+    events.add_argument("--path", metavar="GLOB", help="only events whose path or dest_path matches (* spans /)")
+    events.add_argument("--action", choices=ACTIONS, help="only events with this action")
+    events.add_argument("--since", metavar="ISO8601", help="only events at or after this time (UTC if no zone)")
+    events.add_argument("--limit", type=int, metavar="N", help="print at most N events")
+    events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
+    events.add_argument(
+        "--format",
+        choices=("jsonl", "table"),
+        help="jsonl (default when stdout is not a terminal) or table (default on a terminal)",
+    )
+
+    config = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
+    config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    check = config_sub.add_parser(
+        "check",
+        help="validate the config and print it as the daemon would use it",
+        description="Validate the config (file, env, flags) and print the effective settings as JSON.",
+    )
+    _config_arg(check)
+    return parser
+
+
+def _normalise(argv: Sequence[str]) -> list[str]:
+    """No subcommand means `run`, as the pod template calls it."""
+    args = list(argv)
+    if not args or (args[0] not in SUBCOMMANDS and args[0] not in ("-h", "--help", "--version")):
+        return ["run", *args]
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(_normalise(sys.argv[1:] if argv is None else argv))
+    try:
+        if args.command == "run":
+            return _run(args)
+        if args.command == "events":
+            return _events(args)
+        return _config_check(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"codi2: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"codi2: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _load(args: argparse.Namespace, **cli: Any) -> Settings:
+    return load_settings(args.config, **cli)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from codi2.daemon import Daemon, StartupError
+    from codi2.logs import configure_logging
+    from codi2.pipeline import Identity
+
+    settings = _load(args, user_id=args.user_id, tenant_id=args.tenant_id, session_id=args.session_id)
+    missing = [name for name in ("tenant_id", "user_id") if not getattr(settings, name)]
+    if missing:
+        flags = ", ".join(f"--{m.replace('_', '-')} or ${m.upper()}" for m in missing)
+        raise UsageError(f"{' and '.join(missing)} required to run (set {flags})")
+    configure_logging(settings.logging.level, settings.logging.format)
+    identity = Identity(settings.tenant_id or "", settings.user_id or "", settings.session_id, settings.pod)
+    daemon = Daemon(settings, identity)
+    try:
+        return asyncio.run(daemon.serve())
+    except StartupError as exc:
+        print(f"codi2: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    print(json.dumps(settings.effective(), indent=2))
+    return EXIT_OK
+
+
+def _events(args: argparse.Namespace) -> int:
+    from codi2.sinks import open_sink
+
+    settings = _load(args, tenant_id=args.tenant_id)
+    if not settings.tenant_id:
+        raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
+    if args.limit is not None and args.limit < 0:
+        raise UsageError("--limit: must be 0 or more")
+    try:
+        since = parse_time(args.since) if args.since else None
+    except ValueError:
+        raise UsageError(f"--since: not an ISO 8601 time: {args.since!r}") from None
+    query = EventQuery(settings.tenant_id, args.path, args.action, since, args.limit)
+    fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
+    sink = open_sink(settings, create=False)
+    printed = 0
+    after = None
+    try:
+        while True:
+            for cursor, event in sink.read(query, after=after):
+                after = cursor  # --follow resumes after the last event printed
+                if fmt == "jsonl":
+                    print(event.to_json())
+                else:
+                    print(_table_row(event.to_dict(), header=printed == 0))
+                printed += 1
+                if args.limit is not None and printed >= args.limit:
+                    return EXIT_OK
+            if not args.follow:
+                return EXIT_OK
+            sys.stdout.flush()
+            time.sleep(FOLLOW_POLL_S)
+    finally:
+        sink.close()
+
+
+def _printable(path: str) -> str:
+    """Newlines and undecodable bytes shown as escapes, so one event stays one table row."""
+    return path.encode("unicode_escape").decode("ascii") if not path.isprintable() else path
+
+
+def _table_row(e: dict[str, Any], *, header: bool) -> str:
+    path = _printable(e["path"])
+    if e["dest_path"] is not None:
+        path += f" -> {_printable(e['dest_path'])}"
+    row = f"{e['ts']:<28} {e['action']:<8} {e['type']:<7} {e['size'] if e['size'] is not None else '-':>10}  {path}"
+    if header:
+        return f"{'TS':<28} {'ACTION':<8} {'TYPE':<7} {'SIZE':>10}  PATH\n{row}"
+    return row

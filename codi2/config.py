@@ -1,0 +1,240 @@
+"""Every setting of the daemon in one place, loaded with pydantic-settings.
+
+Precedence (highest first): CLI flags (passed as init values), environment (`CODI2_SECTION__KEY`, and
+`USER_ID` / `TENANT_ID` / `SESSION_ID` / `HOSTNAME` for identity), then the TOML file. This module imports
+nothing else of codi2, so every other module can depend on it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "CODI2_"
+STATE_DIR_NAME = ".codi2"
+_toml_path: ContextVar[Path | None] = ContextVar("codi2_toml_path", default=None)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as one line for the user."""
+
+
+def split_bind_addr(value: str) -> tuple[str, int]:
+    """Split `host:port` or `[v6]:port`; raise ValueError with a reason a person can act on."""
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be a number from 0 to 65535, got {port_text!r}")
+    return host, int(port_text)
+
+
+def _check_bind_addr(value: str) -> str:
+    split_bind_addr(value)
+    return value
+
+
+BindAddr = Annotated[str, AfterValidator(_check_bind_addr)]
+
+
+class Section(BaseModel):
+    """A TOML table: unknown keys are errors so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ServerSettings(Section):
+    bind_addr: BindAddr = "0.0.0.0:8765"
+
+    @property
+    def host(self) -> str:
+        return split_bind_addr(self.bind_addr)[0]
+
+    @property
+    def port(self) -> int:
+        return split_bind_addr(self.bind_addr)[1]
+
+
+class FoundationDBSettings(Section):
+    cluster_file: Path | None = None
+    cluster_string: str | None = None
+
+
+class MonitoringSettings(Section):
+    watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
+    ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
+    hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+
+
+class StorageSettings(Section):
+    backend: Literal["sqlite", "fdb"] | None = None
+    sqlite_path: Path | None = None
+
+
+class StateSettings(Section):
+    dir: Path | None = None
+
+
+class BatchingSettings(Section):
+    max_events: int = Field(default=1000, ge=1)
+    max_bytes: int = Field(default=1_000_000, ge=1024)
+    max_delay_ms: int = Field(default=200, ge=1, le=60_000)
+    max_pending_batches: int = Field(default=64, ge=1)
+
+
+class LoggingSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings):
+    """The whole configuration. Derived paths (`state_dir`, `sqlite_file`, `backend`) are properties."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    server: ServerSettings = ServerSettings()
+    foundationdb: FoundationDBSettings = FoundationDBSettings()
+    monitoring: MonitoringSettings = MonitoringSettings()
+    storage: StorageSettings = StorageSettings()
+    state: StateSettings = StateSettings()
+    batching: BatchingSettings = BatchingSettings()
+    logging: LoggingSettings = LoggingSettings()
+
+    tenant_id: str | None = Field(default=None, validation_alias=AliasChoices("tenant_id", "TENANT_ID"))
+    user_id: str | None = Field(default=None, validation_alias=AliasChoices("user_id", "USER_ID"))
+    session_id: str | None = Field(default=None, validation_alias=AliasChoices("session_id", "SESSION_ID"))
+    pod: str = Field(default_factory=socket.gethostname, validation_alias=AliasChoices("pod", "HOSTNAME"))
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _toml_path.get()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+    @property
+    def backend(self) -> Literal["sqlite", "fdb"]:
+        """An unset backend means FDB when a cluster is named, so production never writes a local file."""
+        if self.storage.backend is not None:
+            return self.storage.backend
+        fdb = self.foundationdb
+        return "fdb" if fdb.cluster_file or fdb.cluster_string else "sqlite"
+
+    @property
+    def watch_roots(self) -> list[Path]:
+        return [Path(os.path.abspath(p)) for p in self.monitoring.watch_paths]
+
+    @property
+    def state_dir(self) -> Path:
+        if self.state.dir is not None:
+            return Path(os.path.abspath(self.state.dir))
+        return self.watch_roots[0] / STATE_DIR_NAME
+
+    @property
+    def sqlite_file(self) -> Path:
+        if self.storage.sqlite_path is not None:
+            return Path(os.path.abspath(self.storage.sqlite_path))
+        return self.state_dir / "audit.db"
+
+    def effective(self) -> dict[str, Any]:
+        """The config as the daemon will use it, derived values filled in (for `config check`)."""
+        data = self.model_dump(mode="json")
+        data["storage"]["backend"] = self.backend
+        data["storage"]["sqlite_path"] = str(self.sqlite_file) if self.backend == "sqlite" else None
+        data["state"]["dir"] = str(self.state_dir)
+        data["monitoring"]["watch_paths"] = [str(p) for p in self.watch_roots]
+        return data
+
+
+_IDENTITY_ENV = {
+    "tenant_id": "TENANT_ID",
+    "user_id": "USER_ID",
+    "session_id": "SESSION_ID",
+    "pod": "HOSTNAME",
+}
+
+
+def _where(path: Path | None, loc: tuple[Any, ...], cli_keys: set[str]) -> str:
+    """Name the source a bad value most likely came from: a CLI flag, the environment or the file."""
+    top = str(loc[0]) if loc else ""
+    if top in cli_keys:
+        return f"--{top.replace('_', '-')}"
+    env_name = _IDENTITY_ENV.get(top) or ENV_PREFIX + "__".join(str(p) for p in loc).upper()
+    if env_name in os.environ:
+        return f"env {env_name}"
+    return str(path) if path is not None else "defaults"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required"
+    msg = str(error["msg"])
+    return msg.removeprefix("Value error, ")
+
+
+def load_settings(path: Path | None, **cli: Any) -> Settings:
+    """Load the TOML file, env and CLI values; turn every failure into one ConfigError line."""
+    cli = {k: v for k, v in cli.items() if v is not None}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"{path}: config file not found")
+        if not path.is_file():
+            raise ConfigError(f"{path}: config path is not a regular file")
+    token = _toml_path.set(path)
+    try:
+        return Settings(**cli)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = tuple(error["loc"])
+            key = ".".join(str(p) for p in loc) or "(top level)"
+            problems.append(f"{_where(path, loc, set(cli))}: {key}: {_describe(error)}")
+        raise ConfigError("; ".join(problems)) from None
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,200 @@
+"""The daemon's life cycle in one class: start-up, `should_exit`, graceful shutdown, signals.
+
+Start-up order: health port first (probes answer while watches are placed, `/readyz` says 503 until they
+are), then sink, pipeline, watcher. Shutdown order: read every change the kernel queued (watcher
+barrier), flush the pipeline to the store, close the store, stop the health port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from codi2 import __version__
+from codi2.config import Settings
+from codi2.events import rfc3339
+from codi2.health import HealthServer, build_app
+from codi2.metrics import Metrics
+from codi2.pipeline import Identity, Pipeline
+from codi2.sinks import Sink, open_sink
+from codi2.watcher import IgnoreRules, Watcher
+
+log = structlog.get_logger("codi2.daemon")
+
+SHUTDOWN_FLUSH_S = 20.0
+WATCHER_DRAIN_S = 5.0
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message is one line for the operator."""
+
+
+class Daemon:
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.metrics = Metrics()
+        self.should_exit = asyncio.Event()
+        self.started_at = time.time()
+        self.health: HealthServer | None = None
+        self.sink: Sink | None = None
+        self.pipeline: Pipeline | None = None
+        self.watcher: Watcher | None = None
+        self._armed = False
+
+    # Life cycle ----------------------------------------------------------------------------------
+
+    async def serve(self) -> int:
+        """Run until SIGTERM/SIGINT; 0 when every observed event reached the store."""
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+        except BaseException:
+            await self.shutdown()
+            raise
+        log.info(
+            "codi2_ready",
+            version=__version__,
+            backend=self.settings.backend,
+            roots=[str(r) for r in self.settings.watch_roots],
+            watches=self.watcher.state.watches if self.watcher else 0,
+            health_port=self.health.port if self.health else None,
+        )
+        await self.should_exit.wait()
+        return await self.shutdown()
+
+    async def startup(self) -> None:
+        s = self.settings
+        self.health = HealthServer(self._app(), s.server.host, s.server.port)
+        try:
+            await self.health.start()
+        except OSError as exc:
+            raise StartupError(f"cannot listen on {s.server.bind_addr}: {exc.strerror or exc}") from None
+        try:
+            self.sink = await asyncio.to_thread(open_sink, s)
+        except Exception as exc:
+            raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
+        self.pipeline = Pipeline(
+            roots=[os.fsencode(r) for r in s.watch_roots],
+            identity=self.identity,
+            sink=self.sink,
+            metrics=self.metrics,
+            max_events=s.batching.max_events,
+            max_bytes=s.batching.max_bytes,
+            max_delay_ms=s.batching.max_delay_ms,
+            max_pending_batches=s.batching.max_pending_batches,
+            hash_max_bytes=s.monitoring.hash_max_bytes,
+        )
+        feed = self.pipeline.start()
+        self.watcher = Watcher(
+            s.watch_roots,
+            IgnoreRules(s.monitoring.ignore_patterns, self._private_paths()),
+            s.state_dir / "barrier",
+            on_changes=feed,
+            on_overflow=self.metrics.inotify_overflows.inc,
+        )
+        self.metrics.inotify_watches.set_function(lambda: self.watcher.state.watches if self.watcher else 0)
+        self.metrics.unwatched_dirs.set_function(lambda: len(self.watcher.state.unwatched) if self.watcher else 0)
+        try:
+            await asyncio.to_thread(self.watcher.start)
+        except OSError as exc:
+            raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
+        self._armed = True
+
+    async def shutdown(self) -> int:
+        lost = 0
+        self._armed = False
+        if self.watcher is not None:
+            await asyncio.to_thread(self.watcher.stop, WATCHER_DRAIN_S)
+        if self.pipeline is not None and self.pipeline.queue is not None:
+            lost = await self.pipeline.stop(SHUTDOWN_FLUSH_S)
+            if lost:
+                log.error("events_not_committed", count=lost, store=self.pipeline.store.error)
+        if self.sink is not None:
+            await asyncio.to_thread(self.sink.close)
+        if self.health is not None:
+            await self.health.stop()
+        log.info("codi2_stopped", uncommitted=lost)
+        return 0 if lost == 0 else 1
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        log.info("shutdown_requested", signal=sig.name)
+        self.should_exit.set()
+
+    def _private_paths(self) -> list[Path]:
+        """The daemon's own files never become audit events (that would feed back forever)."""
+        s = self.settings
+        paths = [s.state_dir]
+        if s.backend == "sqlite":
+            db = s.sqlite_file
+            paths += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+        return paths
+
+    # What the health server reads ----------------------------------------------------------------
+
+    def _app(self) -> Any:
+        live = {
+            "event_loop": lambda: True,
+            "watcher": lambda: not self._armed or (self.watcher is not None and self.watcher.is_alive()),
+            "pipeline": lambda: not self._armed or (self.pipeline is not None and self.pipeline.running),
+        }
+        ready = {
+            "watches": lambda: self._armed and self.watcher is not None and self.watcher.is_alive(),
+            "pipeline": lambda: self._armed and self.pipeline is not None and self.pipeline.running,
+        }
+        return build_app(live=live, ready=ready, status=self.status, registry=self.metrics.registry)
+
+    def status(self) -> dict[str, Any]:
+        watcher, pipeline = self.watcher, self.pipeline
+        store = pipeline.store if pipeline else None
+        degraded = []
+        if store is not None and store.state == "degraded":
+            degraded.append(f"store: {store.error_code}: {store.error}")
+        if watcher is not None and watcher.state.unwatched:
+            degraded.append(
+                f"{len(watcher.state.unwatched)} directories unwatched (see unwatched; "
+                "for a watch limit raise fs.inotify.max_user_watches)"
+            )
+        if watcher is not None and watcher.state.overflows:
+            degraded.append(f"inotify queue overflowed {watcher.state.overflows} times")
+        ident = self.identity
+        return {
+            "status": "degraded" if degraded else "ok",
+            "degraded_reasons": degraded,
+            "version": __version__,
+            "identity": {
+                "tenant_id": ident.tenant_id,
+                "user_id": ident.user_id,
+                "session_id": ident.session_id,
+                "pod": ident.pod,
+            },
+            "ready": self._armed,
+            "started_at": rfc3339(self.started_at),
+            "watch_roots": [str(r) for r in self.settings.watch_roots],
+            "watches": watcher.state.watches if watcher else 0,
+            "unwatched": dict(watcher.state.unwatched) if watcher else {},
+            "inotify_overflows": watcher.state.overflows if watcher else 0,
+            "pipeline": {
+                "queued_changes": len(pipeline.queue) if pipeline and pipeline.queue else 0,
+                "pending_events": pipeline.spool.pending_events if pipeline else 0,
+            },
+            "store": {
+                "backend": self.settings.backend,
+                "state": store.state if store else "unknown",
+                "error": store.error if store else None,
+                "error_code": store.error_code if store else None,
+                "consecutive_failures": store.consecutive_failures if store else 0,
+            },
+            "last_commit": rfc3339(store.last_commit) if store and store.last_commit else None,
+        }

@@ -1,0 +1,113 @@
+"""The audit event: what every sink stores and `codi2 events` prints. Imports nothing of codi2.
+
+Paths are `str` decoded with the filesystem encoding and `surrogateescape`, so a non-UTF-8 name
+round-trips losslessly: `os.fsencode(event.path)` gives back the exact bytes. In JSON such a name
+appears as `\\udcXX` escapes, which Python's `json` reads back unchanged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+Action = Literal["created", "updated", "deleted", "moved"]
+ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved")
+EntryType = Literal["file", "dir", "symlink", "other"]
+Origin = Literal["live", "rescan", "offline"]
+
+
+def uuid7() -> str:
+    """A UUIDv7 (RFC 9562): millisecond time prefix, so ids sort roughly by creation time."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10)) & ((1 << 80) - 1)
+    value = (value & ~(0xF << 76)) | (0x7 << 76)
+    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    text = f"{value:032x}"
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def rfc3339(epoch_seconds: float) -> str:
+    """RFC 3339 UTC with microseconds, the one timestamp format of the trail."""
+    return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """Parse an ISO 8601 time; a naive one is taken as UTC."""
+    value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    """One audit record. Field order is the order of keys in `codi2 events` JSON lines."""
+
+    id: str
+    seq: int
+    ts: str
+    tenant_id: str
+    user_id: str
+    session_id: str | None
+    pod: str
+    action: Action
+    path: str
+    dest_path: str | None
+    root: str
+    type: EntryType
+    size: int | None
+    mode: int | None
+    mtime: str | None
+    sha256: str | None
+    origin: Origin = "live"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        """Compact JSON, ASCII only, so non-UTF-8 names survive as surrogate escapes."""
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> Event:
+        return cls(**json.loads(text))
+
+    def encoded_size(self) -> int:
+        """Approximate stored size, used for the byte budget of a batch."""
+        return 240 + len(self.path) + len(self.dest_path or "") + len(self.root)
+
+
+EVENT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+
+
+@dataclass(slots=True, frozen=True)
+class Batch:
+    """Events committed together. `batch_id` is the identity a sink uses to make re-writes idempotent."""
+
+    batch_id: str
+    events: tuple[Event, ...]
+
+
+@dataclass(slots=True, frozen=True)
+class EventQuery:
+    """What `codi2 events` asks a sink for; every sink applies it with `matches` for the same semantics."""
+
+    tenant_id: str
+    path_glob: str | None = None
+    action: Action | None = None
+    since: datetime | None = None
+    limit: int | None = None
+
+    def matches(self, event: Event) -> bool:
+        if event.tenant_id != self.tenant_id:
+            return False
+        if self.action is not None and event.action != self.action:
+            return False
+        if self.since is not None and parse_time(event.ts) < self.since:
+            return False
+        if self.path_glob is not None:
+            paths = (event.path,) if event.dest_path is None else (event.path, event.dest_path)
+            return any(fnmatch.fnmatchcase(p, self.path_glob) for p in paths)
+        return True

@@ -1,0 +1,33 @@
+"""Prometheus metrics of one daemon, in a registry of its own so several daemons can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.events_observed = Counter(
+            "codi2_events_observed", "Audit events produced from file changes", ["action"], registry=r
+        )
+        self.events_committed = Counter("codi2_events_committed", "Audit events committed to the store", registry=r)
+        self.events_dropped = Counter(
+            "codi2_events_dropped", "Audit events that could not be kept, by reason", ["reason"], registry=r
+        )
+        self.store_errors = Counter("codi2_store_errors", "Failed batch commits, by error", ["error"], registry=r)
+        self.batch_commit_duration = Histogram(
+            "codi2_batch_commit_duration_seconds",
+            "Time to commit one batch to the store",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.pipeline_queue = Gauge(
+            "codi2_pipeline_queue_events", "File changes read from inotify and not yet batched", registry=r
+        )
+        self.inotify_watches = Gauge("codi2_inotify_watches", "inotify watches in place", registry=r)
+        self.inotify_overflows = Counter(
+            "codi2_inotify_overflows", "Kernel inotify queue overflows (IN_Q_OVERFLOW)", registry=r
+        )
+        self.unwatched_dirs = Gauge("codi2_unwatched_directories", "Directories that could not be watched", registry=r)

@@ -1,0 +1,47 @@
+"""Where audit events are committed. A sink knows batches and queries, nothing of watching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from codi2.config import Settings
+from codi2.events import Batch, Event, EventQuery
+
+Cursor = int | bytes
+
+
+class StoreError(Exception):
+    """A store failure worth retrying later; `code` names it for /status and metrics."""
+
+    def __init__(self, message: str, code: str = "error") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Sink(Protocol):
+    """Blocking by design: the pipeline calls it from one worker thread, the CLI calls it directly."""
+
+    name: str
+
+    def write_batch(self, batch: Batch) -> None:
+        """Commit the batch atomically. Re-writing a batch already committed must change nothing."""
+
+    def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
+        """Yield matching events in commit order, after the given cursor."""
+        ...
+
+    def ping(self) -> None:
+        """Raise StoreError unless a write could be committed now."""
+
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+
+def open_sink(settings: Settings, *, create: bool = True) -> Sink:
+    """Open the configured backend. `create=False` is for readers: a missing store is an error."""
+    if settings.backend == "sqlite":
+        from codi2.sinks.sqlite import SqliteSink
+
+        return SqliteSink(settings.sqlite_file, create=create)
+    raise StoreError("the fdb backend is not available in this build", code="unsupported_backend")
