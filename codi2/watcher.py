@@ -238,8 +238,8 @@ class Watcher:
         stack = [top]
         while stack:
             rel = stack.pop()
-            if not self._add_watch(root, rel):
-                continue
+            if (root, rel) in self._wd_of or not self._add_watch(root, rel):
+                continue  # already watched (seen by an earlier walk), or reported as unwatched
             base = self._abs(root, rel)
             try:
                 with os.scandir(base) as it:

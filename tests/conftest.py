@@ -1,0 +1,150 @@
+"""Shared fixtures: real temp trees, the daemon as a real subprocess, its store read back for real."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from codi2.events import Event, EventQuery
+from codi2.sinks.sqlite import SqliteSink
+
+WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
+    """Poll until `predicate` is truthy; fail the test with its last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
+        time.sleep(interval)
+
+
+def read_events(db: Path, tenant: str = "t1") -> list[Event]:
+    if not db.exists():
+        return []
+    sink = SqliteSink(db, create=False)
+    try:
+        return [event for _, event in sink.read(EventQuery(tenant))]
+    finally:
+        sink.close()
+
+
+def write_config(path: Path, workspace: Path, db: Path, extra: str = "") -> Path:
+    path.write_text(
+        f"""
+[server]
+bind_addr = "127.0.0.1:0"
+[monitoring]
+watch_paths = [{json.dumps(str(workspace))}]
+ignore_patterns = [".git", "node_modules", "target", "dist"]
+[storage]
+backend = "sqlite"
+sqlite_path = {json.dumps(str(db))}
+[batching]
+max_delay_ms = 50
+[logging]
+level = "debug"
+format = "json"
+{extra}
+"""
+    )
+    return path
+
+
+class DaemonProcess:
+    """`codi2 run` as a subprocess; learns its health port from the JSON `codi2_ready` log line."""
+
+    def __init__(self, config: Path, db: Path, env: dict[str, str] | None = None) -> None:
+        self.config = config
+        self.db = db
+        self.logs: list[dict[str, Any]] = []
+        self.port: int | None = None
+        self._ready = threading.Event()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u1", "--tenant-id", "t1"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "HOSTNAME": "pod-test", **(env or {})},
+        )
+        self._reader = threading.Thread(target=self._read_logs, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(WAIT_S):
+            self.proc.kill()
+            raise AssertionError(f"daemon not ready; logs: {self.logs[-20:]}")
+        if self.port is None:
+            raise AssertionError(f"daemon exited early; logs: {self.logs[-20:]}")
+
+    def _read_logs(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                line = {"event": "raw", "text": raw.decode(errors="replace")}
+            self.logs.append(line)
+            if line.get("event") == "codi2_ready":
+                self.port = line["health_port"]
+                self._ready.set()
+        self._ready.set()
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self.get("/status")[1])
+
+    def events(self) -> list[Event]:
+        return read_events(self.db)
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    ws = tmp_path / "workspace"
+    ws.mkdir()
+    return ws
+
+
+@pytest.fixture
+def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    started: list[DaemonProcess] = []
+
+    def start(extra: str = "", env: dict[str, str] | None = None) -> DaemonProcess:
+        db = tmp_path / "audit.db"
+        config = write_config(tmp_path / "codi2.toml", workspace, db, extra)
+        daemon = DaemonProcess(config, db, env)
+        started.append(daemon)
+        return daemon
+
+    yield start
+    for daemon in started:
+        daemon.kill()

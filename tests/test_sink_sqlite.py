@@ -1,0 +1,53 @@
+"""The SQLite sink against the shared contract, plus what only SQLite can show: a real lock held by
+another process makes writes fail with a StoreError, and they succeed once it is released."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sink_contract import SinkContract, batch_of, make_event
+
+from codi2.sinks import Sink, StoreError
+from codi2.sinks.sqlite import SqliteSink
+
+
+class TestSqliteSink(SinkContract):
+    @pytest.fixture
+    def sink(self, tmp_path: Path) -> Iterator[Sink]:
+        sink = SqliteSink(tmp_path / "audit.db")
+        yield sink
+        sink.close()
+
+    @pytest.fixture
+    def reopen(self, tmp_path: Path) -> Callable[[], Sink]:
+        return lambda: SqliteSink(tmp_path / "audit.db", create=False)
+
+
+def test_reader_refuses_a_missing_store(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="no audit store"):
+        SqliteSink(tmp_path / "missing.db", create=False)
+    assert not (tmp_path / "missing.db").exists()
+
+
+def test_locked_store_fails_then_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("codi2.sinks.sqlite.BUSY_TIMEOUT_S", 0.1)
+    sink = SqliteSink(tmp_path / "audit.db")
+    other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError) as info:
+            sink.write_batch(batch_of(make_event("blocked")))
+        assert info.value.code == "SQLITE_BUSY"
+        with pytest.raises(StoreError):
+            sink.ping()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    sink.write_batch(batch_of(make_event("after")))
+    from codi2.events import EventQuery
+
+    assert [e.path for _, e in sink.read(EventQuery("t1"))] == ["after"]
+    sink.close()
