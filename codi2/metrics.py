@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from codi2.events import ACTIONS
+
+DROP_REASONS = ("shutdown_timeout",)
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -30,4 +34,8 @@ class Metrics:
         self.inotify_overflows = Counter(
             "codi2_inotify_overflows", "Kernel inotify queue overflows (IN_Q_OVERFLOW)", registry=r
         )
+        for action in ACTIONS:  # every series exists from the start, so rate() and alerts see zeros
+            self.events_observed.labels(action=action)
+        for reason in DROP_REASONS:
+            self.events_dropped.labels(reason=reason)
         self.unwatched_dirs = Gauge("codi2_unwatched_directories", "Directories that could not be watched", registry=r)

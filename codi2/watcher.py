@@ -326,8 +326,10 @@ class Watcher:
         src = self._pending_moves.pop(cookie, None)
         if src is not None and src.root == root:
             self._out.append(Change("moved", root, src.path, rel, is_dir, self._now))
-            if is_dir:
+            if is_dir and (root, src.path) in self._wd_of:
                 self._rename_tree(root, src.path, rel)
+            elif is_dir:  # renamed before its watch was placed: what it holds was never reported
+                self._watch_tree(root, rel, report=True)
             return
         if src is not None:  # between two watch roots: out of one, into the other
             self._move_out(src)

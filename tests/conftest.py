@@ -148,3 +148,29 @@ def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., Da
     yield start
     for daemon in started:
         daemon.kill()
+
+
+def disk_state(root: Path, ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2")) -> dict:
+    """What a complete trail must fold to: every non-ignored entry under `root` with its sha256."""
+    import hashlib
+    import stat
+
+    from codi2.replay import Entry
+
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        dirnames[:] = [d for d in dirnames if os.fsdecode(d) not in ignores]
+        for name in [*dirnames, *filenames]:
+            if os.fsdecode(name) in ignores:
+                continue
+            full = os.path.join(dirpath, name)
+            rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
+            st = os.lstat(full)
+            if stat.S_ISDIR(st.st_mode):
+                state[(str(root), rel)] = Entry("dir", None)
+            elif stat.S_ISLNK(st.st_mode):
+                state[(str(root), rel)] = Entry("symlink", None)
+            else:
+                with open(full, "rb") as f:
+                    state[(str(root), rel)] = Entry("file", hashlib.sha256(f.read()).hexdigest())
+    return state

@@ -1,0 +1,246 @@
+"""The daemon as a real subprocess on a real tree, read back from the real SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import DaemonProcess, disk_state, wait_for
+
+from codi2.events import EVENT_KEYS
+from codi2.replay import fold
+
+Start = Callable[..., DaemonProcess]
+
+
+def _created(daemon: DaemonProcess) -> list[str]:
+    return [e.path for e in daemon.events() if e.action == "created" and e.type == "file"]
+
+
+def test_burst_is_recorded_exactly_once_and_ignored_trees_cost_nothing(workspace: Path, daemon_factory: Start) -> None:
+    for i in range(20):
+        (workspace / "node_modules" / f"pkg{i}" / "lib").mkdir(parents=True)
+    daemon = daemon_factory()
+    watches_before = daemon.status()["watches"]
+    assert watches_before == 1
+    expected = set()
+    for a in range(10):
+        for b in range(10):
+            d = workspace / f"src{a}" / f"mod{b}"
+            d.mkdir(parents=True)
+            for f in range(20):
+                (d / f"file{f}.py").write_text(f"print({a}, {b}, {f})\n")
+                expected.add(f"src{a}/mod{b}/file{f}.py")
+    for i in range(500):
+        (workspace / "node_modules" / f"pkg{i % 20}" / "lib" / f"m{i}.js").write_text("x")
+    (workspace / "src0" / "node_modules" / "deep").mkdir(parents=True)
+    (workspace / "src0" / "node_modules" / "deep" / "index.js").write_text("x")
+
+    wait_for(lambda: len(_created(daemon)) >= 2000)
+    assert daemon.terminate() == 0
+    created = Counter(_created(daemon))
+    assert set(created) == expected
+    assert all(n == 1 for n in created.values()), [p for p, n in created.items() if n > 1][:5]
+    assert not [e for e in daemon.events() if "node_modules" in e.path]
+    dirs = [e.path for e in daemon.events() if e.action == "created" and e.type == "dir"]
+    assert sorted(dirs) == sorted(
+        [f"src{a}" for a in range(10)] + [f"src{a}/mod{b}" for a in range(10) for b in range(10)]
+    )
+
+
+def test_changes_carry_identity_content_and_order(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory(env={"SESSION_ID": "sess-7"})
+    f = workspace / "notes.txt"
+    f.write_text("draft")
+    wait_for(lambda: [e for e in daemon.events() if e.path == "notes.txt"])
+    for i in range(50):  # an editor saving many times in one window: coalesced, never reordered
+        f.write_text(f"version {i}")
+    f.chmod(0o600)
+    final_hash = hashlib.sha256(b"version 49").hexdigest()
+    wait_for(lambda: [e for e in daemon.events() if e.path == "notes.txt" and e.mode == 0o600])
+    (workspace / "dir").mkdir()
+    f.rename(workspace / "dir" / "final.txt")
+    (workspace / "dir").rename(workspace / "renamed")
+    (workspace / "gone.txt").write_text("bye")
+    (workspace / "gone.txt").unlink()
+    (workspace / "link").symlink_to("/etc/passwd")
+    wait_for(lambda: [e for e in daemon.events() if e.path == "link"])
+    assert daemon.terminate() == 0
+
+    events = daemon.events()
+    assert [e.seq for e in events] == sorted(e.seq for e in events)
+    assert len({e.id for e in events}) == len(events)
+    assert {(e.tenant_id, e.user_id, e.session_id, e.pod) for e in events} == {("t1", "u1", "sess-7", "pod-test")}
+    assert {e.origin for e in events} == {"live"}
+    assert {e.root for e in events} == {str(workspace)}
+
+    notes = [e for e in events if e.path == "notes.txt"]
+    assert notes[0].action == "created"
+    assert notes[0].sha256 in (hashlib.sha256(b"draft").hexdigest(), hashlib.sha256(b"version 49").hexdigest())
+    updates = [e for e in notes if e.action == "updated"]
+    assert len(updates) < 50  # coalesced
+    last = [e for e in notes if e.action in ("created", "updated")][-1]
+    assert (last.sha256, last.size, last.mode) == (final_hash, len("version 49"), 0o600)
+    # Whatever the kernel showed (the directory may be renamed before its watch exists), folding the
+    # trail must give exactly what is on disk.
+    assert ("dir", "renamed") in [(e.path, e.dest_path) for e in events if e.action == "moved"]
+    assert fold(events) == disk_state(workspace)
+    gone = [e.action for e in events if e.path == "gone.txt"]
+    assert gone[0] == "created" and gone[-1] == "deleted"
+    link = next(e for e in events if e.path == "link")
+    assert (link.type, link.sha256, link.size) == ("symlink", None, len("/etc/passwd"))
+
+
+def test_hostile_names_are_recorded_losslessly(workspace: Path, daemon_factory: Start, tmp_path: Path) -> None:
+    daemon = daemon_factory()
+    raw = b"caf\xe9-\xff.bin"
+    with open(os.fsencode(workspace) + b"/" + raw, "wb") as f:
+        f.write(b"latin-1 name")
+    (workspace / "two\nlines.txt").write_text("newline in the name")
+    wait_for(lambda: len(daemon.events()) >= 2)
+    assert daemon.terminate() == 0
+    paths = {os.fsencode(e.path) for e in daemon.events()}
+    assert {raw, b"two\nlines.txt"} <= paths
+
+    out = subprocess.run(
+        [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "t1"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    lines = out.stdout.decode("ascii").splitlines()  # ASCII-only JSON: one event per line, always
+    records = [json.loads(line) for line in lines]
+    assert all(tuple(r) == EVENT_KEYS for r in records)
+    assert {os.fsencode(r["path"]) for r in records} == paths
+
+
+def test_sigterm_mid_burst_flushes_everything_observed(workspace: Path, daemon_factory: Start) -> None:
+    # A long window, so SIGTERM finds events still waiting in the pipeline.
+    daemon = daemon_factory(env={"CODI2_BATCHING__MAX_DELAY_MS": "1000", "CODI2_BATCHING__MAX_EVENTS": "5000"})
+    stop = threading.Event()
+    written: list[str] = []
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set() and i < 20_000:
+            d = workspace / f"b{i // 500}"
+            d.mkdir(exist_ok=True)
+            (d / f"f{i}").write_text("x")
+            written.append(f"b{i // 500}/f{i}")
+            i += 1
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    wait_for(lambda: len(written) > 3000, interval=0.01)
+    stop.set()
+    thread.join()
+    code = daemon.terminate()
+    assert code == 0, daemon.logs[-5:]
+    assert set(_created(daemon)) == set(written)
+    assert any(line.get("event") == "codi2_stopped" and line.get("uncommitted") == 0 for line in daemon.logs)
+
+
+def test_probes_metrics_and_status(workspace: Path, daemon_factory: Start) -> None:
+    (workspace / "sub").mkdir()
+    daemon = daemon_factory()
+    for path in ("/livez", "/readyz", "/healthz"):
+        assert daemon.get(path) == (200, "ok")
+    code, body = daemon.get("/readyz?verbose")
+    assert code == 200
+    assert body.splitlines() == ["[+]watches ok", "[+]pipeline ok", "readyz check passed"]
+    (workspace / "sub" / "a.txt").write_text("a")
+    wait_for(lambda: daemon.events())
+    status = daemon.status()
+    assert status["status"] == "ok" and status["ready"] is True
+    assert status["identity"] == {"tenant_id": "t1", "user_id": "u1", "session_id": None, "pod": "pod-test"}
+    assert status["watch_roots"] == [str(workspace)] and status["watches"] == 2
+    assert status["store"]["state"] == "ok" and status["last_commit"] is not None
+    code, metrics = daemon.get("/metrics")
+    assert code == 200
+    for name in (
+        'codi2_events_observed_total{action="created"}',
+        "codi2_events_committed_total",
+        "codi2_batch_commit_duration_seconds_bucket",
+        "codi2_pipeline_queue_events",
+        "codi2_inotify_watches 2.0",
+        "codi2_inotify_overflows_total 0.0",
+    ):
+        assert name in metrics, name
+    assert 'codi2_events_dropped_total{reason="shutdown_timeout"} 0.0' in metrics
+    assert daemon.terminate() == 0
+
+
+def test_store_outage_keeps_ready_and_loses_nothing(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    (workspace / "before.txt").write_text("x")
+    wait_for(lambda: daemon.events())
+    lock = sqlite3.connect(daemon.db, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        for i in range(50):
+            (workspace / f"during{i}.txt").write_text("x")
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        status = daemon.status()
+        assert status["status"] == "degraded"
+        assert status["store"]["error_code"] == "SQLITE_BUSY"
+        assert daemon.get("/readyz")[0] == 200
+        assert daemon.get("/livez")[0] == 200
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    wait_for(lambda: daemon.status()["store"]["state"] == "ok")
+    wait_for(lambda: len(_created(daemon)) >= 51)
+    assert daemon.terminate() == 0
+    assert Counter(_created(daemon)) == Counter(["before.txt"] + [f"during{i}.txt" for i in range(50)])
+
+
+def test_busy_port_is_a_one_line_failure(workspace: Path, tmp_path: Path) -> None:
+    from conftest import write_config
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write_config(tmp_path / "c.toml", workspace, tmp_path / "a.db")
+        env = {**os.environ, "CODI2_SERVER__BIND_ADDR": f"127.0.0.1:{port}"}
+        result = subprocess.run(
+            [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u", "--tenant-id", "t"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"codi2: cannot listen on 127.0.0.1:{port}:")
+    assert "Traceback" not in result.stderr
+
+
+def test_events_follow_prints_new_events(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    (workspace / "first.txt").write_text("1")
+    wait_for(lambda: daemon.events())
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "t1", "--follow"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert follower.stdout is not None
+        assert json.loads(follower.stdout.readline())["path"] == "first.txt"
+        (workspace / "second.txt").write_text("2")
+        assert json.loads(follower.stdout.readline())["path"] == "second.txt"
+    finally:
+        follower.terminate()
+        follower.wait(10)
+    assert daemon.terminate() == 0
