@@ -12,13 +12,13 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from codi2 import __version__
 from codi2.config import ConfigError, Settings, load_settings
-from codi2.events import ACTIONS, EventQuery, parse_time
+from codi2.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FOLLOW_POLL_S = 0.5
@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--since", metavar="ISO8601", help="only events at or after this time (UTC if no zone)")
     events.add_argument("--limit", type=int, metavar="N", help="print at most N events")
     events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
+    events.add_argument(
+        "--replay",
+        action="store_true",
+        help="print the workspace state the trail implies (fold of the selected events), one JSON line per entry",
+    )
     events.add_argument(
         "--format",
         choices=("jsonl", "table"),
@@ -162,6 +167,11 @@ def _events(args: argparse.Namespace) -> int:
     query = EventQuery(settings.tenant_id, args.path, args.action, since, args.limit)
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
     sink = open_sink(settings, create=False)
+    if args.replay:
+        try:
+            return _replay(sink.read(query))
+        finally:
+            sink.close()
     printed = 0
     after = None
     try:
@@ -181,6 +191,15 @@ def _events(args: argparse.Namespace) -> int:
             time.sleep(FOLLOW_POLL_S)
     finally:
         sink.close()
+
+
+def _replay(rows: Iterator[tuple[Any, Event]]) -> int:
+    from codi2.replay import fold
+
+    state = fold(event for _, event in rows)
+    for (root, path), entry in sorted(state.items()):
+        print(json.dumps({"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}))
+    return EXIT_OK
 
 
 def _printable(path: str) -> str:

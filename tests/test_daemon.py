@@ -122,6 +122,15 @@ def test_hostile_names_are_recorded_losslessly(workspace: Path, daemon_factory: 
     assert all(tuple(r) == EVENT_KEYS for r in records)
     assert {os.fsencode(r["path"]) for r in records} == paths
 
+    replay = subprocess.run(
+        [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "t1", "--replay"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    implied = {(r["root"], r["path"]): (r["type"], r["sha256"]) for r in map(json.loads, replay.stdout.splitlines())}
+    assert implied == {key: (entry.type, entry.sha256) for key, entry in disk_state(workspace).items()}
+
 
 def test_sigterm_mid_burst_flushes_everything_observed(workspace: Path, daemon_factory: Start) -> None:
     # A long window, so SIGTERM finds events still waiting in the pipeline.
