@@ -185,6 +185,7 @@ class Daemon:
             "watches": watcher.state.watches if watcher else 0,
             "unwatched": dict(watcher.state.unwatched) if watcher else {},
             "inotify_overflows": watcher.state.overflows if watcher else 0,
+            "inotify_backlog_high_water": watcher.backlog_high_water if watcher else 0,
             "pipeline": {
                 "queued_changes": len(pipeline.queue) if pipeline and pipeline.queue else 0,
                 "pending_events": pipeline.spool.pending_events if pipeline else 0,

@@ -11,7 +11,7 @@ import fnmatch
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -32,7 +32,13 @@ def uuid7() -> str:
 
 def rfc3339(epoch_seconds: float) -> str:
     """RFC 3339 UTC with microseconds, the one timestamp format of the trail."""
-    return datetime.fromtimestamp(epoch_seconds, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return rfc3339_ns(round(epoch_seconds * 1e6) * 1000)
+
+
+def rfc3339_ns(epoch_ns: int) -> str:
+    """`rfc3339` from integer nanoseconds (st_mtime_ns), without float rounding; on the hot path."""
+    seconds, rest = divmod(epoch_ns, 1_000_000_000)
+    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{rest // 1000:06d}Z"
 
 
 def parse_time(text: str) -> datetime:
@@ -64,7 +70,7 @@ class Event:
     origin: Origin = "live"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in EVENT_KEYS}
 
     def to_json(self) -> str:
         """Compact JSON, ASCII only, so non-UTF-8 names survive as surrogate escapes."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from codi2.events import Batch, EntryType, Event, rfc3339, uuid7
+from codi2.events import Batch, EntryType, Event, rfc3339, rfc3339_ns, uuid7
 from codi2.metrics import Metrics
 from codi2.sinks import Sink
 from codi2.spool import MemorySpool
@@ -146,7 +146,7 @@ def _facts(path: bytes, is_dir: bool, hash_max_bytes: int) -> _Facts:
         "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file",
         st.st_size,
         stat.S_IMODE(st.st_mode),
-        rfc3339(st.st_mtime_ns / 1e9),
+        rfc3339_ns(st.st_mtime_ns),
         None,
         st.st_ino,
     )
@@ -160,7 +160,7 @@ def _facts(path: bytes, is_dir: bool, hash_max_bytes: int) -> _Facts:
             if stat.S_ISREG(fst.st_mode) and fst.st_size <= hash_max_bytes:
                 facts.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
                 facts.size = fst.st_size
-                facts.mtime = rfc3339(fst.st_mtime_ns / 1e9)
+                facts.mtime = rfc3339_ns(fst.st_mtime_ns)
                 facts.inode = fst.st_ino
     return facts
 

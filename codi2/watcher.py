@@ -6,8 +6,9 @@ and a directory moved out of the tree keeps its watches (see shared/research/wat
 Here every directory gets its own watch unless ignored, the mask holds only changes, every failure
 is reported, and moves are paired by cookie in the reader thread.
 
-Ordering: one reader thread handles events in kernel order and hands each buffer's changes to
-`on_changes` (which may block: that is the back-pressure). A *barrier* is a uniquely named file created
+Ordering: a reader thread drains the kernel queue in large reads into a bounded backlog; one handler
+thread handles the events in kernel order and hands the changes on to `on_changes` (which may block:
+that is the back-pressure). A *barrier* is a uniquely named file created
 in a watched private directory: when its IN_CREATE is read, everything queued before it has been read.
 """
 
@@ -19,6 +20,7 @@ import os
 import threading
 import time
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +50,8 @@ WATCH_MASK = (
 )
 BARRIER_MASK = IN.IN_CREATE | IN.IN_ONLYDIR | IN.IN_DONT_FOLLOW
 _CALLBACK_ID = 0
+READ_BUFFER_BYTES = 1 << 20  # drains a full default kernel queue (16,384 events) in one read
+MAX_BACKLOG_EVENTS = 1 << 18
 # A watch re-added for a directory already watched (a rename seen late) is expected, not a problem.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
@@ -96,25 +100,62 @@ class WatcherState:
     handler_errors: int = 0
 
 
-class _Reader(InotifyFD):
-    """InotifyFD whose reader loop tells the owner when a whole buffer has been handled."""
+class _Backlog:
+    """Events read from the kernel and not yet handled. Draining the kernel queue in large reads and
+    handling the events in another thread keeps a burst from overflowing the kernel's 16k-event queue
+    while Python handles events more slowly than a writer makes them. Bounded: when full, reading
+    stops and the kernel queue is the next buffer (its overflow is detected and counted)."""
 
-    def __init__(self, owner: Watcher) -> None:
+    def __init__(self, max_events: int) -> None:
+        self._lists: deque[list[InotifyEvent]] = deque()
+        self._count = 0
+        self._max = max_events
+        self._cond = threading.Condition()
+        self._closed = False
+        self.high_water = 0
+
+    def put(self, events: list[InotifyEvent]) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._count < self._max or self._closed)
+            self._lists.append(events)
+            self._count += len(events)
+            self.high_water = max(self.high_water, self._count)
+            self._cond.notify_all()
+
+    def take(self) -> list[InotifyEvent] | None:
+        """Everything pending, in order; None once closed (what is left came after the stop request)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._lists or self._closed)
+            if self._closed:
+                return None
+            events = [e for chunk in self._lists for e in chunk]
+            self._lists.clear()
+            self._count = 0
+            self._cond.notify_all()
+            return events
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+class _Reader(InotifyFD):
+    """InotifyFD whose thread only drains the kernel queue into the backlog."""
+
+    def __init__(self, backlog: _Backlog) -> None:
         super().__init__()
-        self._owner = owner
-        self.name = "codi2-inotify"
+        self._backlog = backlog
+        self.name = "codi2-inotify-read"
 
     def run(self) -> None:
-        while self.should_keep_running():
-            events = self.read_events()
-            for event in events:
-                try:
-                    self.handle_event(event)
-                except Exception:  # one bad event must not stop the watching of the whole workspace
-                    self._owner.state.handler_errors += 1
-                    log.exception("inotify_event_failed", event=repr(event))
-            if events:
-                self._owner.buffer_done()
+        try:
+            while self.should_keep_running():
+                events = self.read_events(event_buffer_size=READ_BUFFER_BYTES)
+                if events:
+                    self._backlog.put(events)
+        finally:
+            self._backlog.close()
 
 
 class Watcher:
@@ -136,6 +177,8 @@ class Watcher:
         self._on_overflow = on_overflow
         self.state = WatcherState()
         self._fd: _Reader | None = None
+        self._backlog = _Backlog(MAX_BACKLOG_EVENTS)
+        self._handler: threading.Thread | None = None
         self._path_of: dict[int, tuple[int, bytes]] = {}
         self._wd_of: dict[tuple[int, bytes], int] = {}
         self._barrier_wd: int | None = None
@@ -154,7 +197,7 @@ class Watcher:
         self._barrier_dir.mkdir(parents=True, exist_ok=True)
         for stale in self._barrier_dir.iterdir():
             stale.unlink(missing_ok=True)
-        self._fd = _Reader(self)
+        self._fd = _Reader(self._backlog)
         self._barrier_wd = self._fd.add_callback(os.fsencode(self._barrier_dir), BARRIER_MASK, self, _CALLBACK_ID)
         for index, root in enumerate(self._roots_b):
             if not os.path.isdir(root):
@@ -163,20 +206,43 @@ class Watcher:
             if (index, b"") not in self._wd_of:
                 reason = self.state.unwatched.get(os.fsdecode(root), "unknown error")
                 raise OSError(errno.EIO, f"cannot watch: {reason}", os.fsdecode(root))
+        self._handler = threading.Thread(target=self._handle_backlog, name="codi2-inotify-handle", daemon=True)
+        self._handler.start()
         self._fd.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Read everything the kernel queued so far (a barrier), then close the inotify fd."""
         if self._fd is None:
             return
-        if self._fd.is_alive() and not self.barrier(timeout):
+        if self.is_alive() and not self.barrier(timeout):
             log.warning("inotify_drain_timeout", timeout_s=timeout)
+        self._backlog.close()  # the handler stops first, so closing the fd below races with nothing
+        if self._handler is not None:
+            self._handler.join(timeout)
         self._fd.stop()
         self._fd.join(timeout)
         self._fd = None
 
     def is_alive(self) -> bool:
-        return self._fd is not None and self._fd.is_alive()
+        return self._fd is not None and self._fd.is_alive() and self._handler is not None and self._handler.is_alive()
+
+    @property
+    def backlog_high_water(self) -> int:
+        """The most events ever waiting between the kernel read and their handling."""
+        return self._backlog.high_water
+
+    def _handle_backlog(self) -> None:
+        """The handler thread: every event in kernel order, then the changes handed on in one list."""
+        fd = self._fd
+        assert fd is not None
+        while (events := self._backlog.take()) is not None:
+            for event in events:
+                try:
+                    fd.handle_event(event)
+                except Exception:  # one bad event must not stop the watching of the whole workspace
+                    self.state.handler_errors += 1
+                    log.exception("inotify_event_failed", event=repr(event))
+            self.buffer_done()
 
     def barrier(self, timeout: float = 10.0) -> bool:
         """Block until every change that happened before this call has been handed to `on_changes`."""
