@@ -22,7 +22,7 @@ from codi2.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FOLLOW_POLL_S = 0.5
-SUBCOMMANDS = {"run", "events", "config"}
+SUBCOMMANDS = {"run", "events", "config", "test"}
 
 
 class UsageError(Exception):
@@ -83,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="jsonl (default when stdout is not a terminal) or table (default on a terminal)",
     )
 
+    test = sub.add_parser(
+        "test",
+        help="check the configured store step by step (library, cluster file, reachability, a probe write)",
+        description="Check the configured store step by step; exit 0 when every step passes, 1 otherwise.",
+    )
+    _config_arg(test)
+    test.add_argument("--tenant-id", help="tenant whose prefix the probe key goes under (default: configured)")
+    test.add_argument("--json", action="store_true", help="print the steps as one JSON document")
+
     config = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser, required=True)
     check = config_sub.add_parser(
@@ -109,6 +118,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "events":
             return _events(args)
+        if args.command == "test":
+            return _test(args)
         return _config_check(args)
     except (ConfigError, UsageError) as exc:
         print(f"codi2: {exc}", file=sys.stderr)
@@ -144,6 +155,20 @@ def _run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"codi2: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+
+
+def _test(args: argparse.Namespace) -> int:
+    from codi2.checks import render, run_checks
+
+    settings = _load(args, tenant_id=args.tenant_id)
+    steps = []
+    for step in run_checks(settings, args.config):
+        steps.append(step)
+        if not args.json:
+            print(render([step], as_json=False), flush=True)
+    if args.json:
+        print(render(steps, as_json=True))
+    return EXIT_OK if all(s.ok for s in steps) else EXIT_FAILURE
 
 
 def _config_check(args: argparse.Namespace) -> int:

@@ -80,6 +80,12 @@ class ServerSettings(Section):
 class FoundationDBSettings(Section):
     cluster_file: Path | None = None
     cluster_string: str | None = None
+    api_version: int = Field(default=730, ge=510, le=800)
+    root_prefix: list[str] = Field(default_factory=lambda: ["codi2"])
+    transaction_timeout_ms: int = Field(default=5000, ge=100, le=60_000)
+    retry_limit: int = Field(default=10, ge=0, le=1000)
+    batch_bytes: int = Field(default=1_000_000, ge=10_000, le=9_000_000)
+    marker_retention_hours: float = Field(default=168.0, gt=0)
 
 
 class MonitoringSettings(Section):

@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,11 @@ class StartupError(Exception):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, identity: Identity) -> None:
+    def __init__(
+        self, settings: Settings, identity: Identity, open_store: Callable[[Settings], Sink] = open_sink
+    ) -> None:
         self.settings = settings
+        self._open_store = open_store
         self.identity = identity
         self.metrics = Metrics()
         self.should_exit = asyncio.Event()
@@ -77,7 +81,7 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.server.bind_addr}: {exc.strerror or exc}") from None
         try:
-            self.sink = await asyncio.to_thread(open_sink, s)
+            self.sink = await asyncio.to_thread(self._open_store, s)
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         self.pipeline = Pipeline(

@@ -69,14 +69,16 @@ format = "json"
 class DaemonProcess:
     """`codi2 run` as a subprocess; learns its health port from the JSON `codi2_ready` log line."""
 
-    def __init__(self, config: Path, db: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, db: Path, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()
+    ) -> None:
         self.config = config
         self.db = db
         self.logs: list[dict[str, Any]] = []
         self.port: int | None = None
         self._ready = threading.Event()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u1", "--tenant-id", "t1"],
+            [*wrapper, sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u1", "--tenant-id", "t1"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env={**os.environ, "HOSTNAME": "pod-test", **(env or {})},
@@ -138,10 +140,10 @@ def workspace(tmp_path: Path) -> Path:
 def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(extra: str = "", env: dict[str, str] | None = None) -> DaemonProcess:
+    def start(extra: str = "", env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> DaemonProcess:
         db = tmp_path / "audit.db"
         config = write_config(tmp_path / "codi2.toml", workspace, db, extra)
-        daemon = DaemonProcess(config, db, env)
+        daemon = DaemonProcess(config, db, env, wrapper)
         started.append(daemon)
         return daemon
 

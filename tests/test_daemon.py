@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from conftest import DaemonProcess, disk_state, wait_for
 
 from codi2.events import EVENT_KEYS
@@ -252,4 +253,33 @@ def test_events_follow_prints_new_events(workspace: Path, daemon_factory: Start)
     finally:
         follower.terminate()
         follower.wait(10)
+    assert daemon.terminate() == 0
+
+
+def _user_namespaces_work() -> bool:
+    probe = subprocess.run(["unshare", "-Ur", "true"], capture_output=True, check=False)
+    return probe.returncode == 0
+
+
+def test_watch_limit_is_reported_and_not_fatal(workspace: Path, daemon_factory: Start) -> None:
+    """In a user namespace of our own, `max_inotify_watches` is lowered without touching the host."""
+    if not _user_namespaces_work():
+        pytest.skip("unshare -Ur (user namespaces) not permitted on this machine")
+    for i in range(30):
+        (workspace / f"d{i:02d}").mkdir()
+    limit = 12  # the barrier directory, the root and 10 of the 30 directories
+    wrapper = ("unshare", "-Ur", "sh", "-c", f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"', "sh")
+    daemon = daemon_factory(wrapper=wrapper)
+    status = daemon.status()
+    assert status["watches"] == limit - 1
+    assert len(status["unwatched"]) == 30 - (limit - 2)
+    assert all("fs.inotify.max_user_watches" in reason for reason in status["unwatched"].values())
+    assert status["status"] == "degraded"
+    assert any("unwatched" in reason for reason in status["degraded_reasons"])
+    assert daemon.get("/readyz")[0] == 200
+    assert "codi2_unwatched_directories 20.0" in daemon.get("/metrics")[1]
+    assert any(line.get("event") == "directory_unwatched" for line in daemon.logs)
+    watched = sorted(set(f"d{i:02d}" for i in range(30)) - {Path(p).name for p in status["unwatched"]})
+    (workspace / watched[0] / "seen.txt").write_text("x")
+    wait_for(lambda: daemon.events())
     assert daemon.terminate() == 0

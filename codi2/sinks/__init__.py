@@ -34,6 +34,9 @@ class Sink(Protocol):
     def ping(self) -> None:
         """Raise StoreError unless a write could be committed now."""
 
+    def probe(self, tenant_id: str) -> None:
+        """Write, read back and clear a probe record under the tenant's scope (`codi2 test`)."""
+
     def close(self) -> None:
         """Release connections; safe to call twice."""
 
@@ -44,4 +47,6 @@ def open_sink(settings: Settings, *, create: bool = True) -> Sink:
         from codi2.sinks.sqlite import SqliteSink
 
         return SqliteSink(settings.sqlite_file, create=create)
-    raise StoreError("the fdb backend is not available in this build", code="unsupported_backend")
+    from codi2.sinks.fdb import open_fdb_sink
+
+    return open_fdb_sink(settings, writer=create)

@@ -110,6 +110,24 @@ class SqliteSink:
             except sqlite3.Error as exc:
                 raise _error(exc) from exc
 
+    def probe(self, tenant_id: str) -> None:
+        """Write, read back and clear a probe row in one transaction that is rolled back."""
+        token = os.urandom(16).hex()
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    self._db.execute("CREATE TEMP TABLE IF NOT EXISTS probe (tenant_id TEXT, token TEXT)")
+                    self._db.execute("INSERT INTO probe VALUES (?, ?)", (tenant_id, token))
+                    row = self._db.execute("SELECT token FROM probe WHERE tenant_id = ?", (tenant_id,)).fetchone()
+                    self._db.execute("DELETE FROM probe WHERE tenant_id = ?", (tenant_id,))
+                finally:
+                    self._db.execute("ROLLBACK")
+            except sqlite3.Error as exc:
+                raise _error(exc) from exc
+        if row is None or row[0] != token:
+            raise StoreError("sqlite: probe row read back wrong", code="probe_mismatch")
+
     def close(self) -> None:
         with self._lock:
             self._db.close()

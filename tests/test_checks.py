@@ -1,0 +1,70 @@
+"""`codi2 test`: each step reported on its own line, a failing step with a hint, exit 0 or 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from codi2.checks import parse_cluster_file
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "codi2", "test", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_sqlite_store_passes_every_step(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(tmp_path / "a.db"))}\n')
+    result = _run("--config", str(config))
+    assert result.returncode == 0, result.stdout + result.stderr
+    names = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PASS")]
+    assert names == ["config", "sqlite_open", "sqlite_writable", "probe"]
+
+
+def test_fdb_without_client_library_names_the_step_and_the_fix(tmp_path: Path) -> None:
+    pytest.importorskip("fdb")
+    import ctypes.util
+
+    if ctypes.util.find_library("fdb_c"):
+        pytest.skip("libfdb_c is installed here; this test is about its absence")
+    repo = Path(__file__).resolve().parent.parent
+    result = _run("--config", str(repo / "config" / "codi2.toml"))
+    assert result.returncode == 1
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("PASS  config")
+    assert lines[1].startswith("FAIL  libfdb_c") and "api_version 730" in lines[1]
+    assert lines[2].strip() == "hint: install foundationdb-clients 7.3 (README: client/server version matrix)"
+    as_json = json.loads(_run("--config", str(repo / "config" / "codi2.toml"), "--json").stdout)
+    assert as_json["ok"] is False and [s["name"] for s in as_json["steps"]] == ["config", "libfdb_c"]
+
+
+def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("[storage]\nbackend = 'cassandra'\n")
+    result = _run("--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "storage.backend" in result.stderr
+
+
+def test_cluster_file_parsing() -> None:
+    assert parse_cluster_file("# prod\ncoditect:production@10.128.0.8:4500\n") == (
+        "coditect",
+        "production",
+        ["10.128.0.8:4500"],
+    )
+    assert parse_cluster_file("a:b@h1:1,h2:2:tls")[2] == ["h1:1", "h2:2:tls"]
+    for bad in ("", "nope", "a:b@", "a:b@host", "a:b@h:1\nc:d@h:2"):
+        with pytest.raises(ValueError):
+            parse_cluster_file(bad)
