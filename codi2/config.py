@@ -92,6 +92,14 @@ class MonitoringSettings(Section):
     watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    initial_scan: Literal["baseline", "events"] = "baseline"
+    rescan_interval_s: float = Field(default=60.0, ge=1.0)
+
+
+class SpoolSettings(Section):
+    max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    segment_bytes: int = Field(default=64 << 20, ge=1 << 16)
+    fsync: bool = True
 
 
 class StorageSettings(Section):
@@ -107,7 +115,6 @@ class BatchingSettings(Section):
     max_events: int = Field(default=1000, ge=1)
     max_bytes: int = Field(default=1_000_000, ge=1024)
     max_delay_ms: int = Field(default=200, ge=1, le=60_000)
-    max_pending_batches: int = Field(default=64, ge=1)
 
 
 class LoggingSettings(Section):
@@ -134,6 +141,7 @@ class Settings(BaseSettings):
     foundationdb: FoundationDBSettings = FoundationDBSettings()
     monitoring: MonitoringSettings = MonitoringSettings()
     storage: StorageSettings = StorageSettings()
+    spool: SpoolSettings = SpoolSettings()
     state: StateSettings = StateSettings()
     batching: BatchingSettings = BatchingSettings()
     logging: LoggingSettings = LoggingSettings()

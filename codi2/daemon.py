@@ -21,9 +21,11 @@ from codi2 import __version__
 from codi2.config import Settings
 from codi2.events import rfc3339
 from codi2.health import HealthServer, build_app
+from codi2.index import FileIndex
 from codi2.metrics import Metrics
 from codi2.pipeline import Identity, Pipeline
 from codi2.sinks import Sink, open_sink
+from codi2.spool import DiskSpool
 from codi2.watcher import IgnoreRules, Watcher
 
 log = structlog.get_logger("codi2.daemon")
@@ -50,6 +52,9 @@ class Daemon:
         self.sink: Sink | None = None
         self.pipeline: Pipeline | None = None
         self.watcher: Watcher | None = None
+        self.spool: DiskSpool | None = None
+        self.index: FileIndex | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._armed = False
 
     # Life cycle ----------------------------------------------------------------------------------
@@ -84,42 +89,105 @@ class Daemon:
             self.sink = await asyncio.to_thread(self._open_store, s)
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
+        rules = IgnoreRules(s.monitoring.ignore_patterns, self._private_paths())
+        self.spool = DiskSpool(
+            s.state_dir / "spool",
+            max_bytes=s.spool.max_bytes,
+            segment_bytes=s.spool.segment_bytes,
+            fsync=s.spool.fsync,
+        )
+        self.index = await asyncio.to_thread(FileIndex, s.state_dir / "index.db")
+        await asyncio.to_thread(self._recover)
+        roots = [os.fsencode(r) for r in s.watch_roots]
         self.pipeline = Pipeline(
-            roots=[os.fsencode(r) for r in s.watch_roots],
+            roots=roots,
+            rules=rules,
             identity=self.identity,
             sink=self.sink,
+            spool=self.spool,
+            index=self.index,
             metrics=self.metrics,
             max_events=s.batching.max_events,
             max_bytes=s.batching.max_bytes,
             max_delay_ms=s.batching.max_delay_ms,
-            max_pending_batches=s.batching.max_pending_batches,
             hash_max_bytes=s.monitoring.hash_max_bytes,
         )
         feed = self.pipeline.start()
         self.watcher = Watcher(
-            s.watch_roots,
-            IgnoreRules(s.monitoring.ignore_patterns, self._private_paths()),
-            s.state_dir / "barrier",
-            on_changes=feed,
-            on_overflow=self.metrics.inotify_overflows.inc,
+            s.watch_roots, rules, s.state_dir / "barrier", on_changes=feed, on_overflow=self._overflow
         )
-        self.metrics.inotify_watches.set_function(lambda: self.watcher.state.watches if self.watcher else 0)
-        self.metrics.unwatched_dirs.set_function(lambda: len(self.watcher.state.unwatched) if self.watcher else 0)
+        self._gauges()
         try:
             await asyncio.to_thread(self.watcher.start)
         except OSError as exc:
             raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
+        # Watches first, then the walk: a change made meanwhile is seen live, by the walk, or both (the
+        # pipeline drops the second report), never by neither.
+        every_root = [(i, b"") for i in range(len(roots))]
+        first_start = not self.index.initialized
+        if first_start and s.monitoring.initial_scan == "baseline":
+            self.pipeline.request_baseline(every_root)
+        else:
+            self.pipeline.request_rescan("offline", every_root)
+        self._tasks.append(asyncio.create_task(self._rescan_unwatched(), name="codi2-rescan"))
         self._armed = True
+
+    def _recover(self) -> None:
+        """Worker thread: load unacknowledged batches and roll the index forward over them."""
+        assert self.spool is not None and self.index is not None
+        pending = self.spool.recover()
+        self.metrics.spool_corrupt_records.inc(self.spool.corrupt_records)
+        applied = self.index.position
+        for item in pending:
+            if applied is None or (item.segment, item.end) > applied:
+                self.index.apply(item.batch.events, item.facts, (item.segment, item.end))
+        if pending:
+            log.info("spool_recovered", batches=len(pending), events=self.spool.pending_events)
+
+    def _overflow(self) -> None:
+        """Watcher thread, after IN_Q_OVERFLOW: changes were lost, so diff every root against the index."""
+        self.metrics.inotify_overflows.inc()
+        if self.pipeline is not None:
+            self.pipeline.request_rescan("rescan", [(i, b"") for i in range(len(self.settings.watch_roots))])
+
+    async def _rescan_unwatched(self) -> None:
+        """Directories without a watch (watch limit) are covered by a periodic diff against the index."""
+        while True:
+            await asyncio.sleep(self.settings.monitoring.rescan_interval_s)
+            if self.watcher is None or self.pipeline is None or not self.watcher.state.unwatched:
+                continue
+            trees = [t for t in map(self.pipeline.root_of, list(self.watcher.state.unwatched)) if t is not None]
+            self.pipeline.request_rescan("rescan", trees)
+
+    def _gauges(self) -> None:
+        m, spool = self.metrics, self.spool
+        assert spool is not None
+        m.inotify_watches.set_function(lambda: self.watcher.state.watches if self.watcher else 0)
+        m.unwatched_dirs.set_function(lambda: len(self.watcher.state.unwatched) if self.watcher else 0)
+        m.spool_events.set_function(lambda: spool.pending_events)
+        m.spool_bytes.set_function(lambda: spool.pending_bytes)
+        m.spool_max_bytes.set(spool.max_bytes)
 
     async def shutdown(self) -> int:
         lost = 0
         self._armed = False
+        for task in self._tasks:
+            task.cancel()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop, WATCHER_DRAIN_S)
         if self.pipeline is not None and self.pipeline.queue is not None:
             lost = await self.pipeline.stop(SHUTDOWN_FLUSH_S)
             if lost:
-                log.error("events_not_committed", count=lost, store=self.pipeline.store.error)
+                log.error("events_not_spooled", count=lost)
+            if self.spool is not None and self.spool.pending_events:
+                log.warning(
+                    "events_left_in_spool",
+                    count=self.spool.pending_events,
+                    store=self.pipeline.store.error,
+                    note="committed at the next start",
+                )
+        if self.index is not None:
+            await asyncio.to_thread(self.index.close)
         if self.sink is not None:
             await asyncio.to_thread(self.sink.close)
         if self.health is not None:
@@ -190,9 +258,13 @@ class Daemon:
             "unwatched": dict(watcher.state.unwatched) if watcher else {},
             "inotify_overflows": watcher.state.overflows if watcher else 0,
             "inotify_backlog_high_water": watcher.backlog_high_water if watcher else 0,
-            "pipeline": {
-                "queued_changes": len(pipeline.queue) if pipeline and pipeline.queue else 0,
-                "pending_events": pipeline.spool.pending_events if pipeline else 0,
+            "pipeline": {"queued_changes": len(pipeline.queue) if pipeline and pipeline.queue else 0},
+            "spool": {
+                "events": self.spool.pending_events if self.spool else 0,
+                "bytes": self.spool.pending_bytes if self.spool else 0,
+                "max_bytes": self.settings.spool.max_bytes,
+                "corrupt_records": self.spool.corrupt_records if self.spool else 0,
+                "gaps_recorded": pipeline.gaps if pipeline else 0,
             },
             "store": {
                 "backend": self.settings.backend,

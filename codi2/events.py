@@ -15,19 +15,25 @@ from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-Action = Literal["created", "updated", "deleted", "moved"]
-ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved")
-EntryType = Literal["file", "dir", "symlink", "other"]
+Action = Literal["created", "updated", "deleted", "moved", "gap"]
+ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap")
+EntryType = Literal["file", "dir", "symlink"]
 Origin = Literal["live", "rescan", "offline"]
 
 
-def uuid7() -> str:
-    """A UUIDv7 (RFC 9562): millisecond time prefix, so ids sort roughly by creation time."""
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10)) & ((1 << 80) - 1)
+def uuid7(ms: int | None = None) -> str:
+    """A UUIDv7 (RFC 9562): millisecond time prefix (now, or `ms`), so ids sort by creation time."""
+    ms = time.time_ns() // 1_000_000 if ms is None else ms
+    value = ms << 80 | int.from_bytes(os.urandom(10)) & ((1 << 80) - 1)
     value = (value & ~(0xF << 76)) | (0x7 << 76)
     value = (value & ~(0x3 << 62)) | (0x2 << 62)
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+
+
+def uuid7_ms(value: str) -> int:
+    """The millisecond timestamp of a UUIDv7."""
+    return int(value.replace("-", "")[:12], 16)
 
 
 def rfc3339(epoch_seconds: float) -> str:

@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from codi2.events import ACTIONS
 
-DROP_REASONS = ("shutdown_timeout",)
+DROP_REASONS = ("shutdown_timeout", "spool_write_failed")
 
 
 class Metrics:
@@ -34,6 +34,16 @@ class Metrics:
         self.inotify_overflows = Counter(
             "codi2_inotify_overflows", "Kernel inotify queue overflows (IN_Q_OVERFLOW)", registry=r
         )
+        self.spool_events = Gauge("codi2_spool_events", "Events in the spool not yet committed", registry=r)
+        self.spool_bytes = Gauge("codi2_spool_bytes", "Bytes of spooled batches not yet committed", registry=r)
+        self.spool_max_bytes = Gauge("codi2_spool_max_bytes", "Spool size at which the watcher is slowed", registry=r)
+        self.spool_corrupt_records = Counter(
+            "codi2_spool_corrupt_records", "Torn or corrupt spool records found at start-up", registry=r
+        )
+        self.event_commit_lag = Gauge(
+            "codi2_event_commit_lag_seconds", "Age of the oldest event of the last committed batch", registry=r
+        )
+        self.rescans = Counter("codi2_rescans", "Trees diffed against the index, by origin", ["origin"], registry=r)
         for action in ACTIONS:  # every series exists from the start, so rate() and alerts see zeros
             self.events_observed.labels(action=action)
         for reason in DROP_REASONS:

@@ -30,7 +30,7 @@ import structlog
 from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
 
-from codi2.events import Action
+from codi2.events import Action, Origin
 
 log = structlog.get_logger("codi2.watcher")
 
@@ -66,6 +66,7 @@ class Change:
     dest: bytes | None
     is_dir: bool
     ts: float
+    origin: Origin = "live"
 
 
 class IgnoreRules:
@@ -298,14 +299,18 @@ class Watcher:
         self.state.unwatched[text] = reason
         log.warning("directory_unwatched", path=text, reason=reason, unwatched=len(self.state.unwatched))
 
-    def _watch_tree(self, root: int, top: bytes, *, report: bool) -> None:
+    def _watch_tree(self, root: int, top: bytes, *, report: bool, revisit: bool = False) -> None:
         """Watch `top` and every non-ignored directory below it; with `report`, emit `created` for
-        each entry found (files written into a new directory before its watch existed)."""
+        each entry found (files written into a new directory before its watch existed). Directories
+        already watched are skipped unless `revisit` (after an overflow, new ones may hide below)."""
         stack = [top]
         while stack:
             rel = stack.pop()
-            if (root, rel) in self._wd_of or not self._add_watch(root, rel):
-                continue  # already watched (seen by an earlier walk), or reported as unwatched
+            if (root, rel) in self._wd_of:
+                if not revisit:
+                    continue  # seen by an earlier walk
+            elif not self._add_watch(root, rel):
+                continue  # reported as unwatched
             base = self._abs(root, rel)
             try:
                 with os.scandir(base) as it:
@@ -442,12 +447,16 @@ class Watcher:
         self.state.watches = len(self._path_of)
 
     def on_queue_overflow(self) -> None:
+        """Events were lost: watch directories created meanwhile, then let the owner rescan."""
         self.state.overflows += 1
         self._flush_moves_out()
         log.error(
             "inotify_queue_overflow",
             overflows=self.state.overflows,
-            hint="raise fs.inotify.max_queued_events; changes may be missing until the next rescan",
+            hint="raise fs.inotify.max_queued_events; a rescan recovers the changes",
         )
+        for index in range(len(self._roots_b)):
+            self._watch_tree(index, b"", report=False, revisit=True)
+        self._hand_off()
         if self._on_overflow is not None:
             self._on_overflow()
