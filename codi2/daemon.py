@@ -123,14 +123,12 @@ class Daemon:
             raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
         # Watches first, then the walk: a change made meanwhile is seen live, by the walk, or both (the
         # pipeline drops the second report), never by neither.
-        every_root = [(i, b"") for i in range(len(roots))]
-        first_start = not self.index.initialized
-        if first_start and s.monitoring.initial_scan == "baseline":
-            self.pipeline.request_baseline(every_root)
-        else:
-            self.pipeline.request_rescan("offline", every_root)
+        baseline = not self.index.initialized and s.monitoring.initial_scan == "baseline"
+        self.pipeline.request_initial_scan([(i, b"") for i in range(len(roots))], baseline=baseline)
         self._tasks.append(asyncio.create_task(self._rescan_unwatched(), name="codi2-rescan"))
         self._armed = True
+        # Ready once the start-up walk is done: what changes after this is in the trail, watched or not.
+        await self.pipeline.initial_scan_done.wait()
 
     def _recover(self) -> None:
         """Worker thread: load unacknowledged batches and roll the index forward over them."""
@@ -223,6 +221,7 @@ class Daemon:
         }
         ready = {
             "watches": lambda: self._armed and self.watcher is not None and self.watcher.is_alive(),
+            "initial_scan": lambda: self.pipeline is not None and self.pipeline.initial_scan_done.is_set(),
             "pipeline": lambda: self._armed and self.pipeline is not None and self.pipeline.running,
         }
         return build_app(live=live, ready=ready, status=self.status, registry=self.metrics.registry)
@@ -251,7 +250,7 @@ class Daemon:
                 "session_id": ident.session_id,
                 "pod": ident.pod,
             },
-            "ready": self._armed,
+            "ready": self._armed and self.pipeline is not None and self.pipeline.initial_scan_done.is_set(),
             "started_at": rfc3339(self.started_at),
             "watch_roots": [str(r) for r in self.settings.watch_roots],
             "watches": watcher.state.watches if watcher else 0,

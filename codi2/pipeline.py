@@ -53,6 +53,7 @@ class Rescan:
     origin: Origin
     trees: tuple[tuple[int, bytes], ...]
     baseline: bool = False
+    initial: bool = False
 
 
 QueueItem = Change | Rescan
@@ -230,6 +231,7 @@ class Pipeline:
         self.gaps = 0
         self._unrecorded_loss = 0
         self.queue: ChangeQueue | None = None
+        self.initial_scan_done = asyncio.Event()
         self._io = ThreadPoolExecutor(1, thread_name_prefix="codi2-io")
         self._store_io = ThreadPoolExecutor(1, thread_name_prefix="codi2-store")
         self._tasks: list[asyncio.Task[None]] = []
@@ -251,9 +253,10 @@ class Pipeline:
         if self.queue is not None and not self.queue.closed:
             self.queue.put([Rescan(origin, tuple(trees))])
 
-    def request_baseline(self, trees: list[tuple[int, bytes]]) -> None:
-        if self.queue is not None and not self.queue.closed:
-            self.queue.put([Rescan("offline", tuple(trees), baseline=True)])
+    def request_initial_scan(self, trees: list[tuple[int, bytes]], *, baseline: bool) -> None:
+        """The start-up walk: a baseline (first start) or the offline diff; sets `initial_scan_done`."""
+        assert self.queue is not None
+        self.queue.put([Rescan("offline", tuple(trees), baseline=baseline, initial=True)])
 
     def root_of(self, path: str) -> tuple[int, bytes] | None:
         """(root index, relative path) of an absolute path under a watch root."""
@@ -324,6 +327,8 @@ class Pipeline:
             log.warning("rescan_found_changes", origin=request.origin, changes=len(changes))
         for change in changes:
             self._add(change)
+        if request.initial:
+            self.initial_scan_done.set()
 
     def _diff_trees(self, request: Rescan) -> list[Change]:
         """Worker thread: the index is only written here too, so the diff sees a consistent index."""
@@ -470,6 +475,9 @@ class Pipeline:
             # room; what is lost is their history, and a gap marker says so.
             lost = sum(1 for e in events if e.action != "gap")
             self._unrecorded_loss += lost
+            for e in events:  # not in the trail, so a later report of the same state is no duplicate
+                if e.action != "gap":
+                    self._last.pop((self._root_names.index(e.root), os.fsencode(e.path)), None)
             self._metrics.events_dropped.labels(reason="spool_write_failed").inc(lost)
             log.error("events_lost", count=lost, error=str(exc), hint="free disk space under the state dir")
             self.request_rescan("rescan", [(i, b"") for i in range(len(self._roots))])

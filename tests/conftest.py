@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -32,6 +33,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s (last value: {value!r})")
         time.sleep(interval)
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S) -> Any:
+    """`wait_for` for tests that run the daemon in their own event loop."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
+        await asyncio.sleep(0.02)
+    return value
 
 
 def read_events(db: Path, tenant: str = "t1") -> list[Event]:

@@ -166,7 +166,7 @@ def test_probes_metrics_and_status(workspace: Path, daemon_factory: Start) -> No
         assert daemon.get(path) == (200, "ok")
     code, body = daemon.get("/readyz?verbose")
     assert code == 200
-    assert body.splitlines() == ["[+]watches ok", "[+]pipeline ok", "readyz check passed"]
+    assert body.splitlines() == ["[+]watches ok", "[+]initial_scan ok", "[+]pipeline ok", "readyz check passed"]
     (workspace / "sub" / "a.txt").write_text("a")
     wait_for(lambda: daemon.events())
     status = daemon.status()

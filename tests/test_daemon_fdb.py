@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+from conftest import eventually
 from fdb_double import FakeDatabase, FakeFDBError
 
 from codi2.config import load_settings
@@ -18,14 +17,6 @@ from codi2.daemon import Daemon
 from codi2.events import EventQuery
 from codi2.pipeline import Identity
 from codi2.sinks.fdb import FdbSink
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"condition not met within {timeout}s"
-        await asyncio.sleep(0.02)
-    return value
 
 
 async def test_daemon_commits_through_fdb_and_survives_faults(tmp_path: Path) -> None:

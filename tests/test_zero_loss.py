@@ -1,0 +1,268 @@
+"""Zero loss, with real processes and files: kill -9 mid-burst, a 30-second store outage, changes
+made while the daemon is down, a kernel queue overflow, the watch limit, a torn spool, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import DaemonProcess, disk_state, eventually, wait_for
+from sink_contract import make_event
+
+from codi2.config import load_settings
+from codi2.daemon import Daemon
+from codi2.events import Event, EventQuery
+from codi2.pipeline import Identity
+from codi2.replay import fold
+from codi2.sinks.sqlite import SqliteSink
+from codi2.spool import DiskSpool, SpoolFullError
+
+Start = Callable[..., DaemonProcess]
+WRITER = """
+import os, sys
+root, n = sys.argv[1], int(sys.argv[2])
+for i in range(n):
+    d = os.path.join(root, f"w{i // 1000:02d}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, f"f{i:05d}"), "w") as f:
+        f.write(str(i))
+"""
+
+
+def _files(n: int) -> set[str]:
+    return {f"w{i // 1000:02d}/f{i:05d}" for i in range(n)}
+
+
+def _created_files(events: list[Event]) -> Counter[str]:
+    return Counter(e.path for e in events if e.action == "created" and e.type == "file")
+
+
+def test_kill_9_mid_burst_loses_and_duplicates_nothing(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(workspace), "20000"])
+    wait_for(lambda: len(_created_files(daemon.events())) >= 3000, interval=0.01)
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait()
+    committed_before = len(_created_files(daemon.events()))
+    assert writer.wait(120) == 0
+    assert committed_before < 20000  # the kill really came mid-burst
+
+    again = daemon_factory()
+    wait_for(lambda: len(_created_files(again.events())) >= 20000, timeout=180)
+    assert again.terminate() == 0
+    created = _created_files(again.events())
+    assert set(created) == _files(20000)
+    assert max(created.values()) == 1
+    assert fold(again.events()) == disk_state(workspace)
+
+
+def test_store_outage_of_30_seconds_during_a_burst(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    (workspace / "before.txt").write_text("x")
+    wait_for(lambda: daemon.events())
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(30)\n",
+            str(daemon.db),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(workspace), "5000"])
+    saw_degraded = False
+    while holder.poll() is None:
+        assert daemon.get("/readyz")[0] == 200
+        status = daemon.status()
+        if status["store"]["state"] == "degraded":
+            saw_degraded = True
+            assert status["status"] == "degraded" and status["store"]["error_code"] == "SQLITE_BUSY"
+        time.sleep(0.5)
+    assert writer.wait(60) == 0
+    assert saw_degraded
+    wait_for(lambda: len(_created_files(daemon.events())) >= 5001, timeout=120)
+    wait_for(lambda: daemon.status()["status"] == "ok")
+    assert daemon.get("/readyz")[0] == 200
+    assert daemon.terminate() == 0
+    created = _created_files(daemon.events())
+    assert set(created) == _files(5000) | {"before.txt"} and max(created.values()) == 1
+
+
+def test_changes_while_stopped_become_offline_events(workspace: Path, daemon_factory: Start) -> None:
+    for name in ("keep.txt", "change.txt", "delete.txt", "replace"):
+        (workspace / name).write_text(name)
+    env = {"CODI2_MONITORING__INITIAL_SCAN": "events"}
+    first = daemon_factory(env=env)
+    wait_for(lambda: len(first.events()) >= 4)
+    assert {e.origin for e in first.events()} == {"offline"}  # initial_scan = "events" on a first start
+    assert first.terminate() == 0
+
+    (workspace / "new.txt").write_text("new")
+    (workspace / "change.txt").write_text("changed content")
+    (workspace / "delete.txt").unlink()
+    (workspace / "replace").unlink()
+    (workspace / "replace").mkdir()
+    (workspace / "replace" / "inner.txt").write_text("inner")
+
+    second = daemon_factory(env=env)
+    wait_for(lambda: fold(second.events()) == disk_state(workspace))
+    assert second.terminate() == 0
+    offline = [(e.action, e.path, e.type) for e in second.events()[4:]]
+    assert {e.origin for e in second.events()[4:]} == {"offline"}
+    assert sorted(offline) == sorted(
+        [
+            ("created", "new.txt", "file"),
+            ("updated", "change.txt", "file"),
+            ("deleted", "delete.txt", "file"),
+            ("deleted", "replace", "file"),
+            ("created", "replace", "dir"),
+            ("created", "replace/inner.txt", "file"),
+        ]
+    )
+    assert offline.index(("deleted", "replace", "file")) < offline.index(("created", "replace", "dir"))
+
+
+def test_first_start_records_a_baseline_not_events(workspace: Path, daemon_factory: Start) -> None:
+    for i in range(100):
+        (workspace / f"old{i}.txt").write_text("x")
+    daemon = daemon_factory()
+    (workspace / "marker.txt").write_text("x")
+    wait_for(lambda: daemon.events())
+    assert [e.path for e in daemon.events()] == ["marker.txt"]
+    assert daemon.terminate() == 0
+    again = daemon_factory()
+    (workspace / "marker2.txt").write_text("x")
+    wait_for(lambda: len(again.events()) == 2)
+    assert again.terminate() == 0
+    assert [e.path for e in again.events()] == ["marker.txt", "marker2.txt"]
+
+
+def test_queue_overflow_is_recovered_by_a_rescan(workspace: Path, daemon_factory: Start) -> None:
+    for i in range(20):
+        (workspace / f"w{i:02d}").mkdir()  # watched before the burst, so every file is an inotify event
+    daemon = daemon_factory(env={"CODI2_MONITORING__INITIAL_SCAN": "events"})
+    assert daemon.status()["watches"] == 21
+    (workspace / "first.txt").write_text("x")
+    wait_for(lambda: daemon.events())
+    daemon.proc.send_signal(signal.SIGSTOP)  # the reader stalls; the kernel's queue (16,384) overflows
+    try:
+        subprocess.run([sys.executable, "-c", WRITER, str(workspace), "20000"], check=True)
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: len(_created_files(daemon.events())) >= 20001, timeout=180)
+    wait_for(lambda: fold(daemon.events()) == disk_state(workspace))
+    status = daemon.status()
+    assert status["inotify_overflows"] >= 1
+    metrics = daemon.get("/metrics")[1]
+    assert 'codi2_rescans_total{origin="rescan"}' in metrics
+    assert daemon.terminate() == 0
+    created = _created_files(daemon.events())
+    assert set(created) == _files(20000) | {"first.txt"} and max(created.values()) == 1
+    assert any(e.origin == "rescan" for e in daemon.events())
+    assert fold(daemon.events()) == disk_state(workspace)
+
+
+def test_unwatched_directories_are_covered_by_the_periodic_rescan(workspace: Path, daemon_factory: Start) -> None:
+    if subprocess.run(["unshare", "-Ur", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("unshare -Ur (user namespaces) not permitted on this machine")
+    for i in range(30):
+        (workspace / f"d{i:02d}").mkdir()
+    wrapper = ("unshare", "-Ur", "sh", "-c", 'echo 12 > /proc/sys/user/max_inotify_watches && exec "$@"', "sh")
+    daemon = daemon_factory(wrapper=wrapper, env={"CODI2_MONITORING__RESCAN_INTERVAL_S": "1"})
+    unwatched = sorted(Path(p).name for p in daemon.status()["unwatched"])
+    assert len(unwatched) == 20
+    for name in unwatched[:3]:
+        (workspace / name / "written-while-unwatched.txt").write_text(name)
+        (workspace / name / "sub").mkdir()
+        (workspace / name / "sub" / "deeper.txt").write_text(name)
+    expected = {f"{n}/written-while-unwatched.txt" for n in unwatched[:3]} | {
+        f"{n}/sub/deeper.txt" for n in unwatched[:3]
+    }
+    try:
+        wait_for(lambda: expected <= set(_created_files(daemon.events())))
+    except AssertionError:
+        print([(e.action, e.path, e.origin) for e in daemon.events()], daemon.status(), daemon.logs[-30:])
+        raise
+    assert daemon.terminate() == 0
+    assert {e.origin for e in daemon.events() if e.path in expected} == {"rescan"}
+
+
+def test_torn_spool_record_is_counted_and_nothing_else_is_lost(workspace: Path, daemon_factory: Start) -> None:
+    (workspace / "a.txt").write_text("a")
+    (workspace / "b.txt").write_text("b")
+    spool = DiskSpool(workspace / ".codi2" / "spool", max_bytes=1 << 30, segment_bytes=1 << 20)
+    spool.recover()
+    root = str(workspace)
+    spool.append([make_event("a.txt", root=root, user_id="u1")], [(None, None)])
+    torn = spool.append([make_event("b.txt", root=root, user_id="u1")], [(None, None)])
+    spool.shutdown()
+    with open(workspace / ".codi2" / "spool" / torn.segment, "r+b") as f:
+        f.truncate(torn.offset + torn.size // 2)
+
+    daemon = daemon_factory()
+    wait_for(lambda: {"a.txt", "b.txt"} <= set(_created_files(daemon.events())))
+    status = daemon.status()
+    assert status["spool"]["corrupt_records"] == 1
+    assert "codi2_spool_corrupt_records_total 1.0" in daemon.get("/metrics")[1]
+    assert daemon.terminate() == 0
+    created = _created_files(daemon.events())
+    assert created == Counter({"a.txt": 1, "b.txt": 1})
+    assert [e.origin for e in daemon.events() if e.path == "b.txt"] == ["offline"]  # found by the start-up scan
+
+
+async def test_full_disk_is_a_counted_gap_and_the_rescan_recovers_the_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    config = tmp_path / "codi2.toml"
+    config.write_text(
+        f'[server]\nbind_addr = "127.0.0.1:0"\n[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n'
+        f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(tmp_path / "a.db"))}\n'
+        "[batching]\nmax_delay_ms = 20\n"
+    )
+    settings = load_settings(config, tenant_id="t1", user_id="u1")
+    real_append = DiskSpool.append
+    failures = {"left": 1}
+
+    def append(self: DiskSpool, events: list[Event], facts: list) -> object:
+        if failures["left"] and any(e.path.startswith("lost") for e in events):
+            failures["left"] -= 1
+            raise SpoolFullError(28, "spool write failed: No space left on device")
+        return real_append(self, events, facts)
+
+    monkeypatch.setattr(DiskSpool, "append", append)
+    daemon = Daemon(settings, Identity("t1", "u1", None, "pod"))
+    serving = asyncio.create_task(daemon.serve())
+    await eventually(lambda: daemon.status()["ready"])
+    for i in range(5):
+        (workspace / f"lost{i}.txt").write_text("x")
+    sink = SqliteSink(tmp_path / "a.db", create=True)
+
+    def trail() -> list[Event]:
+        return [e for _, e in sink.read(EventQuery("t1"))]
+
+    await eventually(lambda: {f"lost{i}.txt" for i in range(5)} <= {e.path for e in trail()})
+    daemon.should_exit.set()
+    assert await serving == 0
+    events = trail()
+    gaps = [e for e in events if e.action == "gap"]
+    assert len(gaps) == 1 and gaps[0].size is not None and gaps[0].size >= 1
+    assert {e.origin for e in events if e.path.startswith("lost")} == {"rescan"}
+    dropped = daemon.metrics.registry.get_sample_value("codi2_events_dropped_total", {"reason": "spool_write_failed"})
+    assert dropped is not None and dropped >= 1
+    sink.close()
