@@ -7,7 +7,7 @@ CONFIG ?= config/dev.toml
 USER_ID ?= dev
 TENANT_ID ?= dev
 
-.PHONY: run test lint bench clean
+.PHONY: run test bench manifests dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,18 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/burst.py
+
+manifests: $(STAMP)
+	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
+		--session-id example-session --output-dir packaging/k8s
+	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
+
+# A wheel, and dist/codi2: a single-file zipapp (shiv) that runs with the system python3.
+dist: $(STAMP)
+	rm -rf dist build
+	$(BIN)/python -m pip wheel --quiet --no-deps --wheel-dir dist .
+	$(BIN)/shiv --quiet --console-script codi2 --python '/usr/bin/env python3' --output-file dist/codi2 \
+		--constraint constraints.txt dist/codi2-*.whl
 
 clean:
 	rm -rf $(VENV) workspace build dist *.egg-info .pytest_cache .ruff_cache

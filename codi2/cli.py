@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,7 +23,7 @@ from codi2.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FOLLOW_POLL_S = 0.5
-SUBCOMMANDS = {"run", "events", "config", "test"}
+SUBCOMMANDS = {"run", "events", "config", "test", "provision"}
 
 
 class UsageError(Exception):
@@ -92,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     test.add_argument("--tenant-id", help="tenant whose prefix the probe key goes under (default: configured)")
     test.add_argument("--json", action="store_true", help="print the steps as one JSON document")
 
+    _provision_parsers(sub)
+
     config = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     config_sub = config.add_subparsers(dest="config_command", metavar="COMMAND", parser_class=_Parser, required=True)
     check = config_sub.add_parser(
@@ -101,6 +104,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _config_arg(check)
     return parser
+
+
+def _provision_parsers(sub: Any) -> None:
+    provision = sub.add_parser(
+        "provision",
+        help="render, apply or delete a user's workspace on Kubernetes",
+        description="Provision a user's workspace: namespace, volume claim, config maps and the workspace pod.",
+    )
+    actions = provision.add_subparsers(dest="provision_command", metavar="COMMAND", parser_class=_Parser, required=True)
+    helps = {
+        "render": "print the manifests as multi-document YAML",
+        "apply": "create or update the objects by server-side apply, then wait for the pod to be Ready",
+        "delete": "delete the objects",
+    }
+    for name, text in helps.items():
+        p = actions.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        p.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+        p.add_argument("--user-id", required=True, help="user id (a DNS-1123 label: the namespace is user-<id>)")
+        p.add_argument("--tenant-id", required=True, help="tenant id (a DNS-1123 label)")
+        p.add_argument("--session-id", help="IDE session id passed to codi2 as SESSION_ID")
+        p.add_argument("--image", help="workspace image (default: the seed's t2-workspace-pod image)")
+        p.add_argument("--storage", default="50Gi", help="size of the workspace volume claim (default 50Gi)")
+        p.add_argument("--storage-class", help="storage class of the claim (default: the cluster's default)")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=Path("config/codi2.toml"),
+            metavar="PATH",
+            help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
+        )
+        p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
+        p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra label (repeatable)")
+        if name == "render":
+            p.add_argument("--output-dir", type=Path, help="write one file per object here instead of stdout")
+        if name == "apply":
+            p.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for Ready (300)")
+            p.add_argument("--no-wait", action="store_true", help="return once the objects are applied")
+    rbac = actions.add_parser(
+        "rbac",
+        help="print the RBAC objects that `provision apply` needs",
+        description="Print the ServiceAccount, ClusterRole and ClusterRoleBinding `provision apply` runs as.",
+    )
+    rbac.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
+    rbac.add_argument("--output-dir", type=Path, help="write rbac.yaml here instead of stdout")
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -120,6 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _events(args)
         if args.command == "test":
             return _test(args)
+        if args.command == "provision":
+            return _provision(args)
         return _config_check(args)
     except (ConfigError, UsageError) as exc:
         print(f"codi2: {exc}", file=sys.stderr)
@@ -169,6 +218,85 @@ def _test(args: argparse.Namespace) -> int:
     if args.json:
         print(render(steps, as_json=True))
     return EXIT_OK if all(s.ok for s in steps) else EXIT_FAILURE
+
+
+def _workspace_spec(args: argparse.Namespace) -> Any:
+    from pydantic import ValidationError
+
+    from codi2.provisioning.spec import WorkspaceSpec
+
+    try:
+        config_text = args.config.read_text()
+    except OSError as exc:
+        raise UsageError(f"--config {args.config}: {exc.strerror}") from None
+    labels = {}
+    for item in args.label:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--label {item!r}: expected KEY=VALUE")
+        labels[key] = value
+    fields: dict[str, Any] = {
+        "user_id": args.user_id,
+        "tenant_id": args.tenant_id,
+        "session_id": args.session_id,
+        "storage_size": args.storage,
+        "storage_class": args.storage_class,
+        "codi2_config": config_text,
+        "fdb_cluster_string": args.fdb_cluster_string,
+        "labels": labels,
+    }
+    if args.image:
+        fields["image"] = args.image
+    flags = {"storage_size": "--storage", "codi2_config": "--config", "labels": "--label"}
+    try:
+        spec = WorkspaceSpec(**fields)
+        spec.cluster_string()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = str(error["loc"][0])
+        flag = flags.get(field, "--" + field.replace("_", "-"))
+        raise UsageError(f"{flag}: {str(error['msg']).removeprefix('Value error, ')}") from None
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise UsageError(f"--config {args.config}: {exc}") from None
+    return spec
+
+
+def _write_manifests(manifests: list[dict[str, Any]], out: Path | None, single: str | None = None) -> None:
+    from codi2.provisioning.render import to_yaml
+
+    if out is None:
+        print(to_yaml(manifests), end="")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if single is not None:
+        (out / single).write_text(to_yaml(manifests))
+        return
+    for manifest in manifests:
+        stem = manifest["metadata"]["name"] if manifest["kind"] == "ConfigMap" else manifest["kind"].lower()
+        (out / f"{stem}.yaml").write_text(to_yaml([manifest]))
+
+
+def _provision(args: argparse.Namespace) -> int:
+    from codi2.provisioning.render import render, render_rbac
+
+    if args.provision_command == "rbac":
+        _write_manifests(render_rbac(), args.output_dir, single="rbac.yaml")
+        return EXIT_OK
+    spec = _workspace_spec(args)
+    manifests = render(spec)
+    if args.provision_command == "render":
+        _write_manifests(manifests, args.output_dir)
+        return EXIT_OK
+    from codi2.provisioning.apply import Provisioner, connect
+
+    provisioner = Provisioner(connect(), progress=lambda line: print(line, flush=True))
+    if args.provision_command == "delete":
+        provisioner.delete(manifests)
+        return EXIT_OK
+    provisioner.apply(manifests)
+    if not args.no_wait:
+        provisioner.wait_ready(spec.namespace, "workspace", args.wait_timeout)
+    return EXIT_OK
 
 
 def _config_check(args: argparse.Namespace) -> int:

@@ -1,0 +1,1 @@
+"""Provisioning of a user's workspace on Kubernetes. Beside the daemon, never in its data path."""

@@ -1,0 +1,97 @@
+"""What one user's workspace is made of, validated before anything is rendered.
+
+Ids become parts of Kubernetes names (`user-<id>`, `user-workspace-<id>`), so an id must already be a
+DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit. Anything
+else is refused with the rule it breaks; ids are never lowercased or mangled, since two users must never
+map to one namespace.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+NAMESPACE_PREFIX = "user-"
+QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
+LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+MAX_ID = 63 - len(NAMESPACE_PREFIX)
+
+
+def check_id(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if len(value) > MAX_ID:
+        raise ValueError(f"{value!r} is longer than {MAX_ID} characters (namespace user-<id> must fit 63)")
+    if not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} cannot be part of a Kubernetes name: use lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_quantity(value: str) -> str:
+    if not QUANTITY.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 50Gi, 500m, 2)")
+    return value
+
+
+def check_labels(value: dict[str, str]) -> dict[str, str]:
+    for key, item in value.items():
+        if not LABEL_KEY.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
+            raise ValueError(f"label key {key!r} is not a valid Kubernetes label key")
+        if not LABEL_VALUE.match(item) or len(item) > 63:
+            raise ValueError(f"label value {item!r} (key {key!r}) is not a valid Kubernetes label value")
+    return value
+
+
+Id = Annotated[str, AfterValidator(check_id)]
+Quantity = Annotated[str, AfterValidator(check_quantity)]
+
+
+class Resources(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cpu_request: Quantity = "250m"
+    memory_request: Quantity = "512Mi"
+    cpu_limit: Quantity = "2"
+    memory_limit: Quantity = "4Gi"
+
+
+class WorkspaceSpec(BaseModel):
+    """Everything `render` needs; `session_id` is optional, like `SESSION_ID` for the daemon."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    user_id: Id
+    tenant_id: Id
+    session_id: Annotated[str, AfterValidator(check_id)] | None = None
+    image: str = Field(default="gcr.io/serene-voltage-464305-n2/t2-workspace-pod:latest", min_length=1)
+    storage_size: Quantity = "50Gi"
+    storage_class: str | None = None
+    resources: Resources = Resources()
+    codi2_config: str = Field(min_length=1, description="codi2.toml text for the codi2-config map")
+    fdb_cluster_string: str | None = None
+    labels: Annotated[dict[str, str], AfterValidator(check_labels)] = Field(default_factory=dict)
+
+    @property
+    def namespace(self) -> str:
+        return f"{NAMESPACE_PREFIX}{self.user_id}"
+
+    @property
+    def claim_name(self) -> str:
+        return f"user-workspace-{self.user_id}"
+
+    def cluster_string(self) -> str:
+        """The FDB cluster file content: given explicitly, or the codi2.toml's `cluster_string`."""
+        if self.fdb_cluster_string:
+            return self.fdb_cluster_string
+        value = tomllib.loads(self.codi2_config).get("foundationdb", {}).get("cluster_string")
+        if not value:
+            raise ValueError("no FDB cluster string: give one, or set [foundationdb] cluster_string in the config")
+        return str(value)
