@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/python bench/burst.py
+	$(BIN)/python bench/run.py
 
 manifests: $(STAMP)
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \

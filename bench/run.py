@@ -1,0 +1,409 @@
+"""codi2 benchmarks: burst capture, commit latency, start-up, idle cost and a mixed editor load, each
+run REPS times, interleaved with inotifywait where it is the baseline. Prints a table and writes
+bench/results/bench.json. Figures are ratios and medians; these machines are shared and noisy.
+
+    python bench/run.py [--reps 3] [--only burst,latency,startup,idle,mixed] [--burst-files 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common import Codi2, InotifyWait, cpu_seconds, ensure_inotifywait, inotify_watches, poll_until, rss_mb, wakeups
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from codi2.events import EventQuery
+from codi2.replay import fold
+from codi2.sinks.sqlite import SqliteSink
+
+WRITER = """
+import os, sys
+root, n, dirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+for i in range(n):
+    with open(os.path.join(root, f"d{i % dirs}", f"f{i}"), "wb") as f:
+        f.write(b"x")
+"""
+IGNORED = {".git", "node_modules", "target", "dist"}
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def until_stable(count: Any, target: int, quiet_s: float = 5.0) -> tuple[int, float]:
+    """Poll `count()` until it reaches `target` or stops growing for `quiet_s`: (value, when it last grew)."""
+    last_value, last_change = -1, time.monotonic()
+    while True:
+        value = count()
+        now = time.monotonic()
+        if value != last_value:
+            last_value, last_change = value, now
+        if value >= target or now - last_change > quiet_s:
+            return value, last_change
+        time.sleep(0.05)
+
+
+# 1. Burst capture ------------------------------------------------------------------------------------
+
+
+def burst(base: Path, binary: str, reps: int, files: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, float]]] = {"codi2": [], "inotifywait": []}
+    for rep in range(reps):
+        for name in ("codi2", "inotifywait"):
+            tree = fresh(base / "burst")
+            for d in range(100):
+                (tree / f"d{d}").mkdir()
+            watcher: Codi2 | InotifyWait
+            watcher = Codi2(base, tree) if name == "codi2" else InotifyWait(binary, tree, base / "iw.out")
+            if isinstance(watcher, Codi2):
+                watcher.ready_seconds()
+            cpu0 = cpu_seconds(watcher.pid)
+            subprocess.run([sys.executable, "-c", WRITER, str(tree), str(files), "100"], check=True)
+            writer_end = time.monotonic()
+            counter = watcher.count if isinstance(watcher, Codi2) else watcher.created
+            recorded, last = until_stable(counter, files)
+            cpu = cpu_seconds(watcher.pid) - cpu0
+            watcher.stop()
+            run = {"recorded": recorded / files, "lag_s": max(0.0, last - writer_end), "cpu_s": cpu}
+            runs[name].append(run)
+            print(f"  burst rep {rep + 1} {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
+    ratios = [c["cpu_s"] / i["cpu_s"] for c, i in zip(runs["codi2"], runs["inotifywait"], strict=True)]
+    return {
+        "files": files,
+        "runs": runs,
+        "recorded": min(r["recorded"] for r in runs["codi2"]),
+        "lag_s": median([r["lag_s"] for r in runs["codi2"]]),
+        "cpu_s": median([r["cpu_s"] for r in runs["codi2"]]),
+        "baseline_cpu_s": median([r["cpu_s"] for r in runs["inotifywait"]]),
+        "cpu_ratio": median(ratios),
+        "cpu_ratios": ratios,
+    }
+
+
+# 2. Commit latency -----------------------------------------------------------------------------------
+
+
+def latency(base: Path, reps: int, writes: int = 1000, spacing_s: float = 0.02, window_ms: int = 200) -> dict:
+    p50s, p99s = [], []
+    for rep in range(reps):
+        tree = fresh(base / "latency")
+        codi2 = Codi2(base, tree, max_delay_ms=window_ms)
+        codi2.ready_seconds()
+        written: dict[str, float] = {}
+        seen: dict[str, float] = {}
+        stop = threading.Event()
+
+        def poll(stop: threading.Event = stop, codi2: Codi2 = codi2, seen: dict[str, float] = seen) -> None:
+            pos = 0
+            while not stop.is_set():
+                rows = codi2.query(f"SELECT pos, json_extract(body, '$.path') FROM events WHERE pos > {pos}")
+                now = time.monotonic()
+                for row_pos, path in rows:
+                    seen.setdefault(path, now)
+                    pos = max(pos, row_pos)
+                time.sleep(0.002)
+
+        poller = threading.Thread(target=poll, daemon=True)
+        poller.start()
+        for i in range(writes):
+            name = f"f{i}"
+            (tree / name).write_bytes(b"x")
+            written[name] = time.monotonic()
+            time.sleep(spacing_s)
+        poll_until(lambda seen=seen: len(seen) >= writes, 60)
+        stop.set()
+        poller.join()
+        codi2.stop()
+        lat = [(seen[n] - t) * 1000 for n, t in written.items()]
+        p50s.append(percentile(lat, 0.5))
+        p99s.append(percentile(lat, 0.99))
+        print(f"  latency rep {rep + 1}: p50 {p50s[-1]:.1f} ms  p99 {p99s[-1]:.1f} ms", flush=True)
+    return {"window_ms": window_ms, "p50_ms": median(p50s), "p99_ms": median(p99s), "p99_runs": p99s}
+
+
+# 3. Start-up on a big tree, 4. idle ------------------------------------------------------------------
+
+
+def big_tree(path: Path) -> Path:
+    """10,000 directories and 100,000 files, 90% of both under node_modules."""
+    if (path / ".complete").exists():
+        return path
+    fresh(path)
+    for d in range(10_000):
+        parent = (
+            path / "node_modules" / f"pkg{d // 10}" / f"m{d}" if d >= 1000 else path / "src" / f"d{d // 10}" / f"m{d}"
+        )
+        parent.mkdir(parents=True)
+        for f in range(10):
+            (parent / f"f{f}.js").write_bytes(b"x")
+    (path / ".complete").touch()
+    return path
+
+
+def startup(base: Path, binary: str, reps: int) -> dict[str, Any]:
+    tree = big_tree(base / "big")
+    non_ignored_dirs = sum(1 for _ in (tree / "src").rglob("*") if _.is_dir()) + 2  # + root and src
+    runs: dict[str, list[dict[str, float]]] = {"codi2": [], "inotifywait": []}
+    for rep in range(reps):
+        codi2 = Codi2(base, tree)
+        ready = codi2.ready_seconds()
+        runs["codi2"].append({"ready_s": ready, "watches": inotify_watches(codi2.pid), "rss_mb": rss_mb(codi2.pid)})
+        codi2.stop()
+        iw = InotifyWait(binary, tree, base / "iw.out")
+        runs["inotifywait"].append(
+            {"ready_s": iw.established, "watches": inotify_watches(iw.pid), "rss_mb": rss_mb(iw.pid)}
+        )
+        iw.stop()
+        print(f"  startup rep {rep + 1}: codi2 {runs['codi2'][-1]}  inotifywait {runs['inotifywait'][-1]}", flush=True)
+    c, i = runs["codi2"], runs["inotifywait"]
+    return {
+        "runs": runs,
+        "non_ignored_dirs": non_ignored_dirs,
+        "ready_s": median([r["ready_s"] for r in c]),
+        "baseline_ready_s": median([r["ready_s"] for r in i]),
+        "ready_ratio": median([a["ready_s"] / b["ready_s"] for a, b in zip(c, i, strict=True)]),
+        "watches": median([r["watches"] for r in c]),
+        "baseline_watches": median([r["watches"] for r in i]),
+        "rss_mb": median([r["rss_mb"] for r in c]),
+    }
+
+
+def idle(base: Path, reps: int, seconds: float) -> dict[str, Any]:
+    tree = big_tree(base / "big")
+    runs = []
+    for rep in range(reps):
+        codi2 = Codi2(base, tree)
+        codi2.ready_seconds()
+        time.sleep(2)  # let start-up work (the index baseline commit) settle
+        cpu0, wake0 = cpu_seconds(codi2.pid), wakeups(codi2.pid)
+        time.sleep(seconds)
+        cpu, wake = cpu_seconds(codi2.pid) - cpu0, wakeups(codi2.pid) - wake0
+        codi2.stop()
+        runs.append({"cpu_s": cpu, "core_pct": 100 * cpu / seconds, "wakeups": wake, "wakeups_per_s": wake / seconds})
+        print(f"  idle rep {rep + 1}: {runs[-1]}", flush=True)
+    return {
+        "seconds": seconds,
+        "runs": runs,
+        "core_pct": median([r["core_pct"] for r in runs]),
+        "wakeups_per_s": median([r["wakeups_per_s"] for r in runs]),
+    }
+
+
+# 5. Mixed editor load --------------------------------------------------------------------------------
+
+
+def disk_state(root: Path) -> dict:
+    from codi2.replay import Entry
+
+    state = {}
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
+        dirnames[:] = [d for d in dirnames if os.fsdecode(d) not in IGNORED]
+        for name in [*dirnames, *filenames]:
+            if os.fsdecode(name) in IGNORED:
+                continue
+            full = os.path.join(dirpath, name)
+            rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
+            if os.path.isdir(full) and not os.path.islink(full):
+                state[(str(root), rel)] = Entry("dir", None)
+            elif os.path.islink(full):
+                state[(str(root), rel)] = Entry("symlink", None)
+            else:
+                with open(full, "rb") as f:
+                    state[(str(root), rel)] = Entry("file", hashlib.sha256(f.read()).hexdigest())
+    return state
+
+
+def git(tree: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True)
+
+
+def mixed(base: Path, reps: int) -> dict[str, Any]:
+    runs = []
+    for rep in range(reps):
+        tree = fresh(base / "mixed")
+        git(tree, "init", "-q", "-b", "main")
+        git(tree, "config", "user.email", "bench@codi2")
+        git(tree, "config", "user.name", "bench")
+        for i in range(5000):
+            d = tree / "src" / f"mod{i // 100}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"file{i}.ts").write_text(f"export const v{i} = 1;\n")
+        git(tree, "add", "-A")
+        git(tree, "commit", "-q", "-m", "one")
+        git(tree, "checkout", "-q", "-b", "feature")
+        for i in range(5000):
+            (tree / "src" / f"mod{i // 100}" / f"file{i}.ts").write_text(f"export const v{i} = 2;\n")
+        git(tree, "commit", "-q", "-am", "two")
+        git(tree, "checkout", "-q", "main")
+        # The first start emits `created` for what exists, so the whole trail folds to the disk.
+        codi2 = Codi2(base, tree, extra_env={"CODI2_MONITORING__INITIAL_SCAN": "events"})
+        codi2.ready_seconds()
+        poll_until(lambda codi2=codi2: codi2.query("SELECT count(*) FROM events")[0][0] >= 5051, 60)
+        initial = codi2.query("SELECT count(*) FROM events")[0][0]
+        started = time.monotonic()
+        for i in range(200):  # an editor's atomic saves: write a temp file, rename it over the original
+            tmp = tree / "src" / "mod0" / f".file{i % 20}.ts.swp"
+            tmp.write_text(f"save {i}\n")
+            tmp.rename(tree / "src" / "mod0" / f"file{i % 20}.ts")
+        for i in range(100):
+            (tree / "src" / "mod1" / f"file{100 + i}.ts").rename(tree / "src" / "mod1" / f"renamed{i}.ts")
+        git(tree, "stash", "-q", "-u")
+        git(tree, "checkout", "-q", "feature")  # rewrites 5,000 files
+        for i in range(5000):  # an npm install-like burst, all of it ignored
+            d = tree / "node_modules" / f"pkg{i // 50}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"index{i}.js").write_text("module.exports = {}\n")
+        ops_end = time.monotonic()
+        expected = disk_state(tree)
+        sink = SqliteSink(codi2.db, create=False)
+        events: list = []
+
+        def caught_up(sink: SqliteSink = sink, events: list = events, expected: dict = expected) -> bool:
+            events[:] = [e for _, e in sink.read(EventQuery("bench"))]
+            return fold(events) == expected
+
+        lag = poll_until(caught_up, 120, interval=0.1)
+        sink.close()
+        codi2.stop()
+        run = {
+            "events_stored": len(events) - initial,
+            "paths_changed": 5000 + 20 + 200,  # checkout, the saved files, both sides of the renames
+            "node_modules_events": sum("node_modules" in e.path for e in events),
+            "trail_equals_disk": True,
+            "ops_s": ops_end - started,
+            "lag_s": lag,
+        }
+        runs.append(run)
+        print(f"  mixed rep {rep + 1}: {run}", flush=True)
+    return {
+        "runs": runs,
+        "events_stored": median([r["events_stored"] for r in runs]),
+        "node_modules_events": max(r["node_modules_events"] for r in runs),
+        "lag_s": median([r["lag_s"] for r in runs]),
+    }
+
+
+# Report ----------------------------------------------------------------------------------------------
+
+
+def table(results: dict[str, Any]) -> str:
+    rows = []
+    if "burst" in results:
+        b = results["burst"]
+        rows += [
+            ("burst", "recorded / created (worst rep)", f"{b['recorded']:.4f}", "1.0"),
+            ("burst", "last commit after writer ends (s)", f"{b['lag_s']:.2f}", "<= 2"),
+            (
+                "burst",
+                "CPU codi2 / inotifywait",
+                f"{b['cpu_ratio']:.2f} ({b['cpu_s']:.1f} / {b['baseline_cpu_s']:.1f} s)",
+                "<= 3",
+            ),
+        ]
+    if "latency" in results:
+        lat = results["latency"]
+        rows += [
+            ("latency", "p50 write -> committed (ms)", f"{lat['p50_ms']:.0f}", ""),
+            ("latency", "p99 write -> committed (ms)", f"{lat['p99_ms']:.0f}", f"<= {lat['window_ms'] + 50}"),
+        ]
+    if "startup" in results:
+        s = results["startup"]
+        rows += [
+            (
+                "startup",
+                "ready codi2 / inotifywait established",
+                f"{s['ready_ratio']:.2f} ({s['ready_s']:.2f} / {s['baseline_ready_s']:.2f} s)",
+                "<= 1",
+            ),
+            (
+                "startup",
+                "inotify watches (inotifywait)",
+                f"{s['watches']:.0f} ({s['baseline_watches']:.0f})",
+                f"~{s['non_ignored_dirs']}",
+            ),
+            ("startup", "RSS at ready (MB)", f"{s['rss_mb']:.1f}", "<= 60"),
+        ]
+    if "idle" in results:
+        i = results["idle"]
+        rows += [
+            ("idle", f"CPU over {i['seconds']:.0f} s (% of a core)", f"{i['core_pct']:.3f}", "<= 0.1"),
+            ("idle", "wake-ups per second", f"{i['wakeups_per_s']:.2f}", "~0"),
+        ]
+    if "mixed" in results:
+        m = results["mixed"]
+        rows += [
+            ("mixed", "events stored (trail folds to the disk)", f"{m['events_stored']:.0f}", ""),
+            ("mixed", "events under node_modules", f"{m['node_modules_events']}", "0"),
+            ("mixed", "last op -> trail equals disk (s)", f"{m['lag_s']:.2f}", ""),
+        ]
+    width = max(len(r[1]) for r in rows)
+    lines = [f"{'scenario':<9} {'figure':<{width}}  {'measured':<28} target"]
+    lines += [f"{a:<9} {b:<{width}}  {c:<28} {d}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--only", default="burst,latency,startup,idle,mixed")
+    parser.add_argument("--burst-files", type=int, default=100_000)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "bench.json")
+    args = parser.parse_args()
+    only = set(args.only.split(","))
+    binary = ensure_inotifywait()
+    results: dict[str, Any] = {
+        "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d"),
+        "reps": args.reps,
+    }
+    with tempfile.TemporaryDirectory(prefix="codi2-bench-") as tmp:
+        base = Path(tmp)
+        if "burst" in only:
+            print("burst capture", flush=True)
+            results["burst"] = burst(base, binary, args.reps, args.burst_files)
+        if "latency" in only:
+            print("commit latency", flush=True)
+            results["latency"] = latency(base, args.reps)
+        if "startup" in only:
+            print("start-up on a big tree", flush=True)
+            results["startup"] = startup(base, binary, args.reps)
+        if "idle" in only:
+            print("idle", flush=True)
+            results["idle"] = idle(base, args.reps, args.idle_seconds)
+        if "mixed" in only:
+            print("mixed editor load", flush=True)
+            results["mixed"] = mixed(base, args.reps)
+    print()
+    print(table(results))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
