@@ -154,9 +154,7 @@ def big_tree(path: Path) -> Path:
         return path
     fresh(path)
     for d in range(10_000):
-        parent = (
-            path / "node_modules" / f"pkg{d // 10}" / f"m{d}" if d >= 1000 else path / "src" / f"d{d // 10}" / f"m{d}"
-        )
+        parent = path / "node_modules" / f"m{d}" if d >= 1000 else path / "src" / f"m{d}"
         parent.mkdir(parents=True)
         for f in range(10):
             (parent / f"f{f}.js").write_bytes(b"x")
