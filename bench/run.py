@@ -8,7 +8,6 @@ bench/results/bench.json. Figures are ratios and medians; these machines are sha
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -214,27 +213,6 @@ def idle(base: Path, reps: int, seconds: float) -> dict[str, Any]:
 # 5. Mixed editor load --------------------------------------------------------------------------------
 
 
-def disk_state(root: Path) -> dict:
-    from codi2.replay import Entry
-
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        dirnames[:] = [d for d in dirnames if os.fsdecode(d) not in IGNORED]
-        for name in [*dirnames, *filenames]:
-            if os.fsdecode(name) in IGNORED:
-                continue
-            full = os.path.join(dirpath, name)
-            rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
-            if os.path.isdir(full) and not os.path.islink(full):
-                state[(str(root), rel)] = Entry("dir", None)
-            elif os.path.islink(full):
-                state[(str(root), rel)] = Entry("symlink", None)
-            else:
-                with open(full, "rb") as f:
-                    state[(str(root), rel)] = Entry("file", hashlib.sha256(f.read()).hexdigest())
-    return state
-
-
 def git(tree: Path, *args: str) -> None:
     subprocess.run(["git", "-C", str(tree), *args], check=True, capture_output=True)
 
@@ -276,7 +254,7 @@ def mixed(base: Path, reps: int) -> dict[str, Any]:
             d.mkdir(parents=True, exist_ok=True)
             (d / f"index{i}.js").write_text("module.exports = {}\n")
         ops_end = time.monotonic()
-        expected = disk_state(tree)
+        expected = disk_state(tree, IGNORED)
         sink = SqliteSink(codi2.db, create=False)
         events: list = []
 

@@ -7,8 +7,11 @@ non-ignored entry of the workspace with its sha256.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from codi2.events import Event
 
@@ -48,4 +51,20 @@ def fold(events: Iterable[Event], state: State | None = None) -> State:
                 state[(root, e.dest_path + path[len(e.path) :])] = entry
             old = moved.get(key)
             state[(e.root, e.dest_path)] = Entry(e.type, e.sha256 or (old.sha256 if old else None))
+    return state
+
+
+def disk_state(root: Path, ignore_patterns: Iterable[str]) -> State:
+    """What a complete trail of `root` must fold to: every non-ignored entry, files with their sha256."""
+    from codi2.index import walk
+    from codi2.watcher import IgnoreRules
+
+    raw_root = os.fsencode(root)
+    state: State = {}
+    for rel, entry in walk(raw_root, b"", IgnoreRules(ignore_patterns)):
+        sha = None
+        if entry.type == "file":
+            with open(os.path.join(raw_root, rel), "rb") as f:
+                sha = hashlib.file_digest(f, "sha256").hexdigest()
+        state[(str(root), os.fsdecode(rel))] = Entry(entry.type, sha)
     return state

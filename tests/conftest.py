@@ -163,7 +163,8 @@ def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., Da
 
 
 def disk_state(root: Path, ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2")) -> dict:
-    """What a complete trail must fold to: every non-ignored entry under `root` with its sha256."""
+    """What a complete trail must fold to: every non-ignored entry under `root` with its sha256.
+    Written with os.walk on purpose, independent of the package's own walk, so it can catch that walk."""
     import hashlib
     import stat
 
