@@ -25,7 +25,7 @@ from common import Codi2, InotifyWait, cpu_seconds, ensure_inotifywait, inotify_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from codi2.events import EventQuery
-from codi2.replay import fold
+from codi2.replay import disk_state, fold
 from codi2.sinks.sqlite import SqliteSink
 
 WRITER = """
