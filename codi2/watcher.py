@@ -72,15 +72,25 @@ class Change:
 class IgnoreRules:
     """gitignore semantics over paths relative to a watch root, plus exact absolute paths (state dir)."""
 
+    MEMO_SIZE = 8192
+
     def __init__(self, patterns: Iterable[str], excluded: Iterable[Path] = ()) -> None:
         self._spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
         self._excluded = {os.fsencode(p) for p in excluded}
+        self._memo: dict[tuple[bytes, bool], bool] = {}
 
     def ignored(self, abs_path: bytes, rel: bytes, is_dir: bool) -> bool:
         if abs_path in self._excluded:
             return True
-        text = os.fsdecode(rel)
-        return self._spec.match_file(text + "/" if is_dir else text)
+        key = (rel, is_dir)
+        found = self._memo.get(key)
+        if found is None:
+            # A written file shows up as three events (create, modify, close): match it once.
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            text = os.fsdecode(rel)
+            found = self._memo[key] = self._spec.match_file(text + "/" if is_dir else text)
+        return found
 
 
 @dataclass
