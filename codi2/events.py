@@ -41,10 +41,19 @@ def rfc3339(epoch_seconds: float) -> str:
     return rfc3339_ns(round(epoch_seconds * 1e6) * 1000)
 
 
+_last_second: tuple[int, str] = (-1, "")
+
+
 def rfc3339_ns(epoch_ns: int) -> str:
-    """`rfc3339` from integer nanoseconds (st_mtime_ns), without float rounding; on the hot path."""
+    """`rfc3339` from integer nanoseconds (st_mtime_ns), without float rounding. On the hot path, and a
+    burst's timestamps share their second, so the formatted second is reused."""
+    global _last_second
     seconds, rest = divmod(epoch_ns, 1_000_000_000)
-    return f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds))}.{rest // 1000:06d}Z"
+    cached_second, text = _last_second
+    if cached_second != seconds:
+        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, text)
+    return f"{text}.{rest // 1000:06d}Z"
 
 
 def parse_time(text: str) -> datetime:
