@@ -239,6 +239,8 @@ class Daemon:
             )
         if watcher is not None and watcher.state.overflows:
             degraded.append(f"inotify queue overflowed {watcher.state.overflows} times")
+        if watcher is not None and watcher.state.handler_errors:
+            degraded.append(f"{watcher.state.handler_errors} inotify events failed to be handled (see the logs)")
         ident = self.identity
         return {
             "status": "degraded" if degraded else "ok",
@@ -271,6 +273,7 @@ class Daemon:
                 "error": store.error if store else None,
                 "error_code": store.error_code if store else None,
                 "consecutive_failures": store.consecutive_failures if store else 0,
+                "since": rfc3339(store.since) if store else None,
             },
             "last_commit": rfc3339(store.last_commit) if store and store.last_commit else None,
         }

@@ -180,7 +180,6 @@ class Watcher:
         on_changes: Callable[[list[Change]], None],
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
-        self.roots = roots
         self._roots_b = [os.fsencode(r) for r in roots]
         self._rules = rules
         self._barrier_dir = barrier_dir
