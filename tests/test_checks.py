@@ -68,3 +68,30 @@ def test_cluster_file_parsing() -> None:
     for bad in ("", "nope", "a:b@", "a:b@host", "a:b@h:1\nc:d@h:2"):
         with pytest.raises(ValueError):
             parse_cluster_file(bad)
+
+
+def test_daemon_on_fdb_without_client_library_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    import ctypes.util
+
+    if ctypes.util.find_library("fdb_c"):
+        pytest.skip("libfdb_c is installed here; this test is about its absence")
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nbind_addr = "127.0.0.1:0"\n[foundationdb]\ncluster_string = "a:b@127.0.0.1:4500"\n'
+        f"[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u", "--tenant-id", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        "codi2: cannot open the fdb store: libfdb_c, the FoundationDB client library for api_version 730,"
+        " is not installed"
+    )
+    assert "Traceback" not in result.stderr
