@@ -266,3 +266,30 @@ async def test_full_disk_is_a_counted_gap_and_the_rescan_recovers_the_files(
     dropped = daemon.metrics.registry.get_sample_value("codi2_events_dropped_total", {"reason": "spool_write_failed"})
     assert dropped is not None and dropped >= 1
     sink.close()
+
+
+def test_directory_moved_out_deletes_everything_below_it(
+    workspace: Path, tmp_path: Path, daemon_factory: Start
+) -> None:
+    daemon = daemon_factory()
+    (workspace / "pkg" / "sub").mkdir(parents=True)
+    for name in ("pkg/a.txt", "pkg/sub/b.txt", "pkg/sub/c.txt"):
+        (workspace / name).write_text(name)
+    wait_for(lambda: len(_created_files(daemon.events())) == 3)
+    (workspace / "pkg").rename(tmp_path / "elsewhere")
+    wait_for(lambda: any(e.action == "deleted" and e.path == "pkg" for e in daemon.events()))
+    (tmp_path / "elsewhere" / "sub" / "after.txt").write_text("not ours")
+    assert daemon.terminate() == 0
+    deleted = [(e.path, e.type) for e in daemon.events() if e.action == "deleted"]
+    assert sorted(deleted) == sorted(
+        [
+            ("pkg", "dir"),
+            ("pkg/sub", "dir"),
+            ("pkg/a.txt", "file"),
+            ("pkg/sub/b.txt", "file"),
+            ("pkg/sub/c.txt", "file"),
+        ]
+    )
+    assert deleted[-1] == ("pkg", "dir")  # what was below it first
+    assert not [e for e in daemon.events() if "after.txt" in e.path]
+    assert fold(daemon.events()) == disk_state(workspace) == {}
