@@ -283,3 +283,36 @@ def test_watch_limit_is_reported_and_not_fatal(workspace: Path, daemon_factory: 
     (workspace / watched[0] / "seen.txt").write_text("x")
     wait_for(lambda: daemon.events())
     assert daemon.terminate() == 0
+
+
+def test_events_cli_filters_and_formats(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    (workspace / "src").mkdir()
+    (workspace / "src" / "a.py").write_text("a")
+    (workspace / "notes.md").write_text("n")
+    wait_for(lambda: len(daemon.events()) >= 3)
+    (workspace / "notes.md").unlink()
+    wait_for(lambda: any(e.action == "deleted" for e in daemon.events()))
+    assert daemon.terminate() == 0
+    base = [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "t1"]
+
+    def paths(*args: str) -> list[tuple[str, str]]:
+        out = subprocess.run([*base, *args], capture_output=True, text=True, check=True, timeout=60).stdout
+        return [(r["action"], r["path"]) for r in map(json.loads, out.splitlines())]
+
+    assert paths("--path", "src/*") == [("created", "src/a.py")]
+    assert paths("--action", "deleted") == [("deleted", "notes.md")]
+    assert paths("--limit", "1") == [paths()[0]]
+    assert paths("--since", "2999-01-01T00:00:00Z") == []
+    table = subprocess.run([*base, "--format", "table"], capture_output=True, text=True, check=True, timeout=60)
+    assert table.stdout.splitlines()[0].split() == ["TS", "ACTION", "TYPE", "SIZE", "PATH"]
+    bad = subprocess.run([*base, "--since", "yesterday"], capture_output=True, text=True, timeout=60, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip() == "codi2: --since: not an ISO 8601 time: 'yesterday'"
+    other = subprocess.run(
+        [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "nobody"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert other.stdout == ""
