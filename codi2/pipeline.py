@@ -20,6 +20,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
@@ -106,18 +107,12 @@ class ChangeQueue:
         self._loop.call_soon_threadsafe(self._ready.set)
 
 
-@dataclass(slots=True)
-class _Pending:
-    change: Change
-    wrote: bool = False
-
-
 class Window:
     """Changes of one batch window, coalesced per (root, path) without reordering any path."""
 
     def __init__(self) -> None:
-        self.items: list[_Pending] = []
-        self._last: dict[tuple[int, bytes], _Pending] = {}
+        self.items: list[Change] = []
+        self._last: dict[tuple[int, bytes], Change] = {}
 
     def __len__(self) -> int:
         return len(self.items)
@@ -125,20 +120,18 @@ class Window:
     def add(self, change: Change) -> None:
         key = (change.root, change.path)
         last = self._last.get(key)
-        if last is not None and last.change.action in ("created", "updated"):
+        if last is not None and last.action in ("created", "updated"):
             if change.action == "updated":
-                last.wrote = True
-                last.change.ts = change.ts
+                last.ts = change.ts  # writes fold into the create or update before them
                 return
-            if change.action == "created" and last.change.action == "created":
+            if change.action == "created" and last.action == "created":
                 return  # the same creation seen twice: by inotify and by the walk of a new directory
-        pending = _Pending(change)
-        self.items.append(pending)
-        self._last[key] = pending
+        self.items.append(change)
+        self._last[key] = change
         if change.dest is not None:
-            self._last[(change.root, change.dest)] = pending
+            self._last[(change.root, change.dest)] = change
 
-    def take(self) -> list[_Pending]:
+    def take(self) -> list[Change]:
         items, self.items = self.items, []
         self._last.clear()
         return items
@@ -367,16 +360,15 @@ class Pipeline:
         for i, event in enumerate(events):
             size += event.encoded_size()
             if i + 1 - start >= self._max_events or size >= self._max_bytes or i + 1 == len(events):
-                await self._persist(events[start : i + 1], facts[start : i + 1])
+                await self._persist(events[start : i + 1], facts[start : i + 1], size)
                 start, size = i + 1, 0
 
-    def _prepare(self, items: list[_Pending]) -> list[tuple[Change, _Facts]]:
+    def _prepare(self, items: list[Change]) -> list[tuple[Change, _Facts]]:
         """Worker thread: facts for each change; a directory that left the tree brings a `deleted` for
         every entry the index still holds below it, deepest first."""
         out: list[tuple[Change, _Facts]] = []
         gone: set[tuple[int, bytes]] = set()
-        for item in items:
-            c = item.change
+        for c in items:
             if c.action == "deleted":
                 if c.is_dir:
                     for child, kind in self.index.below(self._root_names[c.root], c.path):
@@ -414,15 +406,8 @@ class Pipeline:
             self._last.pop(key, None)
             if c.dest is not None:
                 self._remember((c.root, c.dest), "updated", facts.state())
-        ident = self._identity
-        return Event(
-            id=uuid7(),
-            seq=next(self._seq),
-            ts=rfc3339(c.ts),
-            tenant_id=ident.tenant_id,
-            user_id=ident.user_id,
-            session_id=ident.session_id,
-            pod=ident.pod,
+        return self._event(
+            ts=c.ts,
             action=action,
             path=os.fsdecode(c.path),
             dest_path=os.fsdecode(c.dest) if c.dest is not None else None,
@@ -435,6 +420,20 @@ class Pipeline:
             origin=c.origin,
         )
 
+    def _event(self, *, ts: float, **fields: Any) -> Event:
+        """A new event with its id, its place in this daemon's sequence and the daemon's identity."""
+        ident = self._identity
+        return Event(
+            id=uuid7(),
+            seq=next(self._seq),
+            ts=rfc3339(ts),
+            tenant_id=ident.tenant_id,
+            user_id=ident.user_id,
+            session_id=ident.session_id,
+            pod=ident.pod,
+            **fields,
+        )
+
     def _remember(self, key: tuple[int, bytes], action: str, state: tuple[object, ...] | None) -> None:
         self._last[key] = (action, state)
         self._last.move_to_end(key)
@@ -443,15 +442,8 @@ class Pipeline:
 
     def _gap_event(self, lost: int) -> Event:
         """A marker in the trail where events were lost (disk full): `size` holds how many."""
-        ident = self._identity
-        return Event(
-            id=uuid7(),
-            seq=next(self._seq),
-            ts=rfc3339(time.time()),
-            tenant_id=ident.tenant_id,
-            user_id=ident.user_id,
-            session_id=ident.session_id,
-            pod=ident.pod,
+        return self._event(
+            ts=time.time(),
             action="gap",
             path="",
             dest_path=None,
@@ -464,9 +456,9 @@ class Pipeline:
             origin="live",
         )
 
-    async def _persist(self, events: list[Event], facts: list[Facts]) -> None:
+    async def _persist(self, events: list[Event], facts: list[Facts], size: int) -> None:
         """Make the batch durable (spool, then index), then hand it to the shipper."""
-        await self.spool.wait_for_room(sum(e.encoded_size() for e in events))
+        await self.spool.wait_for_room(size)
         loop = asyncio.get_running_loop()
         try:
             item = await loop.run_in_executor(self._io, self._append, events, facts)

@@ -90,6 +90,7 @@ class DiskSpool:
         self._ack: tuple[str, int] | None = None
         self._ack_persisted_at = 0.0
         self._ack_dirty = False
+        self._pruned_before: str | None = None
         self.corrupt_records = 0
 
     # Figures -------------------------------------------------------------------------------------
@@ -264,9 +265,11 @@ class DiskSpool:
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(self.directory / ACK_FILE)
-        for path in self.directory.glob(f"*{SEGMENT_SUFFIX}"):
-            if path.name < segment:
-                path.unlink(missing_ok=True)
+        if segment != self._pruned_before:  # segments only become wholly acknowledged when it moves on
+            self._pruned_before = segment
+            for path in self.directory.glob(f"*{SEGMENT_SUFFIX}"):
+                if path.name < segment:
+                    path.unlink(missing_ok=True)
 
     async def close(self) -> None:
         async with self._changed:
