@@ -216,15 +216,24 @@ class Daemon:
     def _app(self) -> Any:
         live = {
             "event_loop": lambda: True,
-            "watcher": lambda: not self._armed or (self.watcher is not None and self.watcher.is_alive()),
-            "pipeline": lambda: not self._armed or (self.pipeline is not None and self.pipeline.running),
+            "watcher": lambda: not self._armed or self._watching(),
+            "pipeline": lambda: not self._armed or self._pipeline_running(),
         }
-        ready = {
-            "watches": lambda: self._armed and self.watcher is not None and self.watcher.is_alive(),
+        return build_app(live=live, ready=self._ready_checks, status=self.status, registry=self.metrics.registry)
+
+    def _watching(self) -> bool:
+        return self.watcher is not None and self.watcher.is_alive()
+
+    def _pipeline_running(self) -> bool:
+        return self.pipeline is not None and self.pipeline.running
+
+    @property
+    def _ready_checks(self) -> dict[str, Callable[[], bool]]:
+        return {
+            "watches": lambda: self._armed and self._watching(),
             "initial_scan": lambda: self.pipeline is not None and self.pipeline.initial_scan_done.is_set(),
-            "pipeline": lambda: self._armed and self.pipeline is not None and self.pipeline.running,
+            "pipeline": lambda: self._armed and self._pipeline_running(),
         }
-        return build_app(live=live, ready=ready, status=self.status, registry=self.metrics.registry)
 
     def status(self) -> dict[str, Any]:
         watcher, pipeline = self.watcher, self.pipeline
@@ -252,7 +261,7 @@ class Daemon:
                 "session_id": ident.session_id,
                 "pod": ident.pod,
             },
-            "ready": self._armed and self.pipeline is not None and self.pipeline.initial_scan_done.is_set(),
+            "ready": all(check() for check in self._ready_checks.values()),
             "started_at": rfc3339(self.started_at),
             "watch_roots": [str(r) for r in self.settings.watch_roots],
             "watches": watcher.state.watches if watcher else 0,
