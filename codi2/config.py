@@ -92,13 +92,18 @@ class MonitoringSettings(Section):
     watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
-    initial_scan: Literal["baseline", "events"] = "baseline"
+    initial_scan: Literal["record", "silent"] = "record"
     rescan_interval_s: float = Field(default=60.0, ge=1.0)
+
+    @field_validator("initial_scan", mode="before")
+    @classmethod
+    def _legacy_initial_scan(cls, value: Any) -> Any:
+        """0.1 spelled these "events" and "baseline" (then the default, which recorded nothing)."""
+        return {"events": "record", "baseline": "silent"}.get(value, value)
 
 
 class SpoolSettings(Section):
     max_bytes: int = Field(default=1 << 30, ge=1 << 20)
-    segment_bytes: int = Field(default=64 << 20, ge=1 << 16)
     fsync: bool = True
 
 

@@ -1,13 +1,15 @@
 """The daemon's life cycle in one class: start-up, `should_exit`, graceful shutdown, signals.
 
-Start-up order: health port first (probes answer while watches are placed, `/readyz` says 503 until they
-are), then sink, pipeline, watcher. Shutdown order: read every change the kernel queued (watcher
-barrier), flush the pipeline to the store, close the store, stop the health port.
+Start-up order: health port first (probes answer while watches are placed; `/readyz` says 503 until they
+are), then the state-dir lock, the store, the journal, the watcher, and the start-up diff. Shutdown
+order: read every change the kernel queued (a watcher barrier), journal it, ship what the store takes
+in time, close. Everything that blocks runs in a thread: the event loop only serves the health port.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import signal
 import time
@@ -21,12 +23,11 @@ from codi2 import __version__
 from codi2.config import Settings
 from codi2.events import rfc3339
 from codi2.health import HealthServer, build_app
-from codi2.index import FileIndex
+from codi2.ignore import IgnoreRules
 from codi2.metrics import Metrics
 from codi2.pipeline import Identity, Pipeline
 from codi2.sinks import Sink, open_sink
-from codi2.spool import DiskSpool
-from codi2.watcher import IgnoreRules, Watcher
+from codi2.watcher import Watcher
 
 log = structlog.get_logger("codi2.daemon")
 
@@ -36,6 +37,34 @@ WATCHER_DRAIN_S = 5.0
 
 class StartupError(Exception):
     """The daemon cannot start; the message is one line for the operator."""
+
+
+class StateLock:
+    """One daemon per state directory: a second one on the same workspace would write the same journal."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise StartupError(
+                f"{self.path.parent}: another codi2 (pid {holder}) is running on this state directory"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class Daemon:
@@ -52,15 +81,14 @@ class Daemon:
         self.sink: Sink | None = None
         self.pipeline: Pipeline | None = None
         self.watcher: Watcher | None = None
-        self.spool: DiskSpool | None = None
-        self.index: FileIndex | None = None
+        self._lock = StateLock(settings.state_dir)
         self._tasks: list[asyncio.Task[None]] = []
         self._armed = False
 
     # Life cycle ----------------------------------------------------------------------------------
 
     async def serve(self) -> int:
-        """Run until SIGTERM/SIGINT; 0 when every observed event reached the store."""
+        """Run until SIGTERM/SIGINT; 0 when every observed change reached the journal."""
         self._install_signal_handlers()
         try:
             await self.startup()
@@ -86,35 +114,35 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.server.bind_addr}: {exc.strerror or exc}") from None
         try:
+            await asyncio.to_thread(self._lock.acquire)
+        except OSError as exc:
+            raise StartupError(f"state dir {s.state_dir}: {exc.strerror or exc}") from None
+        try:
             self.sink = await asyncio.to_thread(self._open_store, s)
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
-        rules = IgnoreRules(s.monitoring.ignore_patterns, self._private_paths())
-        self.spool = DiskSpool(
-            s.state_dir / "spool",
-            max_bytes=s.spool.max_bytes,
-            segment_bytes=s.spool.segment_bytes,
-            fsync=s.spool.fsync,
-        )
-        self.index = await asyncio.to_thread(FileIndex, s.state_dir / "index.db")
-        await asyncio.to_thread(self._recover)
-        roots = [os.fsencode(r) for r in s.watch_roots]
+        rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots, self._private_paths())
         self.pipeline = Pipeline(
-            roots=roots,
+            roots=s.watch_roots,
+            state_dir=s.state_dir,
             rules=rules,
             identity=self.identity,
             sink=self.sink,
-            spool=self.spool,
-            index=self.index,
             metrics=self.metrics,
             max_events=s.batching.max_events,
-            max_bytes=s.batching.max_bytes,
             max_delay_ms=s.batching.max_delay_ms,
+            max_bytes=s.spool.max_bytes,
             hash_max_bytes=s.monitoring.hash_max_bytes,
+            fsync=s.spool.fsync,
+            initial_scan=s.monitoring.initial_scan,
         )
-        feed = self.pipeline.start()
+        try:
+            await asyncio.to_thread(self.pipeline.open)
+        except OSError as exc:
+            raise StartupError(f"cannot open the journal in {s.state_dir}: {exc.strerror or exc}") from None
+        self.pipeline.start()
         self.watcher = Watcher(
-            s.watch_roots, rules, s.state_dir / "barrier", on_changes=feed, on_overflow=self._overflow
+            s.watch_roots, rules, s.state_dir / "barrier", on_hints=self.pipeline.feed, on_overflow=self._overflow
         )
         self._gauges()
         try:
@@ -122,49 +150,35 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
         # Watches first, then the walk: a change made meanwhile is seen live, by the walk, or both (the
-        # pipeline drops the second report), never by neither.
-        baseline = not self.index.initialized and s.monitoring.initial_scan == "baseline"
-        self.pipeline.request_initial_scan([(i, b"") for i in range(len(roots))], baseline=baseline)
-        self._tasks.append(asyncio.create_task(self._rescan_unwatched(), name="codi2-rescan"))
+        # second look finds nothing new), never by neither. Ready now: whatever changes from here on
+        # reaches the trail, and the start-up diff goes on in the background (see /status).
+        self.pipeline.initial_scan()
+        self._tasks.append(asyncio.create_task(self._retry_unwatched(), name="codi2-unwatched"))
         self._armed = True
-        # Ready once the start-up walk is done: what changes after this is in the trail, watched or not.
-        await self.pipeline.initial_scan_done.wait()
-
-    def _recover(self) -> None:
-        """Worker thread: load unacknowledged batches and roll the index forward over them."""
-        assert self.spool is not None and self.index is not None
-        pending = self.spool.recover()
-        self.metrics.spool_corrupt_records.inc(self.spool.corrupt_records)
-        applied = self.index.position
-        for item in pending:
-            if applied is None or (item.segment, item.end) > applied:
-                self.index.apply(item.batch.events, item.facts, (item.segment, item.end))
-        if pending:
-            log.info("spool_recovered", batches=len(pending), events=self.spool.pending_events)
 
     def _overflow(self) -> None:
-        """Watcher thread, after IN_Q_OVERFLOW: changes were lost, so diff every root against the index."""
+        """Watcher thread, after IN_Q_OVERFLOW: the watcher recrawls; the trail notes the lost history."""
         self.metrics.inotify_overflows.inc()
         if self.pipeline is not None:
-            self.pipeline.request_rescan("rescan", [(i, b"") for i in range(len(self.settings.watch_roots))])
+            self.pipeline.note_gap("inotify_overflow", None)
 
-    async def _rescan_unwatched(self) -> None:
-        """Directories without a watch (watch limit) are covered by a periodic diff against the index."""
+    async def _retry_unwatched(self) -> None:
+        """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically."""
         while True:
             await asyncio.sleep(self.settings.monitoring.rescan_interval_s)
-            if self.watcher is None or self.pipeline is None or not self.watcher.state.unwatched:
-                continue
-            trees = [t for t in map(self.pipeline.root_of, list(self.watcher.state.unwatched)) if t is not None]
-            self.pipeline.request_rescan("rescan", trees)
+            watcher = self.watcher
+            if watcher is not None and watcher.state.unwatched:
+                watcher.request(watcher.retry_unwatched)
 
     def _gauges(self) -> None:
-        m, spool = self.metrics, self.spool
-        assert spool is not None
+        m, pipeline = self.metrics, self.pipeline
+        assert pipeline is not None and pipeline.journal is not None
         m.inotify_watches.set_function(lambda: self.watcher.state.watches if self.watcher else 0)
         m.unwatched_dirs.set_function(lambda: len(self.watcher.state.unwatched) if self.watcher else 0)
-        m.spool_events.set_function(lambda: spool.pending_events)
-        m.spool_bytes.set_function(lambda: spool.pending_bytes)
-        m.spool_max_bytes.set(spool.max_bytes)
+        m.spool_events.set_function(lambda: pipeline.journal.outbox_events if pipeline.journal else 0)
+        m.spool_bytes.set_function(lambda: pipeline.journal.outbox_bytes if pipeline.journal else 0)
+        m.spool_max_bytes.set(pipeline.max_bytes)
+        m.pipeline_queue.set_function(pipeline.pending_hints)
 
     async def shutdown(self) -> int:
         lost = 0
@@ -173,21 +187,19 @@ class Daemon:
             task.cancel()
         if self.watcher is not None:
             await asyncio.to_thread(self.watcher.stop, WATCHER_DRAIN_S)
-        if self.pipeline is not None and self.pipeline.queue is not None:
-            lost = await self.pipeline.stop(SHUTDOWN_FLUSH_S)
-            if lost:
-                log.error("events_not_spooled", count=lost)
-            if self.spool is not None and self.spool.pending_events:
+        if self.pipeline is not None:
+            lost = await asyncio.to_thread(self.pipeline.stop, SHUTDOWN_FLUSH_S)
+            journal = self.pipeline.journal
+            if journal is not None and journal.outbox_events:
                 log.warning(
                     "events_left_in_spool",
-                    count=self.spool.pending_events,
+                    count=journal.outbox_events,
                     store=self.pipeline.store.error,
                     note="committed at the next start",
                 )
-        if self.index is not None:
-            await asyncio.to_thread(self.index.close)
         if self.sink is not None:
             await asyncio.to_thread(self.sink.close)
+        self._lock.release()
         if self.health is not None:
             await self.health.stop()
         log.info("codi2_stopped", uncommitted=lost)
@@ -231,25 +243,36 @@ class Daemon:
     def _ready_checks(self) -> dict[str, Callable[[], bool]]:
         return {
             "watches": lambda: self._armed and self._watching(),
-            "initial_scan": lambda: self.pipeline is not None and self.pipeline.initial_scan_done.is_set(),
             "pipeline": lambda: self._armed and self._pipeline_running(),
         }
 
     def status(self) -> dict[str, Any]:
         watcher, pipeline = self.watcher, self.pipeline
         store = pipeline.store if pipeline else None
+        jh = pipeline.journal_health if pipeline else None
+        journal = pipeline.journal if pipeline else None
         degraded = []
-        if store is not None and store.state == "degraded":
-            degraded.append(f"store: {store.error_code}: {store.error}")
-        if watcher is not None and watcher.state.unwatched:
-            degraded.append(
-                f"{len(watcher.state.unwatched)} directories unwatched (see unwatched; "
-                "for a watch limit raise fs.inotify.max_user_watches)"
-            )
-        if watcher is not None and watcher.state.overflows:
-            degraded.append(f"inotify queue overflowed {watcher.state.overflows} times")
-        if watcher is not None and watcher.state.handler_errors:
-            degraded.append(f"{watcher.state.handler_errors} inotify events failed to be handled (see the logs)")
+        if store is not None and store.state in ("degraded", "blocked"):
+            degraded.append(f"store {store.state}: {store.error_code}: {store.error}")
+        if jh is not None and jh.state == "error":
+            degraded.append(f"journal write failing, changes kept and retried: {jh.error}")
+        if jh is not None and jh.state == "full":
+            degraded.append("spool full: journaling paused until the store catches up (changes coalesce)")
+        if jh is not None and jh.initial_scan == "waiting":
+            degraded.append("index rebuild waiting for the store to be readable")
+        if watcher is not None:
+            ws = watcher.state
+            if ws.unwatched:
+                degraded.append(
+                    f"{len(ws.unwatched)} directories unwatched (see unwatched; "
+                    "for a watch limit raise fs.inotify.max_user_watches)"
+                )
+            if ws.overflows:
+                degraded.append(f"inotify queue overflowed {ws.overflows} times")
+            if ws.handler_errors:
+                degraded.append(f"{ws.handler_errors} inotify events failed to be handled (see the logs)")
+            for root in ws.roots_gone:
+                degraded.append(f"watch root gone: {root}")
         ident = self.identity
         return {
             "status": "degraded" if degraded else "ok",
@@ -268,12 +291,23 @@ class Daemon:
             "unwatched": dict(watcher.state.unwatched) if watcher else {},
             "inotify_overflows": watcher.state.overflows if watcher else 0,
             "inotify_backlog_high_water": watcher.backlog_high_water if watcher else 0,
-            "pipeline": {"queued_changes": len(pipeline.queue) if pipeline and pipeline.queue else 0},
+            "recrawls": watcher.state.recrawls if watcher else 0,
+            "initial_scan": jh.initial_scan if jh else "pending",
+            "pipeline": {"pending_changes": pipeline.pending_hints() if pipeline else 0},
+            "journal": {
+                "state": jh.state if jh else "unknown",
+                "error": jh.error if jh else None,
+                "consecutive_failures": jh.consecutive_failures if jh else 0,
+                "since": rfc3339(jh.since) if jh else None,
+                "index_rebuilds": jh.rebuilds if jh else 0,
+                "stream_id": journal.stream_id if journal else None,
+            },
             "spool": {
-                "events": self.spool.pending_events if self.spool else 0,
-                "bytes": self.spool.pending_bytes if self.spool else 0,
+                "batches": journal.outbox_batches if journal else 0,
+                "events": journal.outbox_events if journal else 0,
+                "bytes": journal.outbox_bytes if journal else 0,
                 "max_bytes": self.settings.spool.max_bytes,
-                "corrupt_records": self.spool.corrupt_records if self.spool else 0,
+                "corrupt_records": pipeline.corrupt_records if pipeline else 0,
                 "gaps_recorded": pipeline.gaps if pipeline else 0,
             },
             "store": {

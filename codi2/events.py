@@ -18,7 +18,7 @@ from typing import Any, Literal
 Action = Literal["created", "updated", "deleted", "moved", "gap"]
 ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap")
 EntryType = Literal["file", "dir", "symlink"]
-Origin = Literal["live", "rescan", "offline"]
+Origin = Literal["live", "rescan", "offline", "baseline"]
 
 
 def uuid7(ms: int | None = None) -> str:
@@ -93,7 +93,16 @@ class Event:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Event:
-        return cls(**json.loads(text))
+        return cls.from_fields(json.loads(text))
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]) -> Event:
+        """From a mapping written by this or another release: unknown keys are dropped, and an optional
+        field it lacks is None (a record is never lost because the event gained a field)."""
+        known = {k: v for k, v in data.items() if k in _FIELDS}
+        for name in _OPTIONAL:
+            known.setdefault(name, None)
+        return cls(**known)
 
     def encoded_size(self) -> int:
         """Approximate stored size, used for the byte budget of a batch."""
@@ -101,6 +110,8 @@ class Event:
 
 
 EVENT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+_FIELDS = frozenset(EVENT_KEYS)
+_OPTIONAL = ("session_id", "dest_path", "size", "mode", "mtime", "sha256")
 
 
 @dataclass(slots=True, frozen=True)

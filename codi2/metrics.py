@@ -6,7 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from codi2.events import ACTIONS
 
-DROP_REASONS = ("shutdown_timeout", "spool_write_failed")
+DROP_REASONS = ("shutdown_timeout", "pipeline_error")
 
 
 class Metrics:
@@ -28,7 +28,7 @@ class Metrics:
             registry=r,
         )
         self.pipeline_queue = Gauge(
-            "codi2_pipeline_queue_events", "File changes read from inotify and not yet batched", registry=r
+            "codi2_pipeline_queue_events", "Changes reported by the watcher and not yet journaled", registry=r
         )
         self.inotify_watches = Gauge("codi2_inotify_watches", "inotify watches in place", registry=r)
         self.inotify_overflows = Counter(
@@ -36,9 +36,21 @@ class Metrics:
         )
         self.spool_events = Gauge("codi2_spool_events", "Events in the spool not yet committed", registry=r)
         self.spool_bytes = Gauge("codi2_spool_bytes", "Bytes of spooled batches not yet committed", registry=r)
-        self.spool_max_bytes = Gauge("codi2_spool_max_bytes", "Spool size at which the watcher is slowed", registry=r)
+        self.spool_max_bytes = Gauge(
+            "codi2_spool_max_bytes", "Spool size at which journaling pauses (changes then coalesce)", registry=r
+        )
         self.spool_corrupt_records = Counter(
-            "codi2_spool_corrupt_records", "Torn or corrupt spool records found at start-up", registry=r
+            "codi2_spool_corrupt_records", "Spool (outbox) batches found corrupt and lost", registry=r
+        )
+        self.gaps = Counter("codi2_gaps", "Gap markers recorded: history before them is incomplete", registry=r)
+        self.store_blocked = Gauge(
+            "codi2_store_blocked", "1 while the oldest batch fails with an error retrying cannot fix", registry=r
+        )
+        self.journal_errors = Counter(
+            "codi2_journal_errors",
+            "Failed journal writes (the changes are kept and retried), by error",
+            ["error"],
+            registry=r,
         )
         self.event_commit_lag = Gauge(
             "codi2_event_commit_lag_seconds", "Age of the oldest event of the last committed batch", registry=r

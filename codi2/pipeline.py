@@ -1,41 +1,59 @@
-"""watcher thread → ChangeQueue → coalesce → enrich → spool (+ index) → shipper → sink.
+"""watcher hints → window → reconcile + journal (one transaction per batch) → shipper → sink.
 
-The batch window is the coalescing window: repeated writes to a file within it become one event, a
-create followed by writes stays one `created` carrying the final size and hash, and order per path is
-kept. Stat, hashing, spool writes and index updates run in one worker thread (in order), sink calls in
-another, so the event loop never blocks. A batch counts as observed once it is fsynced in the spool;
-the shipper then commits it, retrying with back-off for as long as the store is down.
+Two threads of its own, so the event loop never waits for a disk or a store:
+
+- the **journal thread** collects hints into the batch window (which coalesces them per path and follows
+  renames), and at the end of the window reconciles them against the index, appending the events to the
+  journal's outbox in the same transaction that updates the index. A failed transaction (a full disk)
+  rolls both back and keeps the hints, which are tried again with back-off: nothing observed is dropped,
+  and the history that was coarsened meanwhile is marked by a `gap` event;
+- the **shipper thread** reads the outbox in order, commits each batch to the store (retrying for as long
+  as the store is down, and reporting a batch it can never commit as *blocked* rather than dropping it),
+  and deletes what the store holds.
+
+The hint buffers are bounded without ever blocking the watcher: past the bound they collapse into a
+rescan of every root, which loses the fine history (a `gap` says so) but never a change.
 """
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
-import itertools
 import os
-import stat
+import sqlite3
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
 
-from codi2 import index as scanning
-from codi2.events import Batch, EntryType, Event, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
-from codi2.index import FileIndex
+from codi2 import legacy
+from codi2.events import Action, Batch, Event, EventQuery, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
+from codi2.fs import O_DIR, Facts
+from codi2.ignore import IgnoreRules
+from codi2.journal import (
+    FILE_NAME,
+    Journal,
+    JournalCorrupt,
+    OutboxBatch,
+    OutboxReader,
+    is_corruption,
+    key_of,
+    move_aside,
+    salvage_outbox,
+)
 from codi2.metrics import Metrics
+from codi2.reconcile import Reconciler
+from codi2.replay import fold_events
 from codi2.sinks import Sink
-from codi2.spool import DiskSpool, Facts, SpooledBatch, SpoolFullError
-from codi2.watcher import Change, IgnoreRules
+from codi2.watcher import Hint, Move, Rescan, Touch
 
 log = structlog.get_logger("codi2.pipeline")
 
-RECENT_PATHS = 100_000
 RETRY_MAX_S = 5.0
+JOURNAL_RETRY_MAX_S = 30.0
+MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
+SHIP_CHUNK = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,140 +64,11 @@ class Identity:
     pod: str
 
 
-@dataclass(frozen=True, slots=True)
-class Rescan:
-    """Diff these (root index, relative dir) trees against the index, in order with live changes;
-    with `baseline`, record them in the index as the starting state instead."""
-
-    origin: Origin
-    trees: tuple[tuple[int, bytes], ...]
-    baseline: bool = False
-    initial: bool = False
-
-
-QueueItem = Change | Rescan
-
-
-class ChangeQueue:
-    """Hands changes from the watcher thread to the event loop; `put` blocks when full (back-pressure)."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, max_items: int) -> None:
-        self._loop = loop
-        self._max = max_items
-        self._items: deque[QueueItem] = deque()
-        self._cond = threading.Condition()
-        self._ready = asyncio.Event()
-        self._closed = False
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def put(self, items: list[QueueItem]) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: len(self._items) < self._max or self._closed)
-            was_empty = not self._items
-            self._items.extend(items)
-        if was_empty:
-            self._loop.call_soon_threadsafe(self._ready.set)
-
-    async def get(self, timeout: float | None) -> list[QueueItem]:
-        """Everything queued, waiting up to `timeout` for something to arrive."""
-        if not self._items and not self._closed:
-            try:
-                await asyncio.wait_for(self._ready.wait(), timeout)
-            except TimeoutError:
-                return []
-        with self._cond:
-            self._ready.clear()
-            items = list(self._items)
-            self._items.clear()
-            self._cond.notify_all()
-        return items
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        self._loop.call_soon_threadsafe(self._ready.set)
-
-
-class Window:
-    """Changes of one batch window, coalesced per (root, path) without reordering any path."""
-
-    def __init__(self) -> None:
-        self.items: list[Change] = []
-        self._last: dict[tuple[int, bytes], Change] = {}
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def add(self, change: Change) -> None:
-        key = (change.root, change.path)
-        last = self._last.get(key)
-        if last is not None and last.action in ("created", "updated"):
-            if change.action == "updated":
-                last.ts = change.ts  # writes fold into the create or update before them
-                return
-            if change.action == "created" and last.action == "created":
-                return  # the same creation seen twice: by inotify and by the walk of a new directory
-        self.items.append(change)
-        self._last[key] = change
-        if change.dest is not None:
-            self._last[(change.root, change.dest)] = change
-
-    def take(self) -> list[Change]:
-        items, self.items = self.items, []
-        self._last.clear()
-        return items
-
-
-@dataclass(slots=True)
-class _Facts:
-    type: EntryType
-    size: int | None = None
-    mode: int | None = None
-    mtime_ns: int | None = None
-    sha256: str | None = None
-    inode: int | None = None
-
-    def state(self) -> tuple[object, ...]:
-        return (self.type, self.size, self.mode, self.mtime_ns, self.sha256, self.inode)
-
-
-def _facts(path: bytes, is_dir: bool, hash_max_bytes: int) -> _Facts:
-    """What the path is now, never following a symlink and never blocking on a FIFO."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return _Facts("dir" if is_dir else "file")
-    kind: EntryType = "dir" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode) else "file"
-    facts = _Facts(kind, st.st_size, stat.S_IMODE(st.st_mode), st.st_mtime_ns, None, st.st_ino)
-    if stat.S_ISREG(st.st_mode) and st.st_size <= hash_max_bytes:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            return facts
-        with os.fdopen(fd, "rb") as f:
-            fst = os.fstat(fd)
-            if stat.S_ISREG(fst.st_mode) and fst.st_size <= hash_max_bytes:
-                facts.sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-                facts.size = fst.st_size
-                facts.mtime_ns = fst.st_mtime_ns
-                facts.inode = fst.st_ino
-    if kind == "dir":
-        facts.size = None  # a directory's size says nothing about its content
-    return facts
-
-
 @dataclass
 class StoreHealth:
     """Written by the shipper, read by /status: the store's state never touches readiness."""
 
-    state: str = "unknown"
+    state: str = "unknown"  # ok | degraded (retrying) | blocked (a batch that can never commit)
     error: str | None = None
     error_code: str | None = None
     since: float = field(default_factory=time.time)
@@ -187,344 +76,639 @@ class StoreHealth:
     consecutive_failures: int = 0
 
 
+@dataclass
+class JournalHealth:
+    """Written by the journal thread, read by /status."""
+
+    state: str = "ok"  # ok | error (a write failed; retrying) | full (the outbox reached its limit)
+    error: str | None = None
+    since: float = field(default_factory=time.time)
+    consecutive_failures: int = 0
+    initial_scan: str = "pending"  # pending | running | done | waiting (for an index rebuild)
+    rebuilds: int = 0
+
+
+def _environmental(exc: BaseException) -> bool:
+    """A failure of the disk or the database (worth retrying), as opposed to a bug in handling one change."""
+    return isinstance(exc, OSError | sqlite3.Error)
+
+
+class Window:
+    """Hints of one batch window, in order, coalesced per path. A rename carries the hints already
+    queued under its source to the destination and after the rename, so facts are read where the
+    entries are at the end of the window; hints for what the rename replaced are dropped."""
+
+    def __init__(self) -> None:
+        self._items: dict[Any, Hint] = {}
+        self._moves = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, hint: Hint) -> None:
+        if isinstance(hint, Touch):
+            key = (hint.root, hint.path)
+            found = self._items.setdefault(key, hint)
+            if hint.created and not found.created:  # type: ignore[union-attr]
+                self._items[key] = hint  # keeps its place; remembers that it appeared
+        elif isinstance(hint, Rescan):
+            key = ("rescan", hint.root, hint.path)
+            found = self._items.get(key)
+            if found is None or (hint.recursive and not found.recursive):  # type: ignore[union-attr]
+                self._items[key] = hint
+        else:
+            self._move(hint)
+
+    def _move(self, hint: Move) -> None:
+        root, src, dst = hint.root, hint.src, hint.dst
+        carried: list[Hint] = []
+        if hint.is_dir:
+            src_below, dst_below = src + b"/", dst + b"/"
+            for key, item in list(self._items.items()):
+                path = _hint_path(item)
+                if path is None or item.root != root:
+                    continue
+                if path == dst or path.startswith(dst_below):
+                    del self._items[key]
+                elif path == src or path.startswith(src_below):
+                    del self._items[key]
+                    carried.append(_retarget(item, dst + path[len(src) :]))
+        else:
+            self._items.pop((root, dst), None)
+            found = self._items.pop((root, src), None)
+            if isinstance(found, Touch):
+                carried.append(_retarget(found, dst))
+        self._moves += 1
+        self._items[("move", self._moves)] = hint
+        for item in carried:
+            self.add(item)
+
+    def take(self) -> list[Hint]:
+        items = list(self._items.values())
+        self._items.clear()
+        return items
+
+    def restore(self, hints: list[Hint]) -> None:
+        """Put hints that could not be committed back in front of whatever arrived since."""
+        later = self.take()
+        for hint in [*hints, *later]:
+            self.add(hint)
+
+
+def _hint_path(hint: Hint) -> bytes | None:
+    return hint.path if isinstance(hint, Touch | Rescan) else None
+
+
+def _retarget(hint: Hint, path: bytes) -> Hint:
+    if isinstance(hint, Touch):
+        return Touch(hint.root, path, hint.created, hint.is_dir)
+    assert isinstance(hint, Rescan)
+    return Rescan(hint.root, path, hint.recursive, hint.origin)
+
+
 class Pipeline:
     def __init__(
         self,
         *,
-        roots: list[bytes],
+        roots: list[Path],
+        state_dir: Path,
         rules: IgnoreRules,
         identity: Identity,
         sink: Sink,
-        spool: DiskSpool,
-        index: FileIndex,
         metrics: Metrics,
         max_events: int,
-        max_bytes: int,
         max_delay_ms: int,
+        max_bytes: int,
         hash_max_bytes: int,
+        fsync: bool,
+        initial_scan: str,
     ) -> None:
-        self._roots = roots
-        self._root_names = [os.fsdecode(r) for r in roots]
+        self._roots = [os.fsencode(r) for r in roots]
+        self.root_names = [str(r) for r in roots]
+        self._state_dir = state_dir
         self._rules = rules
         self._identity = identity
         self._sink = sink
-        self.spool = spool
-        self.index = index
         self._metrics = metrics
         self._max_events = max_events
-        self._max_bytes = max_bytes
         self._max_delay = max_delay_ms / 1000
+        self.max_bytes = max_bytes
         self._hash_max = hash_max_bytes
-        self._seq = itertools.count(1)
-        self._window = Window()
-        self._window_bytes = 0
-        self._deadline: float | None = None
-        self._last: OrderedDict[tuple[int, bytes], tuple[str, tuple[object, ...] | None]] = OrderedDict()
+        self._fsync = fsync
+        self._silent_baseline = initial_scan == "silent"
         self.store = StoreHealth()
+        self.journal_health = JournalHealth()
+        self.journal: Journal | None = None
         self.gaps = 0
-        self._unrecorded_loss = 0
-        self.queue: ChangeQueue | None = None
-        self.initial_scan_done = asyncio.Event()
-        self._io = ThreadPoolExecutor(1, thread_name_prefix="codi2-io")
-        self._store_io = ThreadPoolExecutor(1, thread_name_prefix="codi2-store")
-        self._tasks: list[asyncio.Task[None]] = []
+        self.corrupt_records = 0
+        self.lost_at_shutdown = 0
+        self._root_fds: list[int] = []
+        self._reconciler: Reconciler | None = None
+        self._lock = threading.Condition()
+        self._intake: list[Hint] = []
+        self._window = Window()
+        self._deadline: float | None = None
+        self._retry_at = 0.0
+        self._journal_delay = 0.5
+        self._gap_reasons: dict[str, int] = {}
+        self._initial_pending = 0
+        self._initial_in_txn = 0
+        self._stopping = False
+        self._stop_deadline = 0.0
+        self._ship_wake = threading.Condition()
+        self._ship_stop = False
+        self._rebuild_requested = False
+        self._journal_thread: threading.Thread | None = None
+        self._ship_thread: threading.Thread | None = None
 
     # Life cycle ----------------------------------------------------------------------------------
 
-    def start(self) -> Callable[[list[Change]], None]:
-        """Start batching and shipping; returns the thread-safe function the watcher feeds."""
-        loop = asyncio.get_running_loop()
-        self.queue = ChangeQueue(loop, max_items=self._max_events * 8)
-        self._tasks = [
-            asyncio.create_task(self._batch_loop(), name="codi2-batcher"),
-            asyncio.create_task(self._ship_loop(), name="codi2-shipper"),
-        ]
-        return self.queue.put  # type: ignore[return-value]
+    def open(self) -> None:
+        """Blocking: open (or migrate, or recover) the journal and the roots."""
+        path = self._state_dir / FILE_NAME
+        fresh = not path.exists()
+        try:
+            self.journal = Journal(path, fsync=self._fsync)
+        except JournalCorrupt as exc:
+            log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+            self.journal = self._recover(path)
+        if fresh and legacy.present(self._state_dir):
+            migrated = legacy.migrate(self._state_dir, self.journal)
+            self.corrupt_records += migrated.corrupt_records
+            self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
+            if migrated.corrupt_records and migrated.needs_rebuild:
+                self.note_gap("spool_corrupt", migrated.corrupt_records)
+        self._root_fds = [os.open(r, O_DIR) for r in self._roots]
+        self._reconciler = Reconciler(
+            self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
+        )
 
-    def request_rescan(self, origin: Origin, trees: list[tuple[int, bytes]]) -> None:
-        """Thread-safe: diff these trees against the index after every change queued so far."""
-        if self.queue is not None and not self.queue.closed:
-            self.queue.put([Rescan(origin, tuple(trees))])
+    def _recover(self, path: Path) -> Journal:
+        """A journal that cannot be read: keep it for a post-mortem, carry over what still checks out, and
+        rebuild the index from the store (the trail is the truth; the index is derived from it)."""
+        aside = move_aside(path)
+        batches, lost = salvage_outbox(aside)
+        journal = Journal(path, fsync=self._fsync)
+        with journal.transaction():
+            for batch_id, events in batches:
+                journal.append(events, batch_id)
+            journal.set_needs_rebuild(True)
+        self._metrics.spool_corrupt_records.inc(max(lost, 0))
+        self.corrupt_records += max(lost, 0)
+        self.note_gap("journal_corrupt", lost if lost >= 0 else None)
+        log.error("journal_recovered", kept_aside=str(aside), batches_salvaged=len(batches), batches_lost=lost)
+        return journal
 
-    def request_initial_scan(self, trees: list[tuple[int, bytes]], *, baseline: bool) -> None:
-        """The start-up walk: a baseline (first start) or the offline diff; sets `initial_scan_done`."""
-        assert self.queue is not None
-        self.queue.put([Rescan("offline", tuple(trees), baseline=baseline, initial=True)])
-
-    def root_of(self, path: str) -> tuple[int, bytes] | None:
-        """(root index, relative path) of an absolute path under a watch root."""
-        raw = os.fsencode(path)
-        for i, root in enumerate(self._roots):
-            if raw == root:
-                return i, b""
-            if raw.startswith(root + b"/"):
-                return i, raw[len(root) + 1 :]
-        return None
+    def start(self) -> None:
+        self._journal_thread = threading.Thread(target=self._journal_loop, name="codi2-journal", daemon=True)
+        self._ship_thread = threading.Thread(target=self._ship_loop, name="codi2-ship", daemon=True)
+        self._journal_thread.start()
+        self._ship_thread.start()
 
     @property
     def running(self) -> bool:
-        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+        threads = (self._journal_thread, self._ship_thread)
+        return all(t is not None and t.is_alive() for t in threads)
 
-    async def stop(self, timeout: float) -> int:
-        """Flush what was observed into the spool and ship what the store will take within `timeout`.
-        Returns how many observed events could not even be spooled (the spool keeps the rest)."""
-        assert self.queue is not None
-        self.queue.close()
-        done, pending = await asyncio.wait(self._tasks, timeout=timeout)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("pipeline_task_failed", task=task.get_name(), error=repr(task.exception()))
-        unspooled = len(self.queue) + len(self._window)
-        if unspooled:
-            self._metrics.events_dropped.labels(reason="shutdown_timeout").inc(unspooled)
-        self._io.shutdown(wait=True, cancel_futures=True)
-        self._store_io.shutdown(wait=True)
-        await asyncio.to_thread(self.spool.shutdown)
-        return unspooled
+    def feed(self, hints: list[Hint]) -> None:
+        """Thread-safe, never blocks: the watcher's hand-off."""
+        with self._lock:
+            self._intake.extend(hints)
+            if len(self._intake) > MAX_HINTS:
+                self._collapse_locked(len(self._intake))
+            self._lock.notify()
 
-    # Batching ------------------------------------------------------------------------------------
+    def _collapse_locked(self, count: int) -> None:
+        self._intake = [Rescan(i, b"", True) for i in range(len(self._roots))]
+        self._gap_reasons["coalesced"] = self._gap_reasons.get("coalesced", 0) + count
+        log.warning("hints_coalesced", count=count, note="too many pending changes; every root is rescanned")
 
-    async def _batch_loop(self) -> None:
-        assert self.queue is not None
-        while True:
-            timeout = None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
-            for item in await self.queue.get(timeout):
-                if isinstance(item, Rescan):
-                    await self._flush()
-                    await self._rescan(item)
-                else:
-                    self._add(item)
-            self._metrics.pipeline_queue.set(len(self.queue) + len(self._window))
-            due = self._deadline is not None and time.monotonic() >= self._deadline
-            if due or len(self._window) >= self._max_events or self._window_bytes >= self._max_bytes:
-                await self._flush()
-            if self.queue.closed and not self.queue:
-                await self._flush()
-                await self.spool.close()
-                return
+    def note_gap(self, reason: str, count: int | None) -> None:
+        """Thread-safe: the next batch starts with a `gap` event (history before it is incomplete)."""
+        with self._lock:
+            self._gap_reasons[reason] = self._gap_reasons.get(reason, 0) + (count or 0)
+            self._lock.notify()
 
-    def _add(self, change: Change) -> None:
-        if self._deadline is None:
+    def initial_scan(self) -> None:
+        """The start-up walk, after the watches are in place: a baseline on a first start, otherwise the
+        diff against the index of what changed while the daemon was down."""
+        assert self.journal is not None
+        origin: Origin = "offline" if self.journal.initialized else "baseline"
+        self._initial_pending = len(self._roots)
+        self.journal_health.initial_scan = "running"
+        self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
+
+    def stop(self, timeout: float) -> int:
+        """Blocking (call it off the event loop): commit what was observed, ship what the store takes
+        within `timeout`, close. Returns how many pending changes could not even be journaled."""
+        self._stop_deadline = time.monotonic() + timeout
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._journal_thread is not None:
+            self._journal_thread.join(max(0.0, self._stop_deadline - time.monotonic()) + 1)
+        with self._ship_wake:
+            self._ship_stop = True
+            self._ship_wake.notify_all()
+        if self._ship_thread is not None:
+            self._ship_thread.join(max(0.0, self._stop_deadline - time.monotonic()) + 1)
+        if self.journal is not None and not (self._journal_thread and self._journal_thread.is_alive()):
+            self.journal.close()
+        for fd in self._root_fds:
+            os.close(fd)
+        self._root_fds = []
+        return self.lost_at_shutdown
+
+    # Journal thread ------------------------------------------------------------------------------
+
+    def _journal_loop(self) -> None:
+        try:
+            while self._journal_step():
+                pass
+        except Exception:
+            log.exception("journal_thread_failed")
+        finally:
+            with self._ship_wake:
+                self._ship_wake.notify_all()
+
+    def _journal_step(self) -> bool:
+        """One turn: take hints, flush when due. False once stopped and everything is committed."""
+        with self._lock:
+            timeout = self._wait_time()
+            if not self._intake and not self._stopping and timeout > 0:
+                self._lock.wait(timeout)
+            hints, self._intake = self._intake, []
+            stopping = self._stopping
+        for hint in hints:
+            self._window.add(hint)
+        if self._window and self._deadline is None:
             self._deadline = time.monotonic() + self._max_delay
-        self._window.add(change)
-        self._window_bytes += 200 + len(change.path) + len(change.dest or b"")
+        if len(self._window) > MAX_HINTS:
+            count = len(self._window)
+            self._window.take()
+            with self._lock:
+                self._collapse_locked(count)
+            return True
+        now = time.monotonic()
+        if stopping and now > self._stop_deadline:
+            self.lost_at_shutdown = len(self._window)
+            if self.lost_at_shutdown:
+                self._metrics.events_dropped.labels(reason="shutdown_timeout").inc(self.lost_at_shutdown)
+                log.error("changes_not_journaled", count=self.lost_at_shutdown, note="the next start's diff finds them")
+            return False
+        if now < self._retry_at:
+            return True
+        if self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild):
+            self._rebuild()
+            return True
+        if self._outbox_full():
+            return not stopping or now <= self._stop_deadline
+        due = self._deadline is not None and now >= self._deadline
+        if (self._window and (due or stopping or len(self._window) >= self._max_events)) or self._gap_pending():
+            self._flush()
+        return not (stopping and not self._window and not self._intake)
 
-    async def _rescan(self, request: Rescan) -> None:
-        self._metrics.rescans.labels(origin="baseline" if request.baseline else request.origin).inc()
-        loop = asyncio.get_running_loop()
-        changes = await loop.run_in_executor(self._io, self._diff_trees, request)
-        if changes:
-            log.warning("rescan_found_changes", origin=request.origin, changes=len(changes))
-        for change in changes:
-            self._add(change)
-        if request.initial:
-            self.initial_scan_done.set()
+    def _wait_time(self) -> float:
+        now = time.monotonic()
+        waits = [1.0]
+        if self._deadline is not None:
+            waits.append(self._deadline - now)
+        if self._retry_at > now:
+            waits.append(self._retry_at - now)
+        return max(0.0, min(waits))
 
-    def _diff_trees(self, request: Rescan) -> list[Change]:
-        """Worker thread: the index is only written here too, so the diff sees a consistent index."""
-        now = time.time()
-        out: list[Change] = []
-        for root, top in request.trees:
-            disk = dict(scanning.walk(self._roots[root], top, self._rules))
-            if request.baseline:
-                self.index.baseline(self._root_names[root], disk)
-                log.info("baseline_recorded", root=self._root_names[root], entries=len(disk))
-                continue
-            indexed = self.index.entries(self._root_names[root], top)
-            out += scanning.diff(root, disk, indexed, request.origin, now)
-        return out
+    def _gap_pending(self) -> bool:
+        return bool(self._gap_reasons)
 
-    async def _flush(self) -> None:
+    def _outbox_full(self) -> bool:
+        assert self.journal is not None
+        full = self.journal.outbox_bytes >= self.max_bytes
+        health = self.journal_health
+        if full and health.state != "full":
+            log.warning("spool_full", bytes=self.journal.outbox_bytes, max_bytes=self.max_bytes)
+            self.journal_health = JournalHealth(
+                state="full", initial_scan=health.initial_scan, rebuilds=health.rebuilds
+            )
+        elif not full and health.state == "full":
+            self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
+        return full
+
+    def _flush(self) -> None:
+        """Reconcile the window's hints and commit the events, a batch per transaction."""
+        journal, rec = self.journal, self._reconciler
+        assert journal is not None and rec is not None
         items = self._window.take()
-        self._window_bytes = 0
         self._deadline = None
-        if not items and not self._unrecorded_loss:
+        committed_through = 0  # items before this index are wholly committed
+        current = 0
+        try:
+            journal.begin()
+            self._gap_events()
+            for current, item in enumerate(items):
+                origin: Origin = "live"
+                rec.silent = False
+                if isinstance(item, Rescan):
+                    origin = item.origin
+                    rec.silent = self._silent_baseline and origin == "baseline"
+                    self._metrics.rescans.labels(origin=origin).inc()
+                for _ in rec.apply(item, origin):
+                    if len(rec.events) >= self._max_events:
+                        self._commit_batch()
+                        committed_through = current
+                        journal.begin()
+                if isinstance(item, Rescan) and item.origin in ("baseline", "offline") and not item.path:
+                    self._initial_in_txn += 1
+                    if self._initial_pending - self._initial_in_txn <= 0:
+                        journal.mark_initialized()
+            self._commit_batch()
+            committed_through = len(items)
+        except Exception as exc:
+            journal.rollback()
+            self._initial_in_txn = 0
+            rec.events.clear()
+            if not _environmental(exc):
+                # A bug met by one change must not hold back every later one: set that change aside.
+                log.exception("change_failed", hint=repr(items[current]))
+                self._metrics.events_dropped.labels(reason="pipeline_error").inc()
+                self.note_gap("pipeline_error", 1)
+                self._window.restore(items[committed_through:current] + items[current + 1 :])
+                return
+            self._window.restore(items[committed_through:])
+            self._journal_failed(exc)
             return
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(self._io, self._prepare, items)
-        events: list[Event] = []
-        facts: list[Facts] = []
-        for change, fact in prepared:
-            event = self._make_event(change, fact)
-            if event is not None:
-                events.append(event)
-                facts.append((fact.inode, fact.mtime_ns))
-        if self._unrecorded_loss:
-            events.append(self._gap_event(self._unrecorded_loss))
-            facts.append((None, None))
-        start = 0
-        size = 0
-        for i, event in enumerate(events):
-            size += event.encoded_size()
-            if i + 1 - start >= self._max_events or size >= self._max_bytes or i + 1 == len(events):
-                await self._persist(events[start : i + 1], facts[start : i + 1], size)
-                start, size = i + 1, 0
+        finally:
+            rec.silent = False
+            rec.cache.close()
+        self._journal_ok()
 
-    def _prepare(self, items: list[Change]) -> list[tuple[Change, _Facts]]:
-        """Worker thread: facts for each change; a directory that left the tree brings a `deleted` for
-        every entry the index still holds below it, deepest first."""
-        out: list[tuple[Change, _Facts]] = []
-        gone: set[tuple[int, bytes]] = set()
-        for c in items:
-            if c.action == "deleted":
-                if c.is_dir:
-                    for child, kind in self.index.below(self._root_names[c.root], c.path):
-                        if (c.root, child) not in gone:
-                            gone.add((c.root, child))
-                            child_change = Change("deleted", c.root, child, None, kind == "dir", c.ts, c.origin)
-                            out.append((child_change, _Facts(kind)))  # type: ignore[arg-type]
-                gone.add((c.root, c.path))
-                out.append((c, _Facts("dir" if c.is_dir else "file")))
-                continue
-            gone.discard((c.root, c.path))
-            rel = c.dest if c.dest is not None else c.path
-            out.append((c, _facts(os.path.join(self._roots[c.root], rel), c.is_dir, self._hash_max)))
-        return out
+    def _commit_batch(self) -> None:
+        journal, rec = self.journal, self._reconciler
+        assert journal is not None and rec is not None
+        events = rec.events
+        if events:
+            journal.append(events)
+        journal.commit()
+        self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
+        self._initial_in_txn = 0
+        if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
+            self.journal_health.initial_scan = "done"
+            log.info("initial_scan_done", entries=journal.count())
+        for event in events:
+            self._metrics.events_observed.labels(action=event.action).inc()
+            if event.action == "gap":
+                self.gaps += 1
+                self._metrics.gaps.inc()
+        rec.events = []
+        if events:
+            with self._ship_wake:
+                self._ship_wake.notify_all()
 
-    def _make_event(self, c: Change, facts: _Facts) -> Event | None:
-        """Assign id and seq, dropping what adds nothing to the trail: the same state reported twice
-        (inotify and a walk, or a rescan and a late live event), or a second delete."""
-        key = (c.root, c.path)
-        action = c.action
-        last = self._last.get(key)
-        if action in ("created", "updated"):
-            state = facts.state()
-            if last is not None and last[0] in ("created", "updated") and last[1] is not None:
-                if last[1] == state:
-                    return None
-                if action == "created" and last[1][-1] == facts.inode:
-                    action = "updated"  # the same file (same inode) cannot be created twice
-            self._remember(key, action, state)
-        elif action == "deleted":
-            if last is not None and last[0] == "deleted":
-                return None
-            self._remember(key, "deleted", None)
-        else:
-            self._last.pop(key, None)
-            if c.dest is not None:
-                self._remember((c.root, c.dest), "updated", facts.state())
+    def _gap_events(self) -> None:
+        rec = self._reconciler
+        assert rec is not None
+        with self._lock:
+            reasons, self._gap_reasons = self._gap_reasons, {}
+        for reason, count in reasons.items():
+            # `dest_path` names the cause, `size` how many changes (when known) lost their history
+            rec.events.append(
+                self._event("gap", "", reason, self.root_names[0], "dir", None, "live", size=count or None)
+            )
+            log.warning("gap_recorded", reason=reason, changes=count or None)
+
+    def _journal_failed(self, exc: Exception) -> None:
+        if is_corruption(exc):
+            log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+            assert self.journal is not None
+            self.journal.close()
+            self.journal = self._recover(self.journal.path)
+            self._reconciler = Reconciler(
+                self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
+            )
+            return
+        health = self.journal_health
+        code = getattr(exc, "sqlite_errorname", None) or (
+            os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
+        )
+        self._metrics.journal_errors.labels(error=str(code)).inc()
+        if health.state != "error":
+            log.error("journal_write_failed", error=str(exc), code=code, hint="free disk space under the state dir")
+            self.journal_health = JournalHealth(
+                state="error", error=f"{code}: {exc}", initial_scan=health.initial_scan, rebuilds=health.rebuilds
+            )
+        self.journal_health.consecutive_failures += 1
+        self._retry_at = time.monotonic() + self._journal_delay
+        self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
+
+    def _journal_ok(self) -> None:
+        health = self.journal_health
+        if health.state == "error":
+            log.info("journal_recovered", after_failures=health.consecutive_failures)
+            self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
+            self.note_gap("journal_error", health.consecutive_failures)
+        self._journal_delay = 0.5
+
+    # Index rebuild -------------------------------------------------------------------------------
+
+    def request_rebuild(self) -> None:
+        """Thread-safe: the index may be ahead of the trail (a batch was lost); derive it again."""
+        with self._lock:
+            self._rebuild_requested = True
+            self._lock.notify()
+
+    def _rebuild(self) -> None:
+        """Derive the index from the trail: the store's events of this user under these roots, then
+        the outbox not yet shipped. Then every root is diffed against it, so whatever changed that the
+        trail lacks is recorded (nothing absorbed silently), and nothing it has is recorded twice."""
+        journal = self.journal
+        assert journal is not None
+        self.journal_health.initial_scan = "waiting"
+        ident = self._identity
+        roots = set(self.root_names)
+        try:
+            trail = (
+                e
+                for _, e in self._sink.read(EventQuery(ident.tenant_id))
+                if e.user_id == ident.user_id and e.root in roots
+            )
+            state = fold_events(trail)
+            reader = OutboxReader(journal.path)
+            try:
+                after = 0
+                while batches := reader.next_batches(after, 64):
+                    for b in batches:
+                        if isinstance(b, OutboxBatch):
+                            state = fold_events(b.events, state)
+                        after = b.n if isinstance(b, OutboxBatch) else b[0]
+            finally:
+                reader.close()
+        except Exception as exc:
+            log.warning("index_rebuild_waiting", error=str(exc), hint="the store must be readable to rebuild")
+            self._retry_at = time.monotonic() + 5.0
+            return
+        rows = [
+            (root, key_of(os.fsencode(path)), Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256))
+            for (root, path), e in state.items()
+        ]
+        try:
+            with journal.transaction():
+                journal.replace_index(rows)
+                journal.set_needs_rebuild(False)
+        except Exception as exc:
+            self._journal_failed(exc)
+            return
+        self._rebuild_requested = False
+        self.journal_health.rebuilds += 1
+        log.info("index_rebuilt", entries=len(rows))
+        self._initial_pending = len(self._roots)
+        self.journal_health.initial_scan = "running"
+        self.feed([Rescan(i, b"", True, "offline") for i in range(len(self._roots))])
+
+    # Events --------------------------------------------------------------------------------------
+
+    def _make_event(
+        self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
+    ) -> Event:
         return self._event(
-            ts=c.ts,
-            action=action,
-            path=os.fsdecode(c.path),
-            dest_path=os.fsdecode(c.dest) if c.dest is not None else None,
-            root=self._root_names[c.root],
-            type=facts.type,
-            size=facts.size,
-            mode=facts.mode,
-            mtime=rfc3339_ns(facts.mtime_ns) if facts.mtime_ns is not None else None,
-            sha256=facts.sha256,
-            origin=c.origin,
+            action,
+            os.fsdecode(rel),
+            os.fsdecode(dest) if dest is not None else None,
+            self.root_names[root],
+            facts.type,
+            facts,
+            origin,
         )
 
-    def _event(self, *, ts: float, **fields: Any) -> Event:
-        """A new event with its id, its place in this daemon's sequence and the daemon's identity."""
+    def _event(
+        self,
+        action: Action,
+        path: str,
+        dest: str | None,
+        root: str,
+        kind: str,
+        facts: Facts | None,
+        origin: Origin,
+        *,
+        size: int | None = None,
+    ) -> Event:
+        journal = self.journal
+        assert journal is not None
         ident = self._identity
         return Event(
             id=uuid7(),
-            seq=next(self._seq),
-            ts=rfc3339(ts),
+            seq=journal.take_seq(),
+            ts=rfc3339(time.time()),
             tenant_id=ident.tenant_id,
             user_id=ident.user_id,
             session_id=ident.session_id,
             pod=ident.pod,
-            **fields,
+            action=action,
+            path=path,
+            dest_path=dest,
+            root=root,
+            type=kind,  # type: ignore[arg-type]
+            size=facts.size if facts else size,
+            mode=facts.mode if facts else None,
+            mtime=rfc3339_ns(facts.mtime_ns) if facts and facts.mtime_ns is not None else None,
+            sha256=facts.sha256 if facts else None,
+            origin=origin,
         )
 
-    def _remember(self, key: tuple[int, bytes], action: str, state: tuple[object, ...] | None) -> None:
-        self._last[key] = (action, state)
-        self._last.move_to_end(key)
-        if len(self._last) > RECENT_PATHS:
-            self._last.popitem(last=False)
+    # Shipper thread ------------------------------------------------------------------------------
 
-    def _gap_event(self, lost: int) -> Event:
-        """A marker in the trail where events were lost (disk full): `size` holds how many."""
-        return self._event(
-            ts=time.time(),
-            action="gap",
-            path="",
-            dest_path=None,
-            root=self._root_names[0],
-            type="dir",
-            size=lost,
-            mode=None,
-            mtime=None,
-            sha256=None,
-            origin="live",
-        )
-
-    async def _persist(self, events: list[Event], facts: list[Facts], size: int) -> None:
-        """Make the batch durable (spool, then index), then hand it to the shipper."""
-        await self.spool.wait_for_room(size)
-        loop = asyncio.get_running_loop()
+    def _ship_loop(self) -> None:
+        journal = self.journal
+        assert journal is not None
+        reader = OutboxReader(journal.path)
+        after = 0
         try:
-            item = await loop.run_in_executor(self._io, self._append, events, facts)
-        except SpoolFullError as exc:
-            # The changes themselves are recovered by a rescan against the index once the disk has
-            # room; what is lost is their history, and a gap marker says so.
-            lost = sum(1 for e in events if e.action != "gap")
-            self._unrecorded_loss += lost
-            for e in events:  # not in the trail, so a later report of the same state is no duplicate
-                if e.action != "gap":
-                    self._last.pop((self._root_names.index(e.root), os.fsencode(e.path)), None)
-            self._metrics.events_dropped.labels(reason="spool_write_failed").inc(lost)
-            log.error("events_lost", count=lost, error=str(exc), hint="free disk space under the state dir")
-            self.request_rescan("rescan", [(i, b"") for i in range(len(self._roots))])
-            return
-        for gap in (e for e in events if e.action == "gap"):
-            self.gaps += 1
-            self._unrecorded_loss -= gap.size or 0
-        for event in events:
-            self._metrics.events_observed.labels(action=event.action).inc()
-        await self.spool.publish(item)
+            while True:
+                try:
+                    batches = reader.next_batches(after, SHIP_CHUNK)
+                except Exception as exc:
+                    log.warning("outbox_read_failed", error=str(exc))
+                    batches = []
+                if not batches:
+                    with self._ship_wake:
+                        if self._ship_stop:
+                            return
+                        self._ship_wake.wait(1.0)
+                    if self.journal is not journal:  # recovered from corruption: a new file
+                        reader.close()
+                        journal = self.journal
+                        assert journal is not None
+                        reader, after = OutboxReader(journal.path), 0
+                    continue
+                for b in batches:
+                    if isinstance(b, tuple):
+                        n, reason = b
+                        self._outbox_row_lost(n, reason)
+                    elif not self._deliver(b):
+                        return
+                    n = b[0] if isinstance(b, tuple) else b.n
+                    reader.delete_through(n)
+                    if isinstance(b, OutboxBatch):
+                        journal.acknowledged(b)
+                    after = n
+        except Exception:
+            log.exception("shipper_failed")
+        finally:
+            reader.close()
 
-    def _append(self, events: list[Event], facts: list[Facts]) -> SpooledBatch:
-        item = self.spool.append(events, facts)
-        self.index.apply(events, facts, (item.segment, item.end))
-        return item
+    def _outbox_row_lost(self, n: int, reason: str) -> None:
+        """A batch that no longer checks out: its events are lost; say so, and derive the index again
+        (it holds their effects)."""
+        log.error("outbox_batch_corrupt", batch=n, reason=reason)
+        self.corrupt_records += 1
+        self._metrics.spool_corrupt_records.inc()
+        self.note_gap("outbox_corrupt", None)
+        self.request_rebuild()
 
-    # Shipping ------------------------------------------------------------------------------------
-
-    async def _ship_loop(self) -> None:
-        while (item := await self.spool.peek()) is not None:
-            await self._commit(item.batch)
-            oldest = min((e.ts for e in item.batch.events), default=None)
-            if oldest is not None:
-                lag = time.time() - parse_time(oldest).timestamp()
-                self._metrics.event_commit_lag.set(max(lag, 0.0))
-            await self.spool.ack(item)
-
-    async def _commit(self, batch: Batch) -> None:
-        """Retry until the store takes the batch: an outage delays events, it never drops them."""
-        loop = asyncio.get_running_loop()
+    def _deliver(self, item: OutboxBatch) -> bool:
+        """Retry until the store takes the batch (an outage delays events, it never drops them). False
+        only when shutting down with the store still refusing: the batch stays in the outbox."""
+        batch = Batch(item.batch_id, item.events)
         delay = 0.05
         while True:
             started = time.perf_counter()
             try:
-                await loop.run_in_executor(self._store_io, self._sink.write_batch, batch)
+                self._sink.write_batch(batch)
             except Exception as exc:
                 self._store_failed(exc)
-                await asyncio.sleep(delay)
+                with self._ship_wake:
+                    if self._ship_stop and time.monotonic() >= self._stop_deadline:
+                        return False
+                    self._ship_wake.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             self._metrics.batch_commit_duration.observe(time.perf_counter() - started)
             self._metrics.events_committed.inc(len(batch.events))
+            oldest = min((e.ts for e in batch.events), default=None)
+            if oldest is not None:
+                self._metrics.event_commit_lag.set(max(time.time() - parse_time(oldest).timestamp(), 0.0))
             if self.store.state != "ok":
-                if self.store.state == "degraded":
+                if self.store.state in ("degraded", "blocked"):
                     log.info("store_recovered", after_failures=self.store.consecutive_failures)
                 self.store = StoreHealth(state="ok")
+                self._metrics.store_blocked.set(0)
             self.store.last_commit = time.time()
-            log.debug("batch_committed", batch_id=batch.batch_id, events=len(batch.events))
-            return
+            return True
 
     def _store_failed(self, exc: Exception) -> None:
-        code = getattr(exc, "code", None) or type(exc).__name__
+        code = str(getattr(exc, "code", None) or type(exc).__name__)
+        retryable = getattr(exc, "retryable", True) is not False
         self._metrics.store_errors.labels(error=code).inc()
+        state = "degraded" if retryable else "blocked"
         health = self.store
-        if health.state != "degraded" or health.error_code != code:
-            log.warning("store_unavailable", error=str(exc), code=code)
-            self.store = health = StoreHealth(state="degraded", error=str(exc), error_code=code)
+        if health.state != state or health.error_code != code:
+            if retryable:
+                log.warning("store_unavailable", error=str(exc), code=code)
+            else:
+                log.error("store_blocked", error=str(exc), code=code, hint="this batch can never commit as it is")
+            self.store = health = StoreHealth(state=state, error=str(exc), error_code=code)
+            self._metrics.store_blocked.set(0 if retryable else 1)
         health.consecutive_failures += 1
+
+    # Status --------------------------------------------------------------------------------------
+
+    def pending_hints(self) -> int:
+        return len(self._intake) + len(self._window)

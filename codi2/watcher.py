@@ -1,39 +1,55 @@
-"""Recursive inotify watcher built on watchdog's low-level `InotifyFD`.
+"""Recursive inotify watcher: a tree of watched directories keyed by watch descriptor.
 
-Why not watchdog's Observer: it cannot keep watches off ignored trees, its default mask (IN_OPEN,
-IN_CLOSE_NOWRITE) overflows its own queue on big trees, it swallows ENOSPC and hides queue overflows,
-and a directory moved out of the tree keeps its watches (see shared/research/watchdog-on-linux.md).
-Here every directory gets its own watch unless ignored, the mask holds only changes, every failure
-is reported, and moves are paired by cookie in the reader thread.
+Identity, not paths. The kernel names a directory by its watch descriptor and its inode; a path is only
+where that directory sat when an event was queued. So every watched directory is a `Node` (wd, parent,
+name, inode) in a tree, a path is derived from the tree, and a rename is one update of one node. Events
+are read in kernel order and interpreted against the tree as the earlier events left it, which is the
+tree as it was when the event was queued, however far the daemon lags behind the disk.
 
-Ordering: a reader thread drains the kernel queue in large reads into a bounded backlog; one handler
-thread handles the events in kernel order and hands the changes on to `on_changes` (which may block:
-that is the back-pressure). A *barrier* is a uniquely named file created
-in a watched private directory: when its IN_CREATE is read, everything queued before it has been read.
+Verify before trusting. Placing a watch, moving a node or forgetting one is checked against what the
+disk holds now (the inode at that name, read through directory descriptors, never through a symlink).
+When the two disagree (a name re-used, a directory replaced, an exchange, a lost event), the directory
+is suspect: once everything queued so far has been read (a *barrier*), it is listed again, its children
+are matched to nodes by inode, and the pipeline is asked to diff it against the index. That is how the
+watcher heals, the way Watchman does: it recrawls what it cannot vouch for.
+
+Output: hints for the pipeline, which reads the facts from the disk itself. `Touch(path)` says a path may
+have changed; `Move` is a rename the kernel paired by cookie; `Rescan` asks for a directory (or a tree)
+to be diffed against the index. A hint at a wrong path costs a look; a missing hint would lose a change,
+so when in doubt the watcher hints more.
+
+Threads: a reader drains the kernel queue in 1 MiB reads into a bounded backlog (a burst then waits in
+memory instead of overflowing the kernel's 16k-event queue); one handler thread owns the tree and hands
+hints on, never blocking on the pipeline. Barriers are `utime` calls on files in the private barrier
+directory: they need no free disk space, so they keep working when the disk is full.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
-import itertools
 import os
+import stat
+import struct
 import threading
-import time
-import warnings
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import pathspec
 import structlog
 from watchdog.observers.inotify_c import InotifyConstants as IN
-from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
+from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
-from codi2.events import Action, Origin
+from codi2.events import Origin
+from codi2.fs import ABSENT_ERRNOS, O_DIR, list_dir, open_dir
+from codi2.ignore import IgnoreRules
 
 log = structlog.get_logger("codi2.watcher")
 
+# No IN_DONT_FOLLOW: watches are placed through /proc/self/fd/N of a directory opened with O_NOFOLLOW,
+# a magic link that must be followed to reach exactly the directory that was opened and checked.
 WATCH_MASK = (
     IN.IN_CREATE
     | IN.IN_DELETE
@@ -44,106 +60,158 @@ WATCH_MASK = (
     | IN.IN_MOVED_TO
     | IN.IN_DELETE_SELF
     | IN.IN_MOVE_SELF
-    | IN.IN_DONT_FOLLOW
     | IN.IN_ONLYDIR
     | IN.IN_EXCL_UNLINK
 )
-BARRIER_MASK = IN.IN_CREATE | IN.IN_ONLYDIR | IN.IN_DONT_FOLLOW
-_CALLBACK_ID = 0
+BARRIER_MASK = IN.IN_ATTRIB | IN.IN_ONLYDIR
+BARRIER_RING = 4  # consecutive barriers touch different files, so the kernel never merges two of them
 READ_BUFFER_BYTES = 1 << 20  # drains a full default kernel queue (16,384 events) in one read
 MAX_BACKLOG_EVENTS = 1 << 18
-# A watch re-added for a directory already watched (a rename seen late) is expected, not a problem.
-warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+EVENT = struct.Struct("iIII")
 
 
-@dataclass(slots=True)
-class Change:
-    """A raw change as the kernel reported it; the pipeline coalesces and enriches it."""
+@dataclass(frozen=True, slots=True)
+class Touch:
+    """This path may have changed: look at it. `created` says the kernel reported it appearing, so a
+    file that is gone again by the time anyone looks is still recorded as having existed."""
 
-    action: Action
     root: int
     path: bytes
-    dest: bytes | None
+    created: bool = False
+    is_dir: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """The kernel renamed `src` to `dst` within one root. `ino` is the directory's inode when the watcher
+    knew the directory, so the pipeline can tell the entry it indexed from a newer one at the same name."""
+
+    root: int
+    src: bytes
+    dst: bytes
     is_dir: bool
-    ts: float
-    origin: Origin = "live"
+    ino: int | None
 
 
-class IgnoreRules:
-    """gitignore semantics over paths relative to a watch root, plus exact absolute paths (state dir)."""
+@dataclass(frozen=True, slots=True)
+class Rescan:
+    """Diff `path` against the index: its direct children (and whatever is new below them), or with
+    `recursive` the whole tree below it."""
 
-    MEMO_SIZE = 8192
+    root: int
+    path: bytes
+    recursive: bool
+    origin: Origin = "rescan"
 
-    def __init__(self, patterns: Iterable[str], excluded: Iterable[Path] = ()) -> None:
-        self._spec = pathspec.GitIgnoreSpec.from_lines(list(patterns))
-        self._excluded = {os.fsencode(p) for p in excluded}
-        self._memo: dict[tuple[bytes, bool], bool] = {}
 
-    def ignored(self, abs_path: bytes, rel: bytes, is_dir: bool) -> bool:
-        if abs_path in self._excluded:
-            return True
-        key = (rel, is_dir)
-        found = self._memo.get(key)
-        if found is None:
-            # A written file shows up as three events (create, modify, close): match it once.
-            if len(self._memo) >= self.MEMO_SIZE:
-                self._memo.clear()
-            text = os.fsdecode(rel)
-            found = self._memo[key] = self._spec.match_file(text + "/" if is_dir else text)
-        return found
+Hint = Touch | Move | Rescan
+
+
+class Node:
+    """A watched directory (or, with `wd` None, a directory that could not be watched: `reason` says why)."""
+
+    __slots__ = ("_gen", "_where", "children", "dev", "ino", "is_root", "name", "parent", "reason", "root", "wd")
+
+    def __init__(self, root: int, parent: Node | None, name: bytes, wd: int | None, dev: int, ino: int) -> None:
+        self.root = root
+        self.parent = parent
+        self.name = name
+        self.wd = wd
+        self.dev = dev
+        self.ino = ino
+        self.is_root = parent is None
+        self.children: dict[bytes, Node] = {}
+        self.reason: str | None = None
+        self._gen = -1
+        self._where: bytes | None = None
+
+    @property
+    def ident(self) -> tuple[int, int]:
+        return self.dev, self.ino
+
+    def locate(self, gen: int) -> bytes | None:
+        """The path relative to the root (b"" for the root), or None when the node is out of the tree.
+        Cached until the tree changes shape (`gen`): file events, the hot path, only read the cache."""
+        if self._gen != gen:
+            parts = []
+            node = self
+            where: bytes | None = None
+            while True:
+                if node.is_root:
+                    where = b"/".join(reversed(parts))
+                    break
+                parent = node.parent
+                if parent is None or parent.children.get(node.name) is not node:
+                    break
+                parts.append(node.name)
+                node = parent
+            self._gen, self._where = gen, where
+        return self._where
+
+    def walk(self) -> list[Node]:
+        out, stack = [], [self]
+        while stack:
+            node = stack.pop()
+            out.append(node)
+            stack.extend(node.children.values())
+        return out
 
 
 @dataclass
 class _PendingMove:
-    root: int
+    parent: Node
+    name: bytes
     path: bytes
     is_dir: bool
-    ts: float
+    ignored: bool
+    child: Node | None
 
 
 @dataclass
 class WatcherState:
-    """What the health server reads; written only by the watcher."""
+    """What the health server reads; written only by the watcher's threads."""
 
     watches: int = 0
     overflows: int = 0
+    recrawls: int = 0
     unwatched: dict[str, str] = field(default_factory=dict)
     handler_errors: int = 0
+    roots_gone: list[str] = field(default_factory=list)
 
 
 class _Backlog:
-    """Events read from the kernel and not yet handled. Draining the kernel queue in large reads and
-    handling the events in another thread keeps a burst from overflowing the kernel's 16k-event queue
-    while Python handles events more slowly than a writer makes them. Bounded: when full, reading
-    stops and the kernel queue is the next buffer (its overflow is detected and counted)."""
+    """Raw events read from the kernel and not yet handled, plus control requests for the handler.
+    Bounded: when full, reading stops and the kernel queue is the next buffer (its overflow is detected
+    and recovered by a recrawl)."""
 
     def __init__(self, max_events: int) -> None:
-        self._lists: deque[list[InotifyEvent]] = deque()
+        self._items: deque[Any] = deque()
         self._count = 0
         self._max = max_events
         self._cond = threading.Condition()
         self._closed = False
         self.high_water = 0
 
-    def put(self, events: list[InotifyEvent]) -> None:
+    def put(self, item: Any, size: int = 1, *, wait: bool = True) -> None:
         with self._cond:
-            self._cond.wait_for(lambda: self._count < self._max or self._closed)
-            self._lists.append(events)
-            self._count += len(events)
+            if wait:
+                self._cond.wait_for(lambda: self._count < self._max or self._closed)
+            self._items.append(item)
+            self._count += size
             self.high_water = max(self.high_water, self._count)
             self._cond.notify_all()
 
-    def take(self) -> list[InotifyEvent] | None:
-        """Everything pending, in order; None once closed (what is left came after the stop request)."""
+    def take(self) -> list[Any] | None:
+        """Everything pending, in order; None once closed."""
         with self._cond:
-            self._cond.wait_for(lambda: self._lists or self._closed)
+            self._cond.wait_for(lambda: self._items or self._closed)
             if self._closed:
                 return None
-            events = [e for chunk in self._lists for e in chunk]
-            self._lists.clear()
+            items = list(self._items)
+            self._items.clear()
             self._count = 0
             self._cond.notify_all()
-            return events
+            return items
 
     def close(self) -> None:
         with self._cond:
@@ -151,321 +219,768 @@ class _Backlog:
             self._cond.notify_all()
 
 
-class _Reader(InotifyFD):
-    """InotifyFD whose thread only drains the kernel queue into the backlog."""
-
-    def __init__(self, backlog: _Backlog) -> None:
-        super().__init__()
-        self._backlog = backlog
-        self.name = "codi2-inotify-read"
-
-    def run(self) -> None:
-        try:
-            while self.should_keep_running():
-                events = self.read_events(event_buffer_size=READ_BUFFER_BYTES)
-                if events:
-                    self._backlog.put(events)
-        finally:
-            self._backlog.close()
+def parse_events(buf: bytes) -> list[tuple[int, int, int, bytes]]:
+    out = []
+    i, end = 0, len(buf)
+    unpack = EVENT.unpack_from
+    while i + 16 <= end:
+        wd, mask, cookie, length = unpack(buf, i)
+        out.append((wd, mask, cookie, buf[i + 16 : i + 16 + length].rstrip(b"\0")))
+        i += 16 + length
+    return out
 
 
 class Watcher:
-    """Watches `roots` recursively, skipping ignored trees, and reports changes in kernel order."""
+    """Watches `roots` recursively, skipping ignored trees, and hands hints on in kernel order."""
 
     def __init__(
         self,
         roots: list[Path],
         rules: IgnoreRules,
         barrier_dir: Path,
-        on_changes: Callable[[list[Change]], None],
+        on_hints: Callable[[list[Hint]], None],
         on_overflow: Callable[[], None] | None = None,
+        max_backlog: int = MAX_BACKLOG_EVENTS,
     ) -> None:
-        self._roots_b = [os.fsencode(r) for r in roots]
+        self._roots = [os.fsencode(r) for r in roots]
         self._rules = rules
         self._barrier_dir = barrier_dir
-        self._on_changes = on_changes
+        self._on_hints = on_hints
         self._on_overflow = on_overflow
         self.state = WatcherState()
-        self._fd: _Reader | None = None
-        self._backlog = _Backlog(MAX_BACKLOG_EVENTS)
+        self._ifd: int | None = None
+        self._root_fds: list[int] = []
+        self._root_nodes: list[Node] = []
+        self._gen = 0  # bumped whenever the tree changes shape
+        self._nodes: dict[int, Node] = {}
+        self._by_ident: dict[tuple[int, int], Node] = {}
+        self._unwatched: set[Node] = set()
+        self._unwatched_dirty = False
+        # Work that waits for a barrier: {node: barrier seq, 0 until one is requested}.
+        self._suspects: dict[Node, int] = {}
+        self._deep_suspects: set[Node] = set()
+        self._displaced: dict[Node, int] = {}
+        self._unassigned = False
+        self._pending: dict[int, _PendingMove] = {}
+        self._out: list[Hint] = []
+        self._backlog = _Backlog(max_backlog)
+        self._reader: threading.Thread | None = None
         self._handler: threading.Thread | None = None
-        self._path_of: dict[int, tuple[int, bytes]] = {}
-        self._wd_of: dict[tuple[int, bytes], int] = {}
+        self._stopping = False
         self._barrier_wd: int | None = None
-        self._barrier_seq = itertools.count(1)
-        self._barrier_waiters: dict[bytes, threading.Event] = {}
+        self._barrier_files: list[bytes] = []
         self._barrier_lock = threading.Lock()
-        self._out: list[Change] = []
-        self._pending_moves: dict[int, _PendingMove] = {}
-        self._move_barrier_sent = False
-        self._now = time.time()
+        self._barrier_cond = threading.Condition()
+        self._barriers_requested = 0
+        self._barriers_seen = 0
+        self._outstanding: deque[int] = deque()  # requested barriers whose event has not been read
 
-    # Lifecycle ------------------------------------------------------------------------------------
+    # Life cycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Place every watch, then start reading. Raises OSError if a root cannot be watched at all."""
-        self._barrier_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self._barrier_dir.iterdir():
-            stale.unlink(missing_ok=True)
-        self._fd = _Reader(self._backlog)
-        self._barrier_wd = self._fd.add_callback(os.fsencode(self._barrier_dir), BARRIER_MASK, self, _CALLBACK_ID)
-        for index, root in enumerate(self._roots_b):
-            if not os.path.isdir(root):
-                raise OSError(errno.ENOENT, "watch path is not a directory", os.fsdecode(root))
-            self._watch_tree(index, b"", report=False)
-            if (index, b"") not in self._wd_of:
-                reason = self.state.unwatched.get(os.fsdecode(root), "unknown error")
-                raise OSError(errno.EIO, f"cannot watch: {reason}", os.fsdecode(root))
-        self._handler = threading.Thread(target=self._handle_backlog, name="codi2-inotify-handle", daemon=True)
+        """Place every watch, then start reading. Raises OSError naming a root that cannot be watched."""
+        for root in self._roots:
+            _check_root(root)
+        ifd = inotify_init()
+        if ifd < 0:
+            raise OSError(errno.EMFILE, "cannot create an inotify instance: raise fs.inotify.max_user_instances")
+        os.set_inheritable(ifd, False)
+        self._ifd = ifd
+        try:
+            self._setup_barriers()
+            for index, root in enumerate(self._roots):
+                fd = os.open(root, O_DIR)
+                self._root_fds.append(fd)
+                st = os.fstat(fd)
+                wd = self._add_watch(fd)
+                if wd < 0:
+                    raise OSError(-wd, f"cannot watch: {os.strerror(-wd)}", os.fsdecode(root))
+                node = Node(index, None, b"", wd, st.st_dev, st.st_ino)
+                self._register(node)
+                self._root_nodes.append(node)
+                self._walk_new(node, fd)
+        except BaseException:
+            self._close()
+            raise
+        self._refresh_state()
+        self._handler = threading.Thread(target=self._handle_loop, name="codi2-inotify-handle", daemon=True)
+        self._reader = threading.Thread(target=self._read_loop, name="codi2-inotify-read", daemon=True)
         self._handler.start()
-        self._fd.start()
+        self._reader.start()
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Read everything the kernel queued so far (a barrier), then close the inotify fd."""
-        if self._fd is None:
+        """Read everything the kernel queued so far (a barrier), hand it on, then close."""
+        if self._ifd is None:
             return
         if self.is_alive() and not self.barrier(timeout):
             log.warning("inotify_drain_timeout", timeout_s=timeout)
-        self._backlog.close()  # the handler stops first, so closing the fd below races with nothing
+        self._stopping = True
+        self._backlog.close()
         if self._handler is not None:
             self._handler.join(timeout)
-        self._fd.stop()
-        self._fd.join(timeout)
-        self._fd = None
+        if self._reader is not None and self._request_barrier() is not None:  # wakes the blocking read
+            self._reader.join(timeout)
+        self._close()
+
+    def _close(self) -> None:
+        for fd in self._root_fds:
+            os.close(fd)
+        self._root_fds = []
+        # A reader still blocked in read() keeps the descriptor: closing it under the thread could hand
+        # the number to another file. It only happens when no barrier could be made; the process ends.
+        if self._ifd is not None and (self._reader is None or not self._reader.is_alive()):
+            os.close(self._ifd)
+            self._ifd = None
 
     def is_alive(self) -> bool:
-        return self._fd is not None and self._fd.is_alive() and self._handler is not None and self._handler.is_alive()
+        return (
+            self._reader is not None
+            and self._reader.is_alive()
+            and self._handler is not None
+            and self._handler.is_alive()
+        )
 
     @property
     def backlog_high_water(self) -> int:
-        """The most events ever waiting between the kernel read and their handling."""
         return self._backlog.high_water
 
-    def _handle_backlog(self) -> None:
-        """The handler thread: every event in kernel order, then the changes handed on in one list."""
-        fd = self._fd
-        assert fd is not None
-        while (events := self._backlog.take()) is not None:
-            for event in events:
-                try:
-                    fd.handle_event(event)
-                except Exception:  # one bad event must not stop the watching of the whole workspace
-                    self.state.handler_errors += 1
-                    log.exception("inotify_event_failed", event=repr(event))
-            self.buffer_done()
+    # Barriers --------------------------------------------------------------------------------------
+
+    def _setup_barriers(self) -> None:
+        try:
+            self._barrier_dir.mkdir(parents=True, exist_ok=True)
+            base = os.fsencode(self._barrier_dir)
+            files = [os.path.join(base, b"b%d" % i) for i in range(BARRIER_RING)]
+            for path in files:
+                os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        except OSError as exc:
+            log.error("barrier_unavailable", path=str(self._barrier_dir), error=exc.strerror)
+            return
+        assert self._ifd is not None
+        wd = inotify_add_watch(self._ifd, base, BARRIER_MASK)
+        if wd < 0:
+            log.error("barrier_unavailable", path=str(self._barrier_dir), error="cannot watch it")
+            return
+        self._barrier_files = files
+        self._barrier_wd = wd
+
+    def _request_barrier(self) -> int | None:
+        """Touch the next barrier file: its event marks this point of the kernel queue. None if that
+        failed; then callers act at once (a little early beats never)."""
+        if self._barrier_wd is None:
+            return None
+        with self._barrier_lock:
+            seq = self._barriers_requested + 1
+            try:
+                os.utime(self._barrier_files[seq % BARRIER_RING])
+            except OSError as exc:
+                log.warning("barrier_failed", error=exc.strerror)
+                return None
+            self._barriers_requested = seq
+            self._outstanding.append(seq)
+            return seq
 
     def barrier(self, timeout: float = 10.0) -> bool:
-        """Block until every change that happened before this call has been handed to `on_changes`."""
-        waiter = threading.Event()
-        name = self._make_barrier(waiter)
-        done = waiter.wait(timeout)
-        with self._barrier_lock:
-            self._barrier_waiters.pop(name, None)
-        return done
+        """Block until every change that happened before this call has been handed to `on_hints`."""
+        seq = self._request_barrier()
+        if seq is None:
+            return False
+        with self._barrier_cond:
+            return self._barrier_cond.wait_for(lambda: self._barriers_seen >= seq, timeout)
 
-    def _make_barrier(self, waiter: threading.Event | None) -> bytes:
-        name = f"b-{next(self._barrier_seq)}".encode()
-        if waiter is not None:
-            with self._barrier_lock:
-                self._barrier_waiters[name] = waiter
-        path = os.path.join(os.fsencode(self._barrier_dir), name)
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600))
-        os.unlink(path)
-        return name
+    def request(self, fn: Callable[[], None]) -> None:
+        """Run `fn` in the handler thread, in order with the events (the tree belongs to that thread)."""
+        self._backlog.put(("call", fn), wait=False)
 
-    # Watches --------------------------------------------------------------------------------------
+    # Reading (reader thread) ------------------------------------------------------------------------
 
-    def _abs(self, root: int, rel: bytes) -> bytes:
-        return os.path.join(self._roots_b[root], rel) if rel else self._roots_b[root]
-
-    def _add_watch(self, root: int, rel: bytes) -> bool:
-        path = self._abs(root, rel)
-        assert self._fd is not None
+    def _read_loop(self) -> None:
+        assert self._ifd is not None
         try:
-            wd = self._fd.add_callback(path, WATCH_MASK, self, _CALLBACK_ID)
-        except OSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ENOTDIR):
-                return False  # gone or replaced before we got there; its parent reports it
-            self._report_unwatched(path, exc)
-            return False
-        if wd == -1:  # InotifyFD hides EACCES behind a -1 descriptor
-            self._report_unwatched(path, PermissionError(errno.EACCES, "permission denied"))
-            return False
-        old = self._path_of.get(wd)
-        if old is not None:
-            self._wd_of.pop(old, None)
-        self._path_of[wd] = (root, rel)
-        self._wd_of[(root, rel)] = wd
-        self.state.watches = len(self._path_of)
-        return True
-
-    def _report_unwatched(self, path: bytes, exc: OSError) -> None:
-        text = os.fsdecode(path)
-        if exc.errno == errno.ENOSPC:
-            reason = "inotify watch limit reached: raise fs.inotify.max_user_watches"
-        else:
-            reason = exc.strerror or str(exc)
-        self.state.unwatched[text] = reason
-        log.warning("directory_unwatched", path=text, reason=reason, unwatched=len(self.state.unwatched))
-
-    def _watch_tree(self, root: int, top: bytes, *, report: bool, revisit: bool = False) -> None:
-        """Watch `top` and every non-ignored directory below it; with `report`, emit `created` for
-        each entry found (files written into a new directory before its watch existed). Directories
-        already watched are skipped unless `revisit` (after an overflow, new ones may hide below)."""
-        stack = [top]
-        while stack:
-            rel = stack.pop()
-            if (root, rel) in self._wd_of:
-                if not revisit:
-                    continue  # seen by an earlier walk
-            elif not self._add_watch(root, rel):
-                continue  # reported as unwatched
-            base = self._abs(root, rel)
-            try:
-                with os.scandir(base) as it:
-                    entries = list(it)
-            except OSError as exc:
-                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
-                    self._report_unwatched(base, exc)
-                continue
-            for entry in entries:
-                child = os.path.join(rel, entry.name) if rel else entry.name
+            while not self._stopping:
                 try:
-                    is_dir = entry.is_dir(follow_symlinks=False)
-                except OSError:
-                    is_dir = False
-                if self._rules.ignored(entry.path, child, is_dir):
+                    buf = os.read(self._ifd, READ_BUFFER_BYTES)
+                except InterruptedError:
                     continue
-                if report:
-                    self._out.append(Change("created", root, child, None, is_dir, self._now))
-                if is_dir:
-                    stack.append(child)
+                events = parse_events(buf)
+                if events:
+                    self._backlog.put(("events", events), len(events))
+        except OSError as exc:
+            if not self._stopping:
+                log.error("inotify_read_failed", error=str(exc))
+        finally:
+            self._backlog.close()
 
-    def _unwatch_tree(self, root: int, top: bytes) -> None:
-        """Drop the watches of a directory that left the tree, so nothing is reported under its old path."""
-        prefix = top + b"/"
-        gone = [
-            (wd, key)
-            for key, wd in self._wd_of.items()
-            if key[0] == root and (key[1] == top or key[1].startswith(prefix))
-        ]
-        assert self._fd is not None
-        for wd, key in gone:
-            del self._wd_of[key]
-            self._path_of.pop(wd, None)
-        self._fd.remove_callbacks([(WatchDescriptor(wd), _CALLBACK_ID) for wd, _ in gone])
-        self.state.watches = len(self._path_of)
+    # Handling (handler thread) ----------------------------------------------------------------------
 
-    def _rename_tree(self, root: int, old: bytes, new: bytes) -> None:
-        prefix = old + b"/"
-        moved = [
-            (key, wd)
-            for key, wd in self._wd_of.items()
-            if key[0] == root and (key[1] == old or key[1].startswith(prefix))
-        ]
-        for key, _ in moved:
-            del self._wd_of[key]
-        for (_, rel), wd in moved:
-            new_rel = new + rel[len(old) :]
-            self._path_of[wd] = (root, new_rel)
-            self._wd_of[(root, new_rel)] = wd
+    def _handle_loop(self) -> None:
+        while (items := self._backlog.take()) is not None:
+            for kind, payload in items:
+                if kind == "call":
+                    self._guarded(payload)
+                    continue
+                for event in payload:
+                    try:
+                        self._handle(*event)
+                    except Exception:  # one bad event must not stop the watching of the whole workspace
+                        self.state.handler_errors += 1
+                        log.exception("inotify_event_failed", event=repr(event))
+            self._guarded(self._end_of_buffer)
 
-    # Events (reader thread) ---------------------------------------------------------------------
+    def _guarded(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except Exception:
+            self.state.handler_errors += 1
+            log.exception("watcher_step_failed", step=getattr(fn, "__name__", repr(fn)))
 
-    def on_event(self, event: InotifyEvent) -> None:
-        if event.wd == self._barrier_wd:
-            self._on_barrier(event.name)
-            return
-        where = self._path_of.get(event.wd)
-        if where is None or not event.name:
-            if where is not None and where[1] == b"" and (event.is_delete_self or event.is_move_self):
-                log.error("watch_root_gone", root=os.fsdecode(self._roots_b[where[0]]))
-            return
-        root, parent = where
-        rel = os.path.join(parent, event.name) if parent else event.name
-        is_dir = bool(event.mask & IN.IN_ISDIR)
-        if self._pending_moves and not (event.is_moved_to and event.cookie in self._pending_moves):
-            self._flush_moves_out()
-        if self._rules.ignored(os.path.join(self._roots_b[root], rel), rel, is_dir):
-            return  # a move into an ignored name already counts as moved out (flushed above)
-        self._now = time.time()
-        if event.is_moved_from:
-            self._pending_moves[event.cookie] = _PendingMove(root, rel, is_dir, self._now)
-        elif event.is_moved_to:
-            self._moved_to(event.cookie, root, rel, is_dir)
-        elif event.is_create:
-            self._out.append(Change("created", root, rel, None, is_dir, self._now))
-            if is_dir:
-                self._watch_tree(root, rel, report=True)
-        elif event.is_delete:
-            self._out.append(Change("deleted", root, rel, None, is_dir, self._now))
-        elif event.is_modify or event.is_close_write or event.is_attrib:
-            self._out.append(Change("updated", root, rel, None, is_dir, self._now))
-
-    def _moved_to(self, cookie: int, root: int, rel: bytes, is_dir: bool) -> None:
-        src = self._pending_moves.pop(cookie, None)
-        if src is not None and src.root == root:
-            self._out.append(Change("moved", root, src.path, rel, is_dir, self._now))
-            if is_dir and (root, src.path) in self._wd_of:
-                self._rename_tree(root, src.path, rel)
-            elif is_dir:  # renamed before its watch was placed: what it holds was never reported
-                self._watch_tree(root, rel, report=True)
-            return
-        if src is not None:  # between two watch roots: out of one, into the other
-            self._move_out(src)
-        self._out.append(Change("created", root, rel, None, is_dir, self._now))
-        if is_dir:
-            self._watch_tree(root, rel, report=True)
-
-    def _move_out(self, move: _PendingMove) -> None:
-        self._out.append(Change("deleted", move.root, move.path, None, move.is_dir, move.ts))
-        if move.is_dir:
-            self._unwatch_tree(move.root, move.path)
-
-    def _flush_moves_out(self) -> None:
-        for move in self._pending_moves.values():
-            self._move_out(move)
-        self._pending_moves.clear()
-
-    def _on_barrier(self, name: bytes) -> None:
-        # Any barrier settles pending moves: a rename queues IN_MOVED_TO right behind IN_MOVED_FROM.
-        self._move_barrier_sent = False
-        self._flush_moves_out()
-        with self._barrier_lock:
-            waiter = self._barrier_waiters.pop(name, None)
-        if waiter is not None:
-            self._hand_off()
-            waiter.set()
-
-    def buffer_done(self) -> None:
-        if self._pending_moves and not self._move_barrier_sent:
-            # The partner IN_MOVED_TO may sit in the next buffer; a barrier settles it either way.
-            self._move_barrier_sent = True
-            self._make_barrier(None)
+    def _end_of_buffer(self) -> None:
+        if self._pending or self._unassigned:
+            # The partner of a rename may sit in the next read, and suspects wait until all is read.
+            seq = self._request_barrier()
+            if seq is None:
+                self._settle_moves()
+                self._heal(None)
+            elif self._unassigned:
+                for pending in (self._suspects, self._displaced):
+                    for node, assigned in pending.items():
+                        if not assigned:
+                            pending[node] = seq
+            self._unassigned = False
         self._hand_off()
+        self._refresh_state()
 
     def _hand_off(self) -> None:
         if self._out:
             out, self._out = self._out, []
-            self._on_changes(out)
+            self._on_hints(out)
 
-    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
-        where = self._path_of.pop(wd, None)
-        if where is not None and self._wd_of.get(where) == wd:
-            del self._wd_of[where]
-        self.state.watches = len(self._path_of)
+    def _handle(self, wd: int, mask: int, cookie: int, name: bytes) -> None:
+        if wd == self._barrier_wd:
+            if mask & IN.IN_ATTRIB and name[:1] == b"b" and name[1:].isdigit():
+                self._on_barrier(int(name[1:]))
+            return
+        if mask & IN.IN_Q_OVERFLOW:
+            self._on_overflow_event()
+            return
+        node = self._nodes.get(wd)
+        if node is None:
+            return  # a watch already dropped: its late events describe nothing in the tree
+        if mask & IN.IN_IGNORED:
+            self._watch_removed(node)
+            return
+        if not name:
+            if mask & (IN.IN_DELETE_SELF | IN.IN_UNMOUNT):
+                self._self_gone(node)
+            elif mask & IN.IN_MOVE_SELF and node.is_root:
+                self._root_gone(node)
+            return
+        if self._pending and not (mask & IN.IN_MOVED_TO and cookie in self._pending):
+            self._settle_moves()
+        where = node.locate(self._gen)
+        if where is None:
+            return  # displaced: the recrawl that finds it again diffs its whole tree
+        is_dir = bool(mask & IN.IN_ISDIR)
+        rel = where + b"/" + name if where else name
+        if mask & IN.IN_MOVED_FROM:
+            ignored = self._rules.ignored(node.root, rel, is_dir)
+            child = node.children.get(name) if is_dir else None
+            self._pending[cookie] = _PendingMove(node, name, rel, is_dir, ignored, child)
+            return
+        if mask & IN.IN_MOVED_TO:
+            self._moved_to(node, name, rel, is_dir, self._pending.pop(cookie, None))
+            return
+        if self._rules.ignored(node.root, rel, is_dir):
+            return
+        self._out.append(Touch(node.root, rel, bool(mask & IN.IN_CREATE), is_dir))
+        if not is_dir:
+            return
+        if mask & IN.IN_CREATE:
+            self._attach(node, name)
+        elif mask & IN.IN_DELETE:
+            self._child_deleted(node, name)
+        elif mask & IN.IN_ATTRIB:
+            child = node.children.get(name)
+            if child is None or child.wd is None:  # a permission change may have made it watchable
+                self._attach(node, name)
 
-    def on_queue_overflow(self) -> None:
-        """Events were lost: watch directories created meanwhile, then let the owner rescan."""
+    # Renames --------------------------------------------------------------------------------------
+
+    def _moved_to(self, parent: Node, name: bytes, rel: bytes, is_dir: bool, src: _PendingMove | None) -> None:
+        ignored = self._rules.ignored(parent.root, rel, is_dir)
+        if src is not None and not src.ignored and (ignored or src.parent.root != parent.root):
+            self._moved_out(src)  # into an ignored name or another root: it left this trail
+            src = None
+        if ignored:
+            return
+        if src is None or src.ignored:  # moved in from outside, or out of an ignored name
+            self._out.append(Touch(parent.root, rel, True, is_dir))
+            if is_dir:
+                self._attach(parent, name)
+            return
+        child = src.child
+        if not is_dir or child is None:
+            self._out.append(Move(parent.root, src.path, rel, is_dir, None))
+            if is_dir:
+                self._attach(parent, name)
+            return
+        if self._ident_at(parent, name) == child.ident:
+            self._out.append(Move(parent.root, src.path, rel, True, child.ino))
+            self._place(parent, name, child)
+            if self._rules.path_dependent:
+                self._suspect(child, deep=True)  # what is ignored below it may differ at its new place
+            return
+        # The node we hold for the old name is not what moved: a newer directory took the name while we
+        # lagged, or the one that moved has moved on. Let the pipeline check the disk, and look again.
+        self._out.append(Move(parent.root, src.path, rel, True, None))
+        if self._ident_at(src.parent, src.name) != child.ident:
+            self._displace(child)
+        self._suspect(src.parent)
+        self._suspect(parent)
+
+    def _settle_moves(self) -> None:
+        """Renames whose partner never came: moved out of every watched tree."""
+        pending, self._pending = self._pending, {}
+        for move in pending.values():
+            if not move.ignored:
+                self._moved_out(move)
+
+    def _moved_out(self, move: _PendingMove) -> None:
+        self._out.append(Touch(move.parent.root, move.path))
+        child = move.child
+        if child is not None and move.parent.children.get(move.name) is child:
+            self._drop(child)
+
+    # Watches ---------------------------------------------------------------------------------------
+
+    def _add_watch(self, fd: int) -> int:
+        """A watch on exactly the directory `fd` refers to; -errno on failure."""
+        assert self._ifd is not None
+        wd = inotify_add_watch(self._ifd, b"/proc/self/fd/%d" % fd, WATCH_MASK)
+        return wd if wd >= 0 else -(ctypes.get_errno() or errno.EIO)
+
+    def _register(self, node: Node) -> None:
+        if node.wd is not None:
+            self._nodes[node.wd] = node
+        self._by_ident[node.ident] = node
+
+    def _dir_fd(self, node: Node) -> int:
+        """A new descriptor of `node`'s directory at its tree path; raises OSError if that is not `node`."""
+        where = node.locate(self._gen)
+        if where is None:
+            raise FileNotFoundError(errno.ENOENT, "not in the tree")
+        fd = open_dir(self._root_fds[node.root], where)
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != node.ident:
+            os.close(fd)
+            raise FileNotFoundError(errno.ENOENT, "another directory is at this path now")
+        return fd
+
+    def _ident_at(self, parent: Node, name: bytes) -> tuple[int, int] | None:
+        """(dev, inode) of the directory at parent/name now; None if there is none we can see."""
+        try:
+            fd = self._dir_fd(parent)
+        except OSError:
+            return None
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return (st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+    def _attach(self, parent: Node, name: bytes) -> None:
+        """Watch the directory at parent/name now and everything below it that is not ignored."""
+        try:
+            pfd = self._dir_fd(parent)
+        except OSError:
+            self._suspect(parent)  # the parent itself moved: settle once everything is read
+            return
+        try:
+            self._attach_at(parent, pfd, name)
+        finally:
+            os.close(pfd)
+
+    def _attach_at(self, parent: Node, pfd: int, name: bytes, *, quiet: bool = False) -> Node | None:
+        existing = parent.children.get(name)
+        try:
+            fd = os.open(name, O_DIR, dir_fd=pfd)
+        except OSError as exc:
+            if exc.errno in ABSENT_ERRNOS:
+                if existing is not None:
+                    self._displace(existing)  # gone or no longer a directory: its events will say where
+                return None
+            return self._unwatched_at(parent, pfd, name, exc.strerror or str(exc), quiet=quiet)
+        try:
+            st = os.fstat(fd)
+            ident = (st.st_dev, st.st_ino)
+            if existing is not None and existing.ident == ident and existing.wd is not None:
+                return existing  # already watched (a recrawl found it before its event was read)
+            known = self._by_ident.get(ident)
+            if known is not None and known.wd is not None and known is not existing:
+                # A directory we watch, found at a new place: take it there and diff its whole tree.
+                old_parent = known.parent if known.locate(self._gen) is not None else None
+                self._place(parent, name, known)
+                self._displaced.pop(known, None)
+                if old_parent is not None:
+                    self._suspect(old_parent)
+                self._out.append(Rescan(known.root, known.locate(self._gen) or b"", True))
+                return known
+            if existing is not None:
+                self._displace(existing)
+            wd = self._add_watch(fd)
+            if wd < 0:
+                return self._unwatched_node(parent, name, st, self._watch_error(-wd), quiet=quiet)
+            node = Node(parent.root, parent, name, wd, st.st_dev, st.st_ino)
+            self._register(node)
+            self._place(parent, name, node)
+            self._walk_new(node, fd)
+            return node
+        finally:
+            os.close(fd)
+
+    def _unwatched_at(self, parent: Node, pfd: int, name: bytes, reason: str, *, quiet: bool) -> Node | None:
+        try:
+            st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+        except OSError:
+            return None
+        if not stat.S_ISDIR(st.st_mode):
+            return None
+        return self._unwatched_node(parent, name, st, reason, quiet=quiet)
+
+    def _unwatched_node(self, parent: Node, name: bytes, st: os.stat_result, reason: str, *, quiet: bool) -> Node:
+        """A directory we could not watch stays in the tree (renames carry it) and is diffed periodically."""
+        node = Node(parent.root, parent, name, None, st.st_dev, st.st_ino)
+        node.reason = reason
+        self._place(parent, name, node)
+        self._unwatched.add(node)
+        if not quiet:
+            log.warning("directory_unwatched", path=os.fsdecode(node.locate(self._gen) or b""), reason=reason)
+        return node
+
+    @staticmethod
+    def _watch_error(code: int) -> str:
+        if code == errno.ENOSPC:
+            return "inotify watch limit reached: raise fs.inotify.max_user_watches"
+        return os.strerror(code)
+
+    def _walk_new(self, top: Node, top_fd: int) -> None:
+        """Watch every non-ignored directory below a newly watched one, depth first, holding one
+        descriptor per level: depth is unlimited, and the walk never leaves through a symlink."""
+        stack: list[tuple[Node, int, bytes, list[tuple[bytes, bool | None, int]]]] = []
+        try:
+            stack.append((top, os.dup(top_fd), top.locate(self._gen) or b"", self._listing(top, top_fd)))
+            while stack:
+                node, fd, where, entries = stack[-1]
+                if not entries:
+                    os.close(fd)
+                    stack.pop()
+                    continue
+                name, is_dir, _ = entries.pop()
+                rel = where + b"/" + name if where else name
+                if is_dir is False or self._rules.ignored(node.root, rel, True):
+                    continue
+                try:
+                    cfd = os.open(name, O_DIR, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in ABSENT_ERRNOS:
+                        self._unwatched_at(node, fd, name, exc.strerror or str(exc), quiet=False)
+                    continue
+                st = os.fstat(cfd)
+                existing = node.children.get(name)
+                if existing is not None and existing.ident == (st.st_dev, st.st_ino):
+                    os.close(cfd)
+                    continue
+                wd = self._add_watch(cfd)
+                if wd < 0:
+                    os.close(cfd)
+                    self._unwatched_node(node, name, st, self._watch_error(-wd), quiet=False)
+                    continue
+                child = Node(node.root, node, name, wd, st.st_dev, st.st_ino)
+                self._register(child)
+                self._place(node, name, child)
+                stack.append((child, cfd, rel, self._listing(child, cfd)))
+        finally:
+            for _, fd, _, _ in stack:
+                os.close(fd)
+
+    def _listing(self, node: Node, fd: int) -> list[tuple[bytes, bool | None, int]]:
+        try:
+            return list_dir(fd)
+        except OSError as exc:
+            log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
+            self._suspect(node)
+            return []
+
+    # Tree changes ----------------------------------------------------------------------------------
+
+    def _place(self, parent: Node, name: bytes, node: Node) -> None:
+        """Put `node` at parent/name, taking it from wherever it was; what was there is displaced."""
+        self._detach(node)
+        old = parent.children.get(name)
+        if old is not None and old is not node:
+            self._displace(old)
+        node.parent = parent
+        node.name = name
+        parent.children[name] = node
+        self._gen += 1
+        self._unwatched_dirty = True
+
+    def _detach(self, node: Node) -> None:
+        parent = node.parent
+        if parent is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+            self._gen += 1
+            self._unwatched_dirty = True
+
+    def _displace(self, node: Node) -> None:
+        """Out of the tree, kept by inode until the next barrier: a recrawl may find it elsewhere."""
+        parent = node.parent
+        self._detach(node)
+        node.parent = None
+        if node not in self._displaced:
+            self._displaced[node] = 0
+            self._unassigned = True
+        if parent is not None:
+            self._suspect(parent)
+
+    def _drop(self, node: Node) -> None:
+        """Forget a directory and everything below it, removing their watches."""
+        self._detach(node)
+        node.parent = None
+        assert self._ifd is not None
+        for n in node.walk():
+            self._displaced.pop(n, None)
+            self._suspects.pop(n, None)
+            if self._by_ident.get(n.ident) is n:
+                del self._by_ident[n.ident]
+            if n.wd is not None:
+                if self._nodes.pop(n.wd, None) is not None:
+                    inotify_rm_watch(self._ifd, n.wd)
+            elif n in self._unwatched:
+                self._unwatched.discard(n)
+                self._unwatched_dirty = True
+
+    def _suspect(self, node: Node, *, deep: bool = False) -> None:
+        if deep:
+            self._deep_suspects.add(node)
+        if node not in self._suspects:
+            self._suspects[node] = 0
+            self._unassigned = True
+
+    def _child_deleted(self, parent: Node, name: bytes) -> None:
+        child = parent.children.get(name)
+        if child is not None and self._ident_at(parent, name) != child.ident:
+            self._drop(child)
+
+    def _self_gone(self, node: Node) -> None:
+        """IN_DELETE_SELF: the directory was removed (its parent's IN_DELETE follows)."""
+        if node.is_root:
+            self._root_gone(node)
+            return
+        where = node.locate(self._gen)
+        if where is not None:
+            self._out.append(Touch(node.root, where))
+        self._drop(node)
+
+    def _watch_removed(self, node: Node) -> None:
+        """IN_IGNORED for a watch we still hold: the kernel dropped it without our asking (a file system
+        unmounted, a deletion we had not read of). Look again at its parent."""
+        if node.wd is not None:
+            self._nodes.pop(node.wd, None)
+        if node.is_root:
+            self._root_gone(node)
+            return
+        where = node.locate(self._gen)
+        parent = node.parent
+        if where is not None and parent is not None:
+            self._out.append(Touch(node.root, where))
+            self._suspect(parent)
+        self._drop(node)
+
+    def _root_gone(self, node: Node) -> None:
+        root = os.fsdecode(self._roots[node.root])
+        if root not in self.state.roots_gone:
+            self.state.roots_gone.append(root)
+            log.error("watch_root_gone", root=root, hint="restart codi2 once the directory is back")
+
+    # Healing ---------------------------------------------------------------------------------------
+
+    def _on_barrier(self, ring: int) -> None:
+        with self._barrier_lock:
+            # Barriers lost to a queue overflow are skipped; a late one already counted is stale.
+            while self._outstanding and self._outstanding[0] % BARRIER_RING != ring:
+                self._outstanding.popleft()
+            if not self._outstanding:
+                return
+            self._barriers_seen = self._outstanding.popleft()
+        self._settle_moves()
+        self._heal(self._barriers_seen)
+        self._hand_off()
+        with self._barrier_cond:
+            self._barrier_cond.notify_all()
+
+    def _heal(self, seen: int | None) -> None:
+        """Recrawl the suspects whose barrier has passed (all of them when barriers are unavailable),
+        then forget the displaced directories no recrawl found again."""
+        due = [n for n, s in self._suspects.items() if seen is None or 0 < s <= seen]
+        for node in due:
+            del self._suspects[node]
+        for node in due:
+            deep = node in self._deep_suspects
+            self._deep_suspects.discard(node)
+            if node.locate(self._gen) is not None:
+                self._recrawl(node, recursive=deep)
+        self._heal_displaced(seen)
+
+    def _heal_displaced(self, seen: int | None) -> None:
+        lost = [n for n, s in self._displaced.items() if seen is None or 0 < s <= seen]
+        for node in lost:
+            self._displaced.pop(node, None)
+            if node.locate(self._gen) is None:
+                self._drop(node)
+
+    def _recrawl(self, top: Node, *, recursive: bool, origin: Origin = "rescan") -> None:
+        """List directories again, match their subdirectories to nodes by inode, watch what is new and
+        displace what is gone; then ask the pipeline to diff the same tree against the index."""
+        node = top
+        while True:  # the first ancestor that is still where the tree says
+            try:
+                os.close(self._dir_fd(node))
+                break
+            except OSError:
+                parent = node.parent
+                if node.is_root or parent is None:
+                    return
+                self._displace(node)
+                node, recursive = parent, True
+        self.state.recrawls += 1
+        stack = [node]
+        while stack:
+            current = stack.pop()
+            try:
+                fd = self._dir_fd(current)
+            except OSError:
+                continue
+            try:
+                self._relist(current, fd, stack if recursive else None)
+            finally:
+                os.close(fd)
+        where = node.locate(self._gen)
+        if where is not None:
+            self._out.append(Rescan(node.root, where, recursive, origin))
+
+    def _relist(self, node: Node, fd: int, descend: list[Node] | None) -> None:
+        try:
+            listing = list_dir(fd)
+        except OSError as exc:
+            log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
+            return
+        where = node.locate(self._gen) or b""
+        present: set[bytes] = set()
+        for name, is_dir, _ in listing:
+            rel = where + b"/" + name if where else name
+            if is_dir is False or self._rules.ignored(node.root, rel, True):
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode):
+                continue
+            present.add(name)
+            child = node.children.get(name)
+            if child is not None and child.ident == (st.st_dev, st.st_ino):
+                if child.wd is None:
+                    self._retry(child, fd)
+                elif descend is not None:
+                    descend.append(child)
+                continue
+            self._attach_at(node, fd, name)
+        for name, child in list(node.children.items()):
+            if name not in present:
+                self._displace(child)
+
+    def _retry(self, node: Node, parent_fd: int) -> Node | None:
+        """Try again to watch a directory that could not be watched before."""
+        parent = node.parent
+        assert parent is not None
+        self._detach(node)
+        self._unwatched.discard(node)
+        self._unwatched_dirty = True
+        placed = self._attach_at(parent, parent_fd, node.name, quiet=True)
+        if placed is not None and placed.wd is not None:
+            log.info("directory_watched", path=os.fsdecode(placed.locate(self._gen) or b""))
+        return placed
+
+    def retry_unwatched(self) -> None:
+        """Handler thread (through `request`): try every unwatched directory again, and diff the tree of
+        each one against the index (a new watch may have missed changes; a still unwatched one is only
+        covered by these periodic diffs)."""
+        for node in list(self._unwatched):
+            parent = node.parent
+            if parent is None or node.locate(self._gen) is None:
+                self._unwatched.discard(node)
+                continue
+            try:
+                pfd = self._dir_fd(parent)
+            except OSError:
+                continue
+            try:
+                placed = self._retry(node, pfd)
+            finally:
+                os.close(pfd)
+            where = placed.locate(self._gen) if placed is not None else None
+            if where is not None:
+                self._out.append(Rescan(node.root, where, True))
+        self._hand_off()
+        self._refresh_state()
+
+    def _on_overflow_event(self) -> None:
+        """Events were lost: recrawl every tree (watching what appeared) and diff every root."""
         self.state.overflows += 1
-        self._flush_moves_out()
         log.error(
             "inotify_queue_overflow",
             overflows=self.state.overflows,
-            hint="raise fs.inotify.max_queued_events; a rescan recovers the changes",
+            hint="raise fs.inotify.max_queued_events; a recrawl recovers the changes",
         )
-        for index in range(len(self._roots_b)):
-            self._watch_tree(index, b"", report=False, revisit=True)
+        self._settle_moves()
+        for node in self._root_nodes:
+            self._recrawl(node, recursive=True)
+        # Everything asked of a barrier so far is settled by this recrawl: some of those barriers' own
+        # events may have been dropped with the rest.
+        with self._barrier_lock:
+            self._barriers_seen = self._barriers_requested
+            self._outstanding.clear()
+        self._suspects.clear()
+        self._deep_suspects.clear()
+        self._heal_displaced(None)
         self._hand_off()
+        with self._barrier_cond:
+            self._barrier_cond.notify_all()
         if self._on_overflow is not None:
             self._on_overflow()
+
+    def _refresh_state(self) -> None:
+        self.state.watches = len(self._nodes)
+        if self._unwatched_dirty:
+            self._unwatched_dirty = False
+            unwatched = {}
+            for n in self._unwatched:
+                where = n.locate(self._gen)
+                if where is not None:
+                    unwatched[os.fsdecode(os.path.join(self._roots[n.root], where))] = n.reason or "unknown"
+            self.state.unwatched = unwatched
+
+
+def _check_root(root: bytes) -> None:
+    """A root must be a real directory: one line naming it otherwise."""
+    try:
+        st = os.lstat(root)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, os.fsdecode(root)) from None
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(errno.ELOOP, "is a symlink; name the directory it points to", os.fsdecode(root))
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(errno.ENOTDIR, "not a directory", os.fsdecode(root))

@@ -80,7 +80,13 @@ class DaemonProcess:
     """`codi2 run` as a subprocess; learns its health port from the JSON `codi2_ready` log line."""
 
     def __init__(
-        self, config: Path, db: Path, env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()
+        self,
+        config: Path,
+        db: Path,
+        env: dict[str, str] | None = None,
+        wrapper: tuple[str, ...] = (),
+        *,
+        settle: bool = True,
     ) -> None:
         self.config = config
         self.db = db
@@ -100,6 +106,8 @@ class DaemonProcess:
             raise AssertionError(f"daemon not ready; logs: {self.logs[-20:]}")
         if self.port is None:
             raise AssertionError(f"daemon exited early; logs: {self.logs[-20:]}")
+        if settle:  # ready means watched; most tests also want the start-up diff behind them
+            wait_for(lambda: self.status()["initial_scan"] == "done")
 
     def _read_logs(self) -> None:
         assert self.proc.stderr is not None
@@ -150,10 +158,12 @@ def workspace(tmp_path: Path) -> Path:
 def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., DaemonProcess]]:
     started: list[DaemonProcess] = []
 
-    def start(extra: str = "", env: dict[str, str] | None = None, wrapper: tuple[str, ...] = ()) -> DaemonProcess:
+    def start(
+        extra: str = "", env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (), settle: bool = True
+    ) -> DaemonProcess:
         db = tmp_path / "audit.db"
         config = write_config(tmp_path / "codi2.toml", workspace, db, extra)
-        daemon = DaemonProcess(config, db, env, wrapper)
+        daemon = DaemonProcess(config, db, env, wrapper, settle=settle)
         started.append(daemon)
         return daemon
 

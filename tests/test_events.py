@@ -14,7 +14,7 @@ from sink_contract import make_event
 from codi2.events import EVENT_KEYS, Event, EventQuery, parse_time, rfc3339, uuid7
 from codi2.pipeline import Window
 from codi2.replay import Entry, fold
-from codi2.watcher import Change
+from codi2.watcher import Hint, Move, Rescan, Touch
 
 
 def test_uuid7_is_rfc9562_version_7_and_unique() -> None:
@@ -46,40 +46,46 @@ def test_query_matches_dest_path_and_tenant_exactly() -> None:
     assert not EventQuery("t", path_glob="a/*").matches(moved)
 
 
-def _c(action: str, path: bytes, dest: bytes | None = None, is_dir: bool = False) -> Change:
-    return Change(action, 0, path, dest, is_dir, 0.0)  # type: ignore[arg-type]
-
-
-def _window(*changes: Change) -> list[tuple[str, bytes]]:
+def _window(*hints: Hint) -> list[Hint]:
     window = Window()
-    for change in changes:
-        window.add(change)
-    return [(c.action, c.path) for c in window.take()]
+    for hint in hints:
+        window.add(hint)
+    return window.take()
 
 
-def test_writes_coalesce_into_the_create_or_update_before_them() -> None:
-    assert _window(_c("created", b"f"), _c("updated", b"f"), _c("updated", b"f")) == [("created", b"f")]
-    assert _window(_c("updated", b"f"), _c("updated", b"f")) == [("updated", b"f")]
-    assert _window(_c("created", b"f"), _c("created", b"f")) == [("created", b"f")]
+def test_hints_coalesce_per_path_keeping_the_first_place() -> None:
+    assert _window(Touch(0, b"f"), Touch(0, b"g"), Touch(0, b"f")) == [Touch(0, b"f"), Touch(0, b"g")]
+    assert _window(Rescan(0, b"d", False), Rescan(0, b"d", True)) == [Rescan(0, b"d", True)]
+    assert _window(Rescan(0, b"d", True), Rescan(0, b"d", False)) == [Rescan(0, b"d", True)]
 
 
-def test_order_per_path_is_kept_across_deletes_and_moves() -> None:
+def test_a_rename_carries_the_hints_below_it_and_drops_what_it_replaced() -> None:
     got = _window(
-        _c("created", b"f"),
-        _c("deleted", b"f"),
-        _c("created", b"f"),
-        _c("moved", b"f", b"g"),
-        _c("updated", b"g"),
-        _c("updated", b"f"),
+        Touch(0, b"out.tmp"),
+        Touch(0, b"out.tmp/f1"),
+        Touch(0, b"out/old"),
+        Touch(0, b"other"),
+        Move(0, b"out.tmp", b"out", True, 7),
+        Touch(0, b"out/f1"),
     )
-    assert got == [
-        ("created", b"f"),
-        ("deleted", b"f"),
-        ("created", b"f"),
-        ("moved", b"f"),
-        ("updated", b"g"),
-        ("updated", b"f"),
-    ]
+    assert got == [Touch(0, b"other"), Move(0, b"out.tmp", b"out", True, 7), Touch(0, b"out"), Touch(0, b"out/f1")]
+
+
+def test_a_file_rename_carries_its_own_hint_only() -> None:
+    got = _window(Touch(0, b".f.swp"), Touch(0, b"f"), Touch(0, b".f.swpx"), Move(0, b".f.swp", b"f", False, None))
+    assert got == [Touch(0, b".f.swpx"), Move(0, b".f.swp", b"f", False, None), Touch(0, b"f")]
+
+
+def test_restored_hints_go_before_newer_ones() -> None:
+    window = Window()
+    window.add(Touch(0, b"new"))
+    window.restore([Touch(0, b"old"), Touch(0, b"new")])
+    assert window.take() == [Touch(0, b"old"), Touch(0, b"new")]
+
+
+@given(st.lists(st.sampled_from([b"a", b"b", b"a/x", b"b/x", b"c"]), max_size=12))
+def test_window_never_loses_a_path_without_a_rename(paths: list[bytes]) -> None:
+    assert {h.path for h in _window(*(Touch(0, p) for p in paths))} == set(paths)  # type: ignore[union-attr]
 
 
 def test_fold_follows_moves_and_directory_deletes() -> None:
@@ -103,4 +109,4 @@ def test_fold_follows_moves_and_directory_deletes() -> None:
         (root, "e/sub"): Entry("dir", None),
         (root, "e/sub/b"): Entry("file", "3"),
     }
-    assert fold([make_event("e", action="deleted", type="dir", sha256=None)], state) == {}
+    assert fold([*trail, make_event("e", action="deleted", type="dir", sha256=None)]) == {}

@@ -3,8 +3,6 @@ made while the daemon is down, a kernel queue overflow, the watch limit, a torn 
 
 from __future__ import annotations
 
-import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -14,16 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, disk_state, eventually, wait_for
-from sink_contract import make_event
+from conftest import DaemonProcess, disk_state, wait_for
 
-from codi2.config import load_settings
-from codi2.daemon import Daemon
-from codi2.events import Event, EventQuery
-from codi2.pipeline import Identity
+from codi2.events import Event
 from codi2.replay import fold
-from codi2.sinks.sqlite import SqliteSink
-from codi2.spool import DiskSpool, SpoolFullError
 
 Start = Callable[..., DaemonProcess]
 WRITER = """
@@ -105,10 +97,10 @@ def test_store_outage_of_30_seconds_during_a_burst(workspace: Path, daemon_facto
 def test_changes_while_stopped_become_offline_events(workspace: Path, daemon_factory: Start) -> None:
     for name in ("keep.txt", "change.txt", "delete.txt", "replace"):
         (workspace / name).write_text(name)
-    env = {"CODI2_MONITORING__INITIAL_SCAN": "events"}
+    env = {"CODI2_MONITORING__INITIAL_SCAN": "record"}
     first = daemon_factory(env=env)
     wait_for(lambda: len(first.events()) >= 4)
-    assert {e.origin for e in first.events()} == {"offline"}  # initial_scan = "events" on a first start
+    assert {e.origin for e in first.events()} == {"baseline"}  # a first start records what is there
     assert first.terminate() == 0
 
     (workspace / "new.txt").write_text("new")
@@ -136,25 +128,42 @@ def test_changes_while_stopped_become_offline_events(workspace: Path, daemon_fac
     assert offline.index(("deleted", "replace", "file")) < offline.index(("created", "replace", "dir"))
 
 
-def test_first_start_records_a_baseline_not_events(workspace: Path, daemon_factory: Start) -> None:
+def test_first_start_records_the_workspace_so_the_trail_is_complete_from_day_one(
+    workspace: Path, daemon_factory: Start
+) -> None:
     for i in range(100):
-        (workspace / f"old{i}.txt").write_text("x")
+        (workspace / f"old{i}.txt").write_text(f"x{i}")
+    (workspace / "sub").mkdir()
+    (workspace / "sub" / "deep.txt").write_text("deep")
     daemon = daemon_factory()
+    assert fold(daemon.events()) == disk_state(workspace)
+    assert {e.origin for e in daemon.events()} == {"baseline"}
     (workspace / "marker.txt").write_text("x")
-    wait_for(lambda: daemon.events())
-    assert [e.path for e in daemon.events()] == ["marker.txt"]
+    wait_for(lambda: "marker.txt" in {e.path for e in daemon.events()})
     assert daemon.terminate() == 0
     again = daemon_factory()
     (workspace / "marker2.txt").write_text("x")
-    wait_for(lambda: len(again.events()) == 2)
+    wait_for(lambda: "marker2.txt" in {e.path for e in again.events()})
     assert again.terminate() == 0
-    assert [e.path for e in again.events()] == ["marker.txt", "marker2.txt"]
+    assert len(again.events()) == 104  # nothing of the baseline recorded twice
+    assert fold(again.events()) == disk_state(workspace)
+
+
+def test_silent_initial_scan_is_the_explicit_old_behaviour(workspace: Path, daemon_factory: Start) -> None:
+    for i in range(20):
+        (workspace / f"old{i}.txt").write_text("x")
+    daemon = daemon_factory(env={"CODI2_MONITORING__INITIAL_SCAN": "silent"})
+    (workspace / "marker.txt").write_text("x")
+    (workspace / "old3.txt").write_text("changed")
+    wait_for(lambda: len(daemon.events()) == 2)
+    assert daemon.terminate() == 0
+    assert [(e.action, e.path) for e in daemon.events()] == [("created", "marker.txt"), ("updated", "old3.txt")]
 
 
 def test_queue_overflow_is_recovered_by_a_rescan(workspace: Path, daemon_factory: Start) -> None:
     for i in range(20):
         (workspace / f"w{i:02d}").mkdir()  # watched before the burst, so every file is an inotify event
-    daemon = daemon_factory(env={"CODI2_MONITORING__INITIAL_SCAN": "events"})
+    daemon = daemon_factory()
     assert daemon.status()["watches"] == 21
     (workspace / "first.txt").write_text("x")
     wait_for(lambda: daemon.events())
@@ -199,73 +208,6 @@ def test_unwatched_directories_are_covered_by_the_periodic_rescan(workspace: Pat
         raise
     assert daemon.terminate() == 0
     assert {e.origin for e in daemon.events() if e.path in expected} == {"rescan"}
-
-
-def test_torn_spool_record_is_counted_and_nothing_else_is_lost(workspace: Path, daemon_factory: Start) -> None:
-    (workspace / "a.txt").write_text("a")
-    (workspace / "b.txt").write_text("b")
-    spool = DiskSpool(workspace / ".codi2" / "spool", max_bytes=1 << 30, segment_bytes=1 << 20)
-    spool.recover()
-    root = str(workspace)
-    spool.append([make_event("a.txt", root=root, user_id="u1")], [(None, None)])
-    torn = spool.append([make_event("b.txt", root=root, user_id="u1")], [(None, None)])
-    spool.shutdown()
-    with open(workspace / ".codi2" / "spool" / torn.segment, "r+b") as f:
-        f.truncate(torn.offset + torn.size // 2)
-
-    daemon = daemon_factory()
-    wait_for(lambda: {"a.txt", "b.txt"} <= set(_created_files(daemon.events())))
-    status = daemon.status()
-    assert status["spool"]["corrupt_records"] == 1
-    assert "codi2_spool_corrupt_records_total 1.0" in daemon.get("/metrics")[1]
-    assert daemon.terminate() == 0
-    created = _created_files(daemon.events())
-    assert created == Counter({"a.txt": 1, "b.txt": 1})
-    assert [e.origin for e in daemon.events() if e.path == "b.txt"] == ["offline"]  # found by the start-up scan
-
-
-async def test_full_disk_is_a_counted_gap_and_the_rescan_recovers_the_files(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    config = tmp_path / "codi2.toml"
-    config.write_text(
-        f'[server]\nbind_addr = "127.0.0.1:0"\n[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n'
-        f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(tmp_path / "a.db"))}\n'
-        "[batching]\nmax_delay_ms = 20\n"
-    )
-    settings = load_settings(config, tenant_id="t1", user_id="u1")
-    real_append = DiskSpool.append
-    failures = {"left": 1}
-
-    def append(self: DiskSpool, events: list[Event], facts: list) -> object:
-        if failures["left"] and any(e.path.startswith("lost") for e in events):
-            failures["left"] -= 1
-            raise SpoolFullError(28, "spool write failed: No space left on device")
-        return real_append(self, events, facts)
-
-    monkeypatch.setattr(DiskSpool, "append", append)
-    daemon = Daemon(settings, Identity("t1", "u1", None, "pod"))
-    serving = asyncio.create_task(daemon.serve())
-    await eventually(lambda: daemon.status()["ready"])
-    for i in range(5):
-        (workspace / f"lost{i}.txt").write_text("x")
-    sink = SqliteSink(tmp_path / "a.db", create=True)
-
-    def trail() -> list[Event]:
-        return [e for _, e in sink.read(EventQuery("t1"))]
-
-    await eventually(lambda: {f"lost{i}.txt" for i in range(5)} <= {e.path for e in trail()})
-    daemon.should_exit.set()
-    assert await serving == 0
-    events = trail()
-    gaps = [e for e in events if e.action == "gap"]
-    assert len(gaps) == 1 and gaps[0].size is not None and gaps[0].size >= 1
-    assert {e.origin for e in events if e.path.startswith("lost")} == {"rescan"}
-    dropped = daemon.metrics.registry.get_sample_value("codi2_events_dropped_total", {"reason": "spool_write_failed"})
-    assert dropped is not None and dropped >= 1
-    sink.close()
 
 
 def test_directory_moved_out_deletes_everything_below_it(

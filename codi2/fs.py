@@ -1,0 +1,202 @@
+"""File-system access relative to directory descriptors: no path length limit, no symlink followed.
+
+Every path the daemon reads is a relative path under a watch root, opened one component at a time with
+`O_NOFOLLOW` from a descriptor of the root. So a tree deeper than PATH_MAX is as reachable as a shallow
+one, and a directory swapped for a symlink between a change and its handling cannot lead the daemon
+outside the workspace. Paths are `bytes` with `/` separators, relative to their root (`b""` is the root).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+EntryType = Literal["file", "dir", "symlink"]
+
+O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+# What "not there" looks like from a path: the entry or a parent is gone, or a parent is not a directory
+# (ELOOP: a component is now a symlink, which the tree never follows).
+ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+HASH_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class Facts:
+    """What an entry is on disk. `sha256` is None for anything but a readable regular file within the
+    hashing limit; `None` stat fields mean "not known" (for example after an index rebuild)."""
+
+    type: EntryType
+    size: int | None
+    mode: int | None
+    mtime_ns: int | None
+    ctime_ns: int | None
+    ino: int | None
+    dev: int | None
+    nlink: int | None
+    sha256: str | None = None
+
+    def same_stat(self, other: Facts) -> bool:
+        """True when nothing a content change touches differs (ctime moves with every write, chmod and
+        link, so `cp -p` or `tar` keeping size and mtime is still seen)."""
+        return (
+            self.ino == other.ino
+            and self.size == other.size
+            and self.mtime_ns == other.mtime_ns
+            and self.ctime_ns == other.ctime_ns
+            and other.ctime_ns is not None
+        )
+
+
+class Unreadable(Exception):
+    """The entry exists but the daemon may not look at it (EACCES): its state is unknown, not gone."""
+
+
+def kind_of(mode: int) -> EntryType:
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "symlink" if stat.S_ISLNK(mode) else "file"
+
+
+def facts_of(st: os.stat_result) -> Facts:
+    kind = kind_of(st.st_mode)
+    return Facts(
+        kind,
+        None if kind == "dir" else st.st_size,
+        stat.S_IMODE(st.st_mode),
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        st.st_ino,
+        st.st_dev,
+        st.st_nlink,
+    )
+
+
+def split(rel: bytes) -> tuple[bytes, bytes]:
+    """(parent, name) of a relative path; the parent of a top-level entry is b""."""
+    parent, _, name = rel.rpartition(b"/")
+    return parent, name
+
+
+def open_dir(root_fd: int, rel: bytes) -> int:
+    """A new descriptor of the directory `rel` below `root_fd`, never through a symlink."""
+    fd = os.dup(root_fd)
+    if not rel:
+        return fd
+    try:
+        for part in rel.split(b"/"):
+            child = os.open(part, O_DIR, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class DirCache:
+    """Directory descriptors opened during one unit of work (a flush, a walk), reused by every entry
+    below them and closed together. Directories change identity between units, so nothing outlives one."""
+
+    MAX_OPEN = 256
+
+    def __init__(self, root_fds: list[int]) -> None:
+        self._roots = root_fds
+        self._open: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+
+    def get(self, root: int, rel: bytes) -> int:
+        """The descriptor of directory `rel` (borrowed: valid until `close`). Raises OSError."""
+        key = (root, rel)
+        fd = self._open.get(key)
+        if fd is not None:
+            self._open.move_to_end(key)
+            return fd
+        if not rel:
+            fd = os.dup(self._roots[root])
+        else:
+            parent, name = split(rel)
+            fd = os.open(name, O_DIR, dir_fd=self.get(root, parent))
+        self._open[key] = fd
+        if len(self._open) > self.MAX_OPEN:
+            _, oldest = self._open.popitem(last=False)
+            os.close(oldest)
+        return fd
+
+    def close(self) -> None:
+        for fd in self._open.values():
+            os.close(fd)
+        self._open.clear()
+
+
+def lstat_at(dir_fd: int, name: bytes) -> Facts | None:
+    """The entry's facts without its hash; None when absent. Raises Unreadable."""
+    try:
+        return facts_of(os.stat(name, dir_fd=dir_fd, follow_symlinks=False))
+    except OSError as exc:
+        if exc.errno in ABSENT_ERRNOS:
+            return None
+        if exc.errno == errno.EACCES:
+            raise Unreadable(name) from None
+        raise
+
+
+def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> Facts | None:
+    """The entry's facts with the sha256 of a regular file, read through one descriptor (open, fstat,
+    read): the hash belongs to exactly the inode the stat describes. The hash of `known` is reused when
+    the stat says nothing changed. None when absent; raises Unreadable when it may not be examined."""
+    try:
+        fd = os.open(name, O_FILE, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EWOULDBLOCK):
+            # a symlink (O_NOFOLLOW), a socket, or a file we may not open: its stat is still known
+            facts = lstat_at(dir_fd, name)
+            if facts is not None and facts.type == "file" and known is not None and facts.same_stat(known):
+                facts.sha256 = known.sha256
+            return facts
+        if exc.errno in ABSENT_ERRNOS:
+            return None
+        raise
+    try:
+        st = os.fstat(fd)
+        facts = facts_of(st)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > hash_max:
+            return facts
+        if known is not None and known.sha256 is not None and facts.same_stat(known):
+            facts.sha256 = known.sha256
+            return facts
+        for _ in range(3):  # a writer racing the read: hash again until the stat holds still
+            digest = hashlib.sha256()
+            while chunk := os.read(fd, HASH_CHUNK):
+                digest.update(chunk)
+            after = facts_of(os.fstat(fd))
+            if after.same_stat(facts):
+                facts.sha256 = digest.hexdigest()
+                return facts
+            facts = after
+            os.lseek(fd, 0, os.SEEK_SET)
+        return facts  # still changing: the write's own event brings it back
+    except OSError as exc:
+        if exc.errno == errno.EACCES:
+            raise Unreadable(name) from None
+        raise
+    finally:
+        os.close(fd)
+
+
+def list_dir(fd: int) -> list[tuple[bytes, bool | None, int]]:
+    """(name, is_dir, inode) of every entry, sorted by name; is_dir None when the type is unknown."""
+    out = []
+    with os.scandir(fd) as it:
+        for entry in it:
+            try:
+                is_dir: bool | None = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_dir = None
+            out.append((os.fsencode(entry.name), is_dir, entry.inode()))
+    out.sort()
+    return out

@@ -1,0 +1,424 @@
+"""The local journal: one SQLite file holding the file-state index and the outbox of unshipped batches.
+
+`<state dir>/journal.db`, WAL mode. A flush reconciles changes against the index and appends the batch
+it produced in **one transaction**: the index and the trail can never disagree, whatever fails (a full
+disk rolls both back, a kill loses neither half alone). The shipper reads the outbox in order with its
+own connection and deletes what the store has committed.
+
+Tables:
+- `files`: every entry the trail says exists, with the stat facts and sha256 last seen. The key is the
+  path relative to its root with `/` written as `\\x00`, so key order is depth-first order (a directory,
+  then everything below it, then its next sibling) and a subtree is one key range.
+- `outbox`: batches not yet acknowledged by the store, in commit order. `body` is a msgpack map naming
+  its fields, so a record written by an older release decodes after the event gains a field.
+- `meta`: format version, stream id, the next event sequence number, and `needs_rebuild` when the index
+  may be ahead of the trail (a lost record) and must be derived again from the store.
+
+A corrupt journal never stops the daemon: it is moved aside, whatever outbox rows still check out are
+carried over, and the index is rebuilt (see `codi2.pipeline`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+import time
+import uuid
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import structlog
+
+from codi2.events import EVENT_KEYS, Event, uuid7
+from codi2.fs import Facts
+
+log = structlog.get_logger("codi2.journal")
+
+FORMAT_VERSION = 1
+FILE_NAME = "journal.db"
+BUSY_TIMEOUT_S = 30.0
+LOOKUP_CHUNK = 500  # host parameters per IN (...) query
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS files (
+    root     TEXT NOT NULL,
+    key      BLOB NOT NULL,
+    type     TEXT NOT NULL,
+    size     INTEGER,
+    mode     INTEGER,
+    mtime_ns INTEGER,
+    ctime_ns INTEGER,
+    ino      INTEGER,
+    dev      INTEGER,
+    nlink    INTEGER,
+    sha256   TEXT,
+    PRIMARY KEY (root, key)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS files_links ON files (dev, ino) WHERE nlink > 1;
+CREATE TABLE IF NOT EXISTS outbox (
+    n        INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch_id TEXT NOT NULL,
+    events   INTEGER NOT NULL,
+    crc      INTEGER NOT NULL,
+    body     BLOB NOT NULL
+);
+"""
+FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256"
+CORRUPT_MARKERS = ("malformed", "not a database", "file is encrypted", "disk image")
+
+
+class JournalCorrupt(Exception):
+    """The journal file cannot be trusted; the caller moves it aside and rebuilds."""
+
+
+def is_corruption(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc).lower() for m in CORRUPT_MARKERS)
+
+
+def key_of(rel: bytes) -> bytes:
+    return rel.replace(b"/", b"\x00")
+
+
+def rel_of(key: bytes) -> bytes:
+    return key.replace(b"\x00", b"/")
+
+
+def subtree_bounds(key: bytes) -> tuple[bytes, bytes]:
+    """Keys strictly below `key` lie in [low, high); the whole root for b""."""
+    if not key:
+        return b"", b"\xff" * 8
+    return key + b"\x00", key + b"\x01"
+
+
+def _facts(row: tuple[Any, ...]) -> Facts:
+    return Facts(*row)
+
+
+def _values(f: Facts) -> tuple[Any, ...]:
+    return (f.type, f.size, f.mode, f.mtime_ns, f.ctime_ns, f.ino, f.dev, f.nlink, f.sha256)
+
+
+PATH_FIELDS = frozenset({"path", "dest_path", "root"})
+
+
+def _raw(name: str, value: Any) -> Any:
+    """Paths are stored as their bytes: a name that is not UTF-8 survives exactly."""
+    return os.fsencode(value) if name in PATH_FIELDS and value is not None else value
+
+
+def encode_events(events: Iterable[Event]) -> bytes:
+    return msgspec.msgpack.encode(
+        {"k": EVENT_KEYS, "e": [[_raw(k, getattr(e, k)) for k in EVENT_KEYS] for e in events]}
+    )
+
+
+def decode_events(body: bytes) -> list[Event]:
+    """Tolerant of fields added or removed since the record was written: unknown keys are dropped and
+    missing ones take the event's defaults (an absent optional field is None)."""
+    data = msgspec.msgpack.decode(body)
+    names = data["k"]
+    out = []
+    for values in data["e"]:
+        row = {
+            k: os.fsdecode(v) if isinstance(v, bytes) else v
+            for k, v in zip(names, values, strict=True)
+            if k in EVENT_KEYS
+        }
+        out.append(Event.from_fields(row))
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxBatch:
+    n: int
+    batch_id: str
+    events: tuple[Event, ...]
+    size: int
+
+
+def _connect(path: Path, *, fsync: bool) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+    return db
+
+
+class Journal:
+    """The journal as the pipeline's worker thread uses it: every index access and append happens in
+    that one thread, inside `transaction()`."""
+
+    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = _connect(path, fsync=fsync)
+            self._db.executescript(SCHEMA)
+            found = self._meta("format")
+            if found is None:
+                self._init_meta()
+            elif int(found) > FORMAT_VERSION:
+                raise JournalCorrupt(f"{path}: format {found} is newer than this release reads ({FORMAT_VERSION})")
+            row = self._db.execute(
+                "SELECT count(*), coalesce(sum(events), 0), coalesce(sum(length(body)), 0) FROM outbox"
+            ).fetchone()
+        except sqlite3.DatabaseError as exc:
+            with contextlib.suppress(Exception):
+                self._db.close()
+            raise JournalCorrupt(f"{path}: {exc}") from exc
+        self._lock = threading.Lock()  # the outbox figures change in the shipper's thread too
+        self.outbox_batches, self.outbox_events, self.outbox_bytes = row
+        self.stream_id = self._meta("stream_id") or ""
+        self._next_seq = int(self._meta("next_seq") or 1)
+        self._seq_at_begin = self._next_seq
+        self._outbox_at_begin = (self.outbox_batches, self.outbox_events, self.outbox_bytes)
+
+    def _init_meta(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        self._set_meta("format", str(FORMAT_VERSION))
+        self._set_meta("stream_id", str(uuid.uuid4()))
+        self._set_meta("next_seq", "1")
+        self._db.execute("COMMIT")
+
+    def _meta(self, key: str) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # Flags ---------------------------------------------------------------------------------------
+
+    @property
+    def initialized(self) -> bool:
+        """True once a start-up scan has recorded the workspace (the index is a complete state)."""
+        return self._meta("initialized") == "1"
+
+    def mark_initialized(self) -> None:
+        self._set_meta("initialized", "1")
+
+    @property
+    def needs_rebuild(self) -> bool:
+        return self._meta("needs_rebuild") == "1"
+
+    def set_needs_rebuild(self, value: bool) -> None:
+        self._set_meta("needs_rebuild", "1" if value else "0")
+
+    # Transactions --------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+        self._seq_at_begin = self._next_seq
+        self._outbox_at_begin = (self.outbox_batches, self.outbox_events, self.outbox_bytes)
+
+    def commit(self) -> None:
+        if self._next_seq != self._seq_at_begin:
+            self._set_meta("next_seq", str(self._next_seq))
+        self._db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        """Undo the open transaction. SQLite may already have rolled back by itself (after SQLITE_FULL);
+        then there is nothing to do, and the error that caused it is the one worth reporting."""
+        self._next_seq = self._seq_at_begin
+        with self._lock:
+            self.outbox_batches, self.outbox_events, self.outbox_bytes = self._outbox_at_begin
+        if self._db.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.begin()
+        try:
+            yield
+            self.commit()
+        except BaseException:
+            self.rollback()
+            raise
+
+    def take_seq(self) -> int:
+        seq = self._next_seq
+        self._next_seq += 1
+        return seq
+
+    # Index ---------------------------------------------------------------------------------------
+
+    def get(self, root: str, key: bytes) -> Facts | None:
+        row = self._db.execute(f"SELECT {FACT_COLUMNS} FROM files WHERE root = ? AND key = ?", (root, key)).fetchone()
+        return _facts(row) if row else None
+
+    def get_many(self, root: str, keys: list[bytes]) -> dict[bytes, Facts]:
+        out: dict[bytes, Facts] = {}
+        for i in range(0, len(keys), LOOKUP_CHUNK):
+            chunk = keys[i : i + LOOKUP_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            for key, *rest in self._db.execute(
+                f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key IN ({marks})", (root, *chunk)
+            ):
+                out[key] = _facts(tuple(rest))
+        return out
+
+    def below(self, root: str, key: bytes, start: bytes, limit: int) -> list[tuple[bytes, Facts]]:
+        """Up to `limit` entries strictly below `key` from `start` on (inclusive), in key order."""
+        low, high = subtree_bounds(key)
+        rows = self._db.execute(
+            f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key LIMIT ?",
+            (root, max(low, start), high, limit),
+        )
+        return [(k, _facts(tuple(rest))) for k, *rest in rows]
+
+    def below_reversed(self, root: str, key: bytes) -> Iterator[tuple[bytes, str]]:
+        """(key, type) of every entry below `key`, every entry after all of its descendants."""
+        low, high = subtree_bounds(key)
+        before = high
+        while True:
+            rows = self._db.execute(
+                "SELECT key, type FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key DESC LIMIT 1000",
+                (root, low, before),
+            ).fetchall()
+            yield from rows
+            if len(rows) < 1000:
+                return
+            before = rows[-1][0]
+
+    def put(self, root: str, key: bytes, facts: Facts) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (root, key, *_values(facts))
+        )
+
+    def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [(root, key, *_values(f)) for root, key, f in rows],
+        )
+
+    def drop_tree(self, root: str, key: bytes) -> None:
+        low, high = subtree_bounds(key)
+        self._db.execute(
+            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))", (root, key, low, high)
+        )
+
+    def move_tree(self, root: str, src: bytes, dst: bytes) -> None:
+        """The entry at `src` and everything below it now live at `dst` (what was at `dst` is replaced)."""
+        self.drop_tree(root, dst)
+        low, high = subtree_bounds(src)
+        self._db.execute(
+            "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB)"
+            " WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
+            (dst, len(src) + 1, root, src, low, high),
+        )
+
+    def linked(self, dev: int, ino: int) -> list[tuple[str, bytes]]:
+        """Every indexed name of a hard-linked inode."""
+        return self._db.execute(
+            "SELECT root, key FROM files WHERE dev = ? AND ino = ? AND nlink > 1", (dev, ino)
+        ).fetchall()
+
+    def replace_index(self, rows: Iterable[tuple[str, bytes, Facts]]) -> None:
+        """The whole index from a rebuild (inside a transaction)."""
+        self._db.execute("DELETE FROM files")
+        self.put_many(list(rows))
+
+    def count(self) -> int:
+        return self._db.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    # Outbox --------------------------------------------------------------------------------------
+
+    def append(self, events: list[Event], batch_id: str | None = None) -> int:
+        """Add a batch to the outbox (inside a transaction); returns its size in bytes."""
+        body = encode_events(events)
+        self._db.execute(
+            "INSERT INTO outbox (batch_id, events, crc, body) VALUES (?, ?, ?, ?)",
+            (batch_id or uuid7(), len(events), zlib.crc32(body), body),
+        )
+        with self._lock:
+            self.outbox_batches += 1
+            self.outbox_events += len(events)
+            self.outbox_bytes += len(body)
+        return len(body)
+
+    def acknowledged(self, batch: OutboxBatch) -> None:
+        """The shipper deleted this batch from the outbox (its own connection): keep the figures in step."""
+        with self._lock:
+            self.outbox_batches -= 1
+            self.outbox_events -= len(batch.events)
+            self.outbox_bytes -= batch.size
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+class OutboxReader:
+    """The shipper's view of the outbox: its own connection, so reading never waits for a flush."""
+
+    def __init__(self, path: Path) -> None:
+        self._db = _connect(path, fsync=False)  # an ack lost to a power cut only means a replay
+
+    def next_batches(self, after: int, limit: int) -> list[OutboxBatch | tuple[int, str]]:
+        """The next batches after `after`; a row whose checksum or body is bad comes back as (n, reason)."""
+        out: list[OutboxBatch | tuple[int, str]] = []
+        rows = self._db.execute(
+            "SELECT n, batch_id, crc, body FROM outbox WHERE n > ? ORDER BY n LIMIT ?", (after, limit)
+        ).fetchall()
+        for n, batch_id, crc, body in rows:
+            if zlib.crc32(body) != crc:
+                out.append((n, "checksum mismatch"))
+                continue
+            try:
+                events = tuple(decode_events(body))
+            except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
+                out.append((n, f"undecodable: {exc}"))
+                continue
+            out.append(OutboxBatch(n, batch_id, events, len(body)))
+        return out
+
+    def delete_through(self, n: int) -> None:
+        self._db.execute("DELETE FROM outbox WHERE n <= ?", (n,))
+
+    def close(self) -> None:
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+def move_aside(path: Path) -> Path:
+    """Rename a corrupt journal (with its WAL) out of the way, keeping it for a post-mortem."""
+    aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            os.replace(src, Path(str(aside) + suffix))
+    return aside
+
+
+def salvage_outbox(path: Path) -> tuple[list[tuple[str, list[Event]]], int]:
+    """Batches still readable and intact in a corrupt journal, in order, and how many rows were lost
+    (-1 when the outbox could not be read at all)."""
+    good: list[tuple[str, list[Event]]] = []
+    lost = 0
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return good, -1
+    try:
+        try:
+            numbers = [n for (n,) in db.execute("SELECT n FROM outbox ORDER BY n")]
+        except sqlite3.Error:
+            return good, -1
+        for n in numbers:
+            try:
+                batch_id, crc, body = db.execute("SELECT batch_id, crc, body FROM outbox WHERE n = ?", (n,)).fetchone()
+                if zlib.crc32(body) != crc:
+                    raise ValueError("checksum mismatch")
+                good.append((batch_id, decode_events(body)))
+            except (sqlite3.Error, ValueError, TypeError, KeyError, msgspec.DecodeError):
+                lost += 1
+    finally:
+        db.close()
+    return good, lost

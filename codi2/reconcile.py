@@ -1,0 +1,418 @@
+"""Hints become events by comparing the index (what the trail says) with the disk (what is there now).
+
+Every event is an observation: at its time, the path held what the event says. The index is the fold of
+the trail, so comparing it with the disk yields exactly what the trail lacks, nothing twice: a hint at a
+path that did not change produces nothing, and the same change hinted by inotify, a walk and a rescan is
+recorded once. Facts are read where the entry is at the time of the flush; a hint queued under a
+directory that the window later renamed has already been rewritten to the new place (`Window`), and a
+hint that arrived too late to find its entry is covered by the rescan every directory rename brings.
+
+Everything here runs in the pipeline's worker thread inside a journal transaction; the generators yield
+after every event so the caller can commit a full batch and carry on (a walk of a huge tree streams in
+bounded batches instead of holding the tree in memory).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from codi2.events import Action, Event, Origin
+from codi2.fs import ABSENT_ERRNOS, O_DIR, DirCache, Facts, Unreadable, facts_of, read_facts, split
+from codi2.ignore import IgnoreRules
+from codi2.journal import Journal, key_of, rel_of, subtree_bounds
+from codi2.watcher import Hint, Move, Touch
+
+CHUNK = 512
+
+MakeEvent = Callable[[Action, int, bytes, bytes | None, Facts, Origin], Event]
+
+
+class _Unknown:
+    """The disk could not be read here (permission): leave the index as it is."""
+
+
+UNKNOWN = _Unknown()
+DiskState = Facts | None | _Unknown
+
+
+@dataclass(slots=True)
+class _DiskEntry:
+    """One entry of a walk. `facts` (no hash yet) is None when it may not be examined; `unlistable`
+    marks a directory whose listing failed: what the index holds below either stays untouched."""
+
+    key: bytes
+    rel: bytes
+    name: bytes
+    dir_fd: int
+    facts: Facts | None
+    unlistable: bool = False
+
+
+def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive: bool) -> Iterator[_DiskEntry]:
+    """Entries below `rel` in key order (depth first, names sorted), one descriptor held per level;
+    `dir_fd` of an entry stays open until the next entry is asked for."""
+    stack: list[tuple[bytes, int, list[bytes]]] = [(rel, os.dup(fd), [])]
+    try:
+        stack[0] = (rel, stack[0][1], _names_in(stack[0][1]))
+    except OSError:
+        os.close(stack.pop()[1])
+        return
+    try:
+        while stack:
+            parent, pfd, pending = stack[-1]
+            if not pending:
+                os.close(pfd)
+                stack.pop()
+                continue
+            entry = pending.pop()
+            child = parent + b"/" + entry if parent else entry
+            try:
+                facts: Facts | None = facts_of(os.stat(entry, dir_fd=pfd, follow_symlinks=False))
+            except OSError as exc:
+                if exc.errno in ABSENT_ERRNOS:
+                    continue  # gone between the listing and the stat
+                facts = None
+            if facts is not None and rules.ignored(root, child, facts.type == "dir"):
+                continue
+            if facts is None or facts.type != "dir" or not recursive:
+                yield _DiskEntry(key_of(child), child, entry, pfd, facts)
+                continue
+            try:
+                cfd = os.open(entry, O_DIR, dir_fd=pfd)
+            except OSError:
+                yield _DiskEntry(key_of(child), child, entry, pfd, facts, unlistable=True)
+                continue
+            try:
+                names = _names_in(cfd)
+            except OSError:
+                os.close(cfd)
+                yield _DiskEntry(key_of(child), child, entry, pfd, facts, unlistable=True)
+                continue
+            yield _DiskEntry(key_of(child), child, entry, pfd, facts)
+            stack.append((child, cfd, names))
+    finally:
+        for _, pfd, _ in stack:
+            os.close(pfd)
+
+
+def _names_in(fd: int) -> list[bytes]:
+    """Names in a directory, sorted in reverse so that `pop()` gives them in key order."""
+    with os.scandir(fd) as it:
+        names = [os.fsencode(e.name) for e in it]
+    names.sort(reverse=True)
+    return names
+
+
+def content_changed(known: Facts, disk: Facts) -> bool:
+    """What an `updated` event reports: size, mode, mtime or hash (not the inode or ctime alone)."""
+    return (
+        known.size != disk.size
+        or known.mode != disk.mode
+        or known.mtime_ns != disk.mtime_ns
+        or (disk.type == "file" and known.sha256 != disk.sha256)
+    )
+
+
+def same_entity(known: Facts, disk: Facts) -> bool:
+    """The same directory (or file) by identity; an index rebuilt from the trail knows no inodes."""
+    if known.type != disk.type:
+        return False
+    return known.ino is None or (known.ino == disk.ino and known.dev in (None, disk.dev))
+
+
+class Reconciler:
+    def __init__(
+        self,
+        journal: Journal,
+        root_fds: list[int],
+        root_names: list[str],
+        rules: IgnoreRules,
+        hash_max: int,
+        make_event: MakeEvent,
+        *,
+        silent: bool = False,
+    ) -> None:
+        self._j = journal
+        self._root_fds = root_fds
+        self._names = root_names
+        self._rules = rules
+        self._hash_max = hash_max
+        self._make = make_event
+        self.silent = silent  # record the state without events (`initial_scan = "silent"`)
+        self.events: list[Event] = []
+        self.cache = DirCache(root_fds)
+
+    # Entry points ---------------------------------------------------------------------------------
+
+    def apply(self, hint: Hint, origin: Origin = "live") -> Iterator[None]:
+        if isinstance(hint, Touch):
+            yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
+        elif isinstance(hint, Move):
+            yield from self.move(hint, origin)
+        else:
+            yield from self.rescan(hint.root, hint.path, hint.recursive, hint.origin)
+
+    def touch(
+        self, root: int, rel: bytes, origin: Origin, *, links: bool = True, created: bool = False, is_dir: bool = False
+    ) -> Iterator[None]:
+        if not rel or self._ignored(root, rel):
+            return
+        key = key_of(rel)
+        known = self._j.get(self._names[root], key)
+        disk = self._disk(root, rel, known)
+        if disk is UNKNOWN:
+            return
+        if disk is None and known is None and created:
+            # It appeared and vanished before anyone could look: it existed, with facts unknown.
+            bare = _bare("dir" if is_dir else "file")
+            yield from self._emit("created", root, rel, None, bare, origin)
+            yield from self._emit("deleted", root, rel, None, bare, origin)
+            return
+        yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+        if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
+            # A write through one name of a hard-linked file changes every name: inotify only told us one.
+            for other_root, other_key in self._j.linked(disk.dev or 0, disk.ino or 0):
+                index = self._names.index(other_root)
+                if (index, other_key) != (root, key):
+                    yield from self.touch(index, rel_of(other_key), origin, links=False)
+
+    def move(self, hint: Move, origin: Origin) -> Iterator[None]:
+        """A rename the kernel reported. It becomes one `moved` event when the index holds what moved
+        (the inode at the new name is the indexed one, or the watcher vouched for the directory's inode,
+        or the index holds entries below a directory created within this window); otherwise both names
+        are simply looked at again."""
+        root, name = hint.root, self._names[hint.root]
+        if self._ignored(root, hint.src) or self._ignored(root, hint.dst):
+            yield from self.touch(root, hint.src, origin)
+            yield from self.touch(root, hint.dst, origin)
+            return
+        src_key, dst_key = key_of(hint.src), key_of(hint.dst)
+        known = self._j.get(name, src_key)
+        below = hint.is_dir and bool(self._j.below(name, src_key, b"", 1))
+        disk = self._disk(root, hint.dst, known) if known is not None or below else None
+        if disk is UNKNOWN or (known is None and not below):
+            yield from self.touch(root, hint.src, origin)
+            yield from self._look_again(root, hint.dst, hint.is_dir, origin)
+            return
+        if known is None:
+            trusted = disk is None or disk.type == "dir"  # type: ignore[union-attr]
+            facts = disk if isinstance(disk, Facts) else _bare("dir")
+        else:
+            trusted = self._trusted(hint, known, disk)  # type: ignore[arg-type]
+            facts = disk if isinstance(disk, Facts) and same_entity(known, disk) else known
+        if not trusted:
+            yield from self.touch(root, hint.src, origin)
+            yield from self._look_again(root, hint.dst, hint.is_dir, origin)
+            return
+        self._j.move_tree(name, src_key, dst_key)
+        self._j.put(name, dst_key, facts)
+        yield from self._emit("moved", root, hint.src, hint.dst, facts, origin)
+        if disk is not None:  # when it has moved on, the hints of its next move or removal settle it
+            yield from self._look_again(root, hint.dst, hint.is_dir, origin)
+
+    def _look_again(self, root: int, rel: bytes, is_dir: bool, origin: Origin) -> Iterator[None]:
+        """After a rename, the new name's own state, and for a directory its whole tree: changes hinted
+        under the old name before the rename was read, and what the ignore rules say at the new place."""
+        yield from self.touch(root, rel, origin)
+        known = self._j.get(self._names[root], key_of(rel))
+        if is_dir and known is not None and known.type == "dir":
+            yield from self._walk(root, rel, origin, recursive=True)
+
+    @staticmethod
+    def _trusted(hint: Move, known: Facts, disk: Facts | None) -> bool:
+        if (known.type == "dir") != hint.is_dir:
+            return False
+        if hint.ino is not None and known.ino is not None:
+            return hint.ino == known.ino  # the watcher saw this very directory at the new name
+        if disk is None:
+            return True  # it moved on (or was removed): the kernel paired the rename, later hints settle it
+        return same_entity(known, disk)
+
+    def rescan(self, root: int, rel: bytes, recursive: bool, origin: Origin) -> Iterator[None]:
+        """Diff a directory (and with `recursive` everything below it) against the index."""
+        if rel:
+            if self._ignored(root, rel):
+                yield from self.touch(root, rel, origin)
+                return
+            key = key_of(rel)
+            known = self._j.get(self._names[root], key)
+            disk = self._disk(root, rel, known)
+            if disk is UNKNOWN:
+                return
+            if disk is None or known is None or disk.type != "dir" or known.type != "dir":  # type: ignore[union-attr]
+                yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+                return
+            yield from self._settle(root, rel, key, known, disk, origin, descend=False)  # type: ignore[arg-type]
+            recursive = recursive or not same_entity(known, disk)  # type: ignore[arg-type]
+        yield from self._walk(root, rel, origin, recursive=recursive)
+
+    # The comparison of one path -------------------------------------------------------------------
+
+    def _settle(
+        self,
+        root: int,
+        rel: bytes,
+        key: bytes,
+        known: Facts | None,
+        disk: Facts | None,
+        origin: Origin,
+        *,
+        descend: bool,
+    ) -> Iterator[None]:
+        """Make the index (and the trail) say what the disk says at `rel`. The index is keyed by path:
+        a file replaced by another file is `updated` when its content differs. A directory replaced by
+        another one (a new inode) is diffed entry by entry, since what was written into it before its
+        watch existed is only found by looking."""
+        name = self._names[root]
+        if disk is None:
+            if known is not None:
+                yield from self._delete(root, rel, key, known, origin)
+            return
+        if known is not None and known.type != disk.type:
+            yield from self._delete(root, rel, key, known, origin)
+            known = None
+        if known is None:
+            self._j.put(name, key, disk)
+            yield from self._emit("created", root, rel, None, disk, origin)
+            if disk.type == "dir" and descend:
+                yield from self._walk(root, rel, origin, recursive=True)
+            return
+        if content_changed(known, disk):
+            self._j.put(name, key, disk)
+            yield from self._emit("updated", root, rel, None, disk, origin)
+        elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
+            self._j.put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
+        if disk.type == "dir" and descend and not same_entity(known, disk):
+            yield from self._walk(root, rel, origin, recursive=True)
+
+    def _delete(self, root: int, rel: bytes, key: bytes, known: Facts, origin: Origin) -> Iterator[None]:
+        """`deleted` for everything the index holds below `rel` (deepest first), then for `rel` itself."""
+        name = self._names[root]
+        if known.type == "dir":
+            for sub_key, sub_type in list(self._j.below_reversed(name, key)):
+                self._j.drop_tree(name, sub_key)
+                yield from self._emit("deleted", root, rel_of(sub_key), None, _bare(sub_type), origin)
+        self._j.drop_tree(name, key)
+        yield from self._emit("deleted", root, rel, None, known, origin)
+
+    # Walks ------------------------------------------------------------------------------------------
+
+    def _walk(self, root: int, rel: bytes, origin: Origin, *, recursive: bool) -> Iterator[None]:
+        """Merge the directory listing(s) below `rel` with the index below it, both in key order (depth
+        first, names sorted), and settle every difference."""
+        try:
+            fd = self.cache.get(root, rel)
+        except OSError as exc:
+            if exc.errno in ABSENT_ERRNOS:
+                yield from self.touch(root, rel, origin)
+            return  # unreadable: what is below stays as the index has it
+        name = self._names[root]
+        disk = _disk_entries(self._rules, root, rel, fd, recursive)
+        index = self._index_entries(name, key_of(rel), recursive)
+        d, i = next(disk, None), next(index, None)
+        gone: bytes | None = None  # the index subtree below a directory just deleted or replaced
+        kept: bytes | None = None  # below an entry we may not look into: the index stays as it is
+        while d is not None or i is not None:
+            if i is not None and (
+                (gone is not None and i[0].startswith(gone))
+                or (kept is not None and (i[0].startswith(kept) or i[0] == kept[:-1]))
+            ):
+                i = next(index, None)
+                continue
+            if d is not None and (i is None or d.key < i[0]):
+                if d.facts is not None:
+                    full = self._hashed(d, None)
+                    yield from self._settle(root, d.rel, d.key, None, full, origin, descend=not recursive)
+                if d.facts is None or d.unlistable:
+                    kept = d.key + b"\x00"
+                d = next(disk, None)
+            elif d is None or i[0] < d.key:  # type: ignore[index]
+                ikey, ifacts = i  # type: ignore[misc]
+                yield from self._delete(root, rel_of(ikey), ikey, ifacts, origin)
+                gone = ikey + b"\x00"
+                i = next(index, None)
+            else:
+                ikey, ifacts = i
+                if d.facts is None or d.unlistable:
+                    kept = d.key + b"\x00"
+                if d.facts is not None:
+                    full = self._hashed(d, ifacts)
+                    if full is None or full.type != ifacts.type:
+                        gone = ikey + b"\x00"
+                    yield from self._settle(root, d.rel, d.key, ifacts, full, origin, descend=not recursive)
+                d, i = next(disk, None), next(index, None)
+
+    def _hashed(self, entry: _DiskEntry, known: Facts | None) -> Facts | None:
+        """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
+        facts = entry.facts
+        assert facts is not None
+        if facts.type != "file":
+            return facts
+        if known is not None and known.sha256 is not None and facts.same_stat(known):
+            facts.sha256 = known.sha256
+            return facts
+        try:
+            return read_facts(entry.dir_fd, entry.name, known, self._hash_max)
+        except Unreadable:
+            facts.sha256 = known.sha256 if known is not None and facts.same_stat(known) else None
+            return facts
+        except OSError as exc:
+            if exc.errno in ABSENT_ERRNOS:
+                return None
+            raise
+
+    def _index_entries(self, root_name: str, top: bytes, recursive: bool) -> Iterator[tuple[bytes, Facts]]:
+        """The index below `top` in key order: all of it, or only the direct children (jumping over the
+        subtree of each child with one query instead of reading it)."""
+        depth = top.count(b"\x00") + 1 if top else 0
+        start = subtree_bounds(top)[0]
+        while True:
+            rows = self._j.below(root_name, top, start, CHUNK)
+            if not rows:
+                return
+            for key, facts in rows:
+                if recursive or key.count(b"\x00") == depth:
+                    yield key, facts
+                    start = key + b"\x00"
+                else:
+                    start = b"\x00".join(key.split(b"\x00")[: depth + 1]) + b"\x01"
+                    break
+            else:
+                if len(rows) < CHUNK:
+                    return
+
+    # Helpers -----------------------------------------------------------------------------------------
+
+    def _ignored(self, root: int, rel: bytes) -> bool:
+        return self._rules.ignored(root, rel, False) and self._rules.ignored(root, rel, True)
+
+    def _disk(self, root: int, rel: bytes, known: Facts | None) -> DiskState:
+        parent, entry = split(rel)
+        try:
+            dfd = self.cache.get(root, parent)
+            facts = read_facts(dfd, entry, known, self._hash_max)
+        except Unreadable:
+            return UNKNOWN
+        except OSError as exc:
+            if exc.errno in ABSENT_ERRNOS:
+                return None
+            if exc.errno in (13, 1):  # EACCES, EPERM on a parent
+                return UNKNOWN
+            raise
+        if facts is not None and self._rules.ignored(root, rel, facts.type == "dir"):
+            return None  # ignored where it is now: out of the trail
+        return facts
+
+    def _emit(
+        self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
+    ) -> Iterator[None]:
+        if self.silent:
+            return
+        self.events.append(self._make(action, root, rel, dest, facts, origin))
+        yield
+
+
+def _bare(kind: str) -> Facts:
+    return Facts(kind, None, None, None, None, None, None, None)  # type: ignore[arg-type]
