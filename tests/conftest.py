@@ -13,8 +13,10 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import fakefdb
 import pytest
 
 from codi2.events import Event, EventQuery
@@ -137,6 +139,18 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fake_libfdb_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the fake libfdb_c.so, built for this session (skipped, with the reason, where it cannot be)."""
+    return fakefdb.build(tmp_path_factory.mktemp("fakelibfdb"))
+
+
+@pytest.fixture(scope="session")
+def fdb_api(fake_libfdb_c: Path) -> ModuleType:
+    """The real `fdb` bindings, on the fake libfdb_c in this process."""
+    return fakefdb.load_in_process(fake_libfdb_c)
 
 
 @pytest.fixture
