@@ -17,12 +17,17 @@ from types import ModuleType
 from typing import Any
 
 import fakefdb
+import hypothesis
 import pytest
 
 from codi2.events import Event, EventQuery
 from codi2.sinks.sqlite import SqliteSink
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+
+# Tests never depend on timing: no example fails for taking long on a loaded machine.
+hypothesis.settings.register_profile("codi2", deadline=None)
+hypothesis.settings.load_profile("codi2")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
