@@ -6,7 +6,6 @@ Each step is timed and reported on its own line; the first failure stops the run
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -17,7 +16,6 @@ from codi2.config import Settings
 from codi2.sinks import Sink, StoreError
 
 PROBE_TENANT = "codi2-selftest"
-CLUSTER_LINE = re.compile(r"^(?P<desc>[A-Za-z0-9_]+):(?P<id>[A-Za-z0-9]+)@(?P<coords>\S+)$")
 
 
 @dataclass
@@ -35,18 +33,7 @@ class StepFailed(Exception):
         self.hint = hint
 
 
-def parse_cluster_file(text: str) -> tuple[str, str, list[str]]:
-    """`description:id@host:port[,host:port...]`, comments (#) and blank lines ignored."""
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    if len(lines) != 1 or not (m := CLUSTER_LINE.match(lines[0])):
-        raise ValueError("expected one line description:id@host:port[,host:port...]")
-    coordinators = m["coords"].split(",")
-    if not all(re.fullmatch(r"[\w.\-\[\]:]+:\d+(:tls)?", c) for c in coordinators):
-        raise ValueError(f"bad coordinator address in {m['coords']!r}")
-    return m["desc"], m["id"], coordinators
-
-
-def _timed(name: str, fn: Callable[[], str], settings: Settings) -> Step:
+def _timed(name: str, fn: Callable[[], str]) -> Step:
     started = time.perf_counter()
     try:
         detail = fn()
@@ -54,14 +41,18 @@ def _timed(name: str, fn: Callable[[], str], settings: Settings) -> Step:
     except StepFailed as exc:
         return Step(name, False, (time.perf_counter() - started) * 1000, str(exc), exc.hint)
     except StoreError as exc:
-        return Step(name, False, (time.perf_counter() - started) * 1000, str(exc), _hint(exc, settings))
+        return Step(name, False, (time.perf_counter() - started) * 1000, str(exc), _hint(exc))
 
 
-def _hint(exc: StoreError, settings: Settings) -> str | None:
+def _hint(exc: StoreError) -> str | None:
     if exc.code in ("libfdb_c_missing", "libfdb_c_version"):
-        api = settings.foundationdb.api_version
-        return f"install foundationdb-clients {api // 100}.{api % 100 // 10} (README: client/server version matrix)"
-    if exc.code == "transaction_timed_out":
+        from codi2.sinks.fdb import bindings_series
+
+        return (
+            f"install foundationdb-clients {bindings_series()}, the series of the installed Python bindings"
+            " (README: client/server version matrix)"
+        )
+    if exc.code == "fdb_1031":  # transaction_timed_out
         return "is the cluster reachable from here? check the coordinators in the cluster file and the network"
     if exc.code == "SQLITE_BUSY":
         return "another process holds the database lock"
@@ -74,7 +65,7 @@ def run_checks(settings: Settings, config_path: Path | None) -> Iterator[Step]:
     tenant = settings.tenant_id or PROBE_TENANT
     steps = _fdb_steps(settings, tenant) if settings.backend == "fdb" else _sqlite_steps(settings, tenant)
     for name, fn in steps:
-        step = _timed(name, fn, settings)
+        step = _timed(name, fn)
         yield step
         if not step.ok:
             return
@@ -117,7 +108,7 @@ def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], 
     def cluster_file() -> str:
         path = fdb_sink.resolve_cluster_file(settings)
         try:
-            desc, ident, coordinators = parse_cluster_file(path.read_text())
+            desc, ident, coordinators = fdb_sink.parse_cluster_file(path.read_text())
         except OSError as exc:
             raise StepFailed(
                 f"{path}: {exc.strerror}", "mount the fdb-cluster-config map or set FDB_CLUSTER_FILE"

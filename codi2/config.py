@@ -11,9 +11,11 @@ import os
 import socket
 import tomllib
 from contextvars import ContextVar
+from importlib.metadata import version
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import fdb.apiversion
 from pydantic import (
     AfterValidator,
     AliasChoices,
@@ -58,6 +60,22 @@ def _check_bind_addr(value: str) -> str:
 
 BindAddr = Annotated[str, AfterValidator(_check_bind_addr)]
 
+# Below 610, `on_error` resets a transaction's timeout and retry limit, which the FDB sink relies on.
+FDB_API_MIN = 610
+
+
+def _check_api_version(value: int) -> int:
+    """The installed `fdb` bindings cap the API version (their libfdb_c must support it), not the cluster."""
+    latest = fdb.apiversion.LATEST_API_VERSION
+    if value > latest:
+        raise ValueError(
+            f"{value} is above {latest}, the highest the installed foundationdb bindings ({version('foundationdb')})"
+            f" support: set {latest} or lower (README: client/server version matrix)"
+        )
+    if value < FDB_API_MIN:
+        raise ValueError(f"{value} is below {FDB_API_MIN}: set {FDB_API_MIN} or higher, up to {latest}")
+    return value
+
 
 class Section(BaseModel):
     """A TOML table: unknown keys are errors so typos never pass silently."""
@@ -80,12 +98,13 @@ class ServerSettings(Section):
 class FoundationDBSettings(Section):
     cluster_file: Path | None = None
     cluster_string: str | None = None
-    api_version: int = Field(default=730, ge=510, le=800)
+    api_version: Annotated[int, AfterValidator(_check_api_version)] = 730
     root_prefix: list[str] = Field(default_factory=lambda: ["codi2"])
     transaction_timeout_ms: int = Field(default=5000, ge=100, le=60_000)
     retry_limit: int = Field(default=10, ge=0, le=1000)
-    batch_bytes: int = Field(default=1_000_000, ge=10_000, le=9_000_000)
-    marker_retention_hours: float = Field(default=168.0, gt=0)
+    # One transaction's size as FoundationDB counts it (mutations and conflict ranges); FDB advises at most 1 MB.
+    batch_bytes: int = Field(default=1_000_000, ge=10_000, le=1_000_000)
+    event_id_retention_hours: float = Field(default=168.0, gt=0)
 
 
 class MonitoringSettings(Section):

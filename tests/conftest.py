@@ -13,14 +13,21 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
+import fakefdb
+import hypothesis
 import pytest
 
 from codi2.events import Event, EventQuery
 from codi2.sinks.sqlite import SqliteSink
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+
+# Tests never depend on timing: no example fails for taking long on a loaded machine.
+hypothesis.settings.register_profile("codi2", deadline=None)
+hypothesis.settings.load_profile("codi2")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
@@ -145,6 +152,18 @@ class DaemonProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def fake_libfdb_c(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory of the fake libfdb_c.so, built for this session (skipped, with the reason, where it cannot be)."""
+    return fakefdb.build(tmp_path_factory.mktemp("fakelibfdb"))
+
+
+@pytest.fixture(scope="session")
+def fdb_api(fake_libfdb_c: Path) -> ModuleType:
+    """The real `fdb` bindings, on the fake libfdb_c in this process."""
+    return fakefdb.load_in_process(fake_libfdb_c)
 
 
 @pytest.fixture

@@ -84,6 +84,11 @@ class SinkContract:
         sink.write_batch(Batch(uuid7(), batch.events))  # same events replayed under a new batch id
         assert [e.path for e in self._all(sink)] == ["x", "y"]
 
+    def test_the_same_event_twice_in_one_batch_is_stored_once(self, sink: Sink) -> None:
+        twice = make_event("twice")
+        sink.write_batch(batch_of(twice, make_event("other"), twice))
+        assert [e.path for e in self._all(sink)] == ["twice", "other"]
+
     def test_tenants_never_see_each_other(self, sink: Sink) -> None:
         sink.write_batch(batch_of(make_event("mine", tenant="t1"), make_event("theirs", tenant="t10")))
         assert [e.path for e in self._all(sink, "t1")] == ["mine"]
@@ -118,6 +123,14 @@ class SinkContract:
             assert [e.path for _, e in reader.read(EventQuery("t1"), after=last)] == ["three"]
         finally:
             reader.close()
+
+    def test_a_cursor_never_leads_into_another_tenant(self, sink: Sink) -> None:
+        sink.write_batch(batch_of(make_event("a1", tenant="a"), make_event("a2", tenant="a")))
+        sink.write_batch(batch_of(make_event("b1", tenant="b")))
+        after_a1 = next(iter(sink.read(EventQuery("a"))))[0]
+        after_b1 = next(iter(sink.read(EventQuery("b"))))[0]
+        assert [e.path for _, e in sink.read(EventQuery("b"), after=after_a1)] == ["b1"]
+        assert list(sink.read(EventQuery("a"), after=after_b1)) == []
 
     def test_ping_succeeds_on_a_healthy_store(self, sink: Sink) -> None:
         sink.ping()

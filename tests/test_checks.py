@@ -7,10 +7,13 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
+import fakefdb
 import pytest
 
-from codi2.checks import parse_cluster_file
+from codi2.checks import PROBE_TENANT
+from codi2.sinks.fdb import FdbSink, parse_cluster_file
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -45,9 +48,31 @@ def test_fdb_without_client_library_names_the_step_and_the_fix(tmp_path: Path) -
     lines = result.stdout.splitlines()
     assert lines[0].startswith("PASS  config")
     assert lines[1].startswith("FAIL  libfdb_c") and "api_version 730" in lines[1]
-    assert lines[2].strip() == "hint: install foundationdb-clients 7.3 (README: client/server version matrix)"
+    assert lines[2].strip() == (
+        "hint: install foundationdb-clients 7.3, the series of the installed Python bindings"
+        " (README: client/server version matrix)"
+    )
     as_json = json.loads(_run("--config", str(repo / "config" / "codi2.toml"), "--json").stdout)
     assert as_json["ok"] is False and [s["name"] for s in as_json["steps"]] == ["config", "libfdb_c"]
+
+
+def test_fdb_store_passes_every_step_through_conflicts_and_unknown_results(
+    tmp_path: Path, fake_libfdb_c: Path, fdb_api: ModuleType
+) -> None:
+    cluster = tmp_path / "fdb.cluster"
+    cluster.write_text("test:fake@127.0.0.1:4500\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f"[foundationdb]\ncluster_file = {json.dumps(str(cluster))}\n")
+    data = Path(f"{cluster}.fakefdb.sqlite")  # where the fake keeps the database of this cluster file
+    for seed in range(1, 11):  # 20% of commits conflict and 20% end with commit_unknown_result
+        env = {**fakefdb.child_env(fake_libfdb_c, data, "1020:0.2,1021:0.2", seed), "FDB_CLUSTER_FILE": str(cluster)}
+        result = _run("--config", str(config), env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        names = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PASS")]
+        assert names == ["config", "libfdb_c", "cluster_file", "database", "probe"]
+    assert fakefdb.counters(data)["faults"]["1020"] and fakefdb.counters(data)["faults"]["1021"]
+    db = fdb_api.open(str(cluster))  # the same data file, read in this process
+    assert db.get_range_startswith(FdbSink(db, tenant_id=None).key(PROBE_TENANT, "probe")) == []
 
 
 def test_bad_config_is_a_usage_error(tmp_path: Path) -> None:

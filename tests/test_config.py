@@ -97,6 +97,18 @@ def test_logging_level_is_case_insensitive(fs: Path) -> None:
         ("[server]\nbind_addr = '127.0.0.1:70000'\n", "server.bind_addr: port must be a number from 0 to 65535"),
         ("[storage]\nbackend = 'mysql'\n", "storage.backend: Input should be 'sqlite' or 'fdb'"),
         ("[server\n", "invalid TOML"),
+        (
+            "[foundationdb]\napi_version = 800\n",
+            "foundationdb.api_version: 800 is above 730, the highest the installed foundationdb bindings (7.3.",
+        ),
+        (
+            "[foundationdb]\napi_version = 520\n",
+            "foundationdb.api_version: 520 is below 610: set 610 or higher, up to 730",
+        ),
+        (
+            "[foundationdb]\nbatch_bytes = 9000000\n",
+            "foundationdb.batch_bytes: Input should be less than or equal to 1000000",
+        ),
     ],
 )
 def test_bad_config_names_file_key_and_problem(fs: Path, text: str, expected: str) -> None:

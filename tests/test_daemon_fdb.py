@@ -1,72 +1,134 @@
-"""The whole daemon (real inotify, real health port) committing through the FoundationDB sink, with
-the transaction double standing in for a cluster: faults show in /status and lose nothing."""
+"""`codi2 run` on FoundationDB: a real subprocess on the real `fdb` bindings over the fake libfdb_c, with
+faults the library injects (FAKEFDB_FAULTS), an outage (`<data>.down`) and a kill; the trail is read back
+with `codi2 events`. Every event lands exactly once, and /status keeps answering with the error."""
 
 from __future__ import annotations
 
-import asyncio
 import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
-import aiohttp
-from conftest import eventually
-from fdb_double import FakeDatabase, FakeFDBError
+import fakefdb
+import pytest
+from conftest import WAIT_S, DaemonProcess, wait_for
 
-from codi2.config import load_settings
-from codi2.daemon import Daemon
-from codi2.events import EventQuery
-from codi2.pipeline import Identity
-from codi2.sinks.fdb import FdbSink
+from codi2.events import Event
+
+Start = Callable[..., DaemonProcess]
 
 
-async def test_daemon_commits_through_fdb_and_survives_faults(tmp_path: Path) -> None:
-    workspace = tmp_path / "ws"
-    workspace.mkdir()
-    config = tmp_path / "codi2.toml"
-    config.write_text(
-        f'[server]\nbind_addr = "127.0.0.1:0"\n[foundationdb]\ncluster_string = "test:abc@127.0.0.1:4500"\n'
-        f"[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n[batching]\nmax_delay_ms = 20\n"
+@pytest.fixture
+def config(tmp_path: Path, workspace: Path) -> Path:
+    cluster = tmp_path / "fdb.cluster"
+    cluster.write_text("test:fake@127.0.0.1:4500\n")  # never read by the fake; `codi2 test` parses it
+    path = tmp_path / "codi2.toml"
+    path.write_text(
+        f"""
+[server]
+bind_addr = "127.0.0.1:0"
+[foundationdb]
+cluster_file = {json.dumps(str(cluster))}
+transaction_timeout_ms = 500
+[monitoring]
+watch_paths = [{json.dumps(str(workspace))}]
+[batching]
+max_events = 5
+max_delay_ms = 20
+[logging]
+level = "debug"
+format = "json"
+"""
     )
-    settings = load_settings(config, tenant_id="t1", user_id="u1")
-    assert settings.backend == "fdb"
-    db = FakeDatabase()
-    sink = FdbSink(db, FakeFDBError, tenant_id="t1")
-    daemon = Daemon(settings, Identity("t1", "u1", None, "pod-1"), open_store=lambda _: sink)
-    serving = asyncio.create_task(daemon.serve())
-    await eventually(lambda: daemon.status()["ready"])
+    return path
 
-    def stored() -> list[str]:
-        return [e.path for _, e in sink.read(EventQuery("t1")) if e.action == "created"]
 
-    async with aiohttp.ClientSession() as http:
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return tmp_path / "fdb.sqlite"
 
-        async def status() -> dict[str, Any]:
-            async with http.get(f"http://127.0.0.1:{daemon.health.port}/status") as resp:
-                return await resp.json()
 
-        (workspace / "a.txt").write_text("a")
-        await eventually(lambda: stored() == ["a.txt"])
+@pytest.fixture
+def start(config: Path, data: Path, fake_libfdb_c: Path) -> Iterator[Start]:
+    started: list[DaemonProcess] = []
 
-        db.inject("commit_before", *([1031] * 6))  # the cluster times out six times in a row
-        for i in range(10):
-            (workspace / f"b{i}.txt").write_text("b")
-        for _ in range(600):
-            current = await status()
-            if current["store"]["state"] == "degraded":
-                break
-            await asyncio.sleep(0.01)
-        assert current["store"]["error_code"] == "transaction_timed_out"
-        assert "(1031)" in current["store"]["error"]
-        async with http.get(f"http://127.0.0.1:{daemon.health.port}/readyz") as resp:
-            assert resp.status == 200
+    def start(faults: str = "", seed: int = 1) -> DaemonProcess:
+        daemon = DaemonProcess(config, data, fakefdb.child_env(fake_libfdb_c, data, faults, seed))
+        started.append(daemon)
+        return daemon
 
-        db.inject("commit_after", 1021)  # and then commits without saying so
-        await eventually(lambda: len(stored()) == 11)
-        await eventually(lambda: daemon.status()["store"]["state"] == "ok")
-        metrics = await (await http.get(f"http://127.0.0.1:{daemon.health.port}/metrics")).text()
-        assert 'codi2_store_errors_total{error="transaction_timed_out"} 6.0' in metrics
+    yield start
+    for daemon in started:
+        daemon.kill()
 
-    daemon.should_exit.set()
-    assert await serving == 0
-    assert sorted(stored()) == ["a.txt"] + [f"b{i}.txt" for i in range(10)]
-    assert not db.faults["commit_before"] and not db.faults["commit_after"]
+
+def stored(config: Path, data: Path, lib_dir: Path) -> list[Event]:
+    """The tenant's trail as `codi2 events` prints it, read through the fake in a process of its own."""
+    result = subprocess.run(
+        [sys.executable, "-m", "codi2", "events", "--config", str(config), "--tenant-id", "t1", "--format", "jsonl"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        check=True,
+        env={**os.environ, **fakefdb.child_env(lib_dir, data)},
+    )
+    return [Event.from_json(line) for line in result.stdout.splitlines()]
+
+
+def created(config: Path, data: Path, lib_dir: Path) -> Counter[str]:
+    return Counter(e.path for e in stored(config, data, lib_dir) if e.action == "created")
+
+
+def test_every_event_lands_exactly_once_through_faults_and_an_outage(
+    workspace: Path, config: Path, data: Path, fake_libfdb_c: Path, start: Start
+) -> None:
+    daemon = start("1020:0.15,1021_before:0.1,1021_after:0.15,1031_after:0.1,1007:0.1", seed=3)
+    for i in range(30):
+        (workspace / f"a{i}.txt").write_text("a")
+    wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 30)
+
+    down = Path(f"{data}.down")
+    down.touch()  # the cluster goes away: every commit times out
+    for i in range(30):
+        (workspace / f"b{i}.txt").write_text("b")
+
+    def degraded() -> dict | None:
+        store = daemon.status()["store"]
+        return store if store["state"] == "degraded" else None
+
+    store = wait_for(degraded)
+    assert store["error_code"] == "fdb_1031" and store["error"].endswith("(1031)")
+    assert daemon.get("/readyz")[0] == 200
+    down.unlink()
+
+    wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 60)
+    wait_for(lambda: daemon.status()["store"]["state"] == "ok")
+    assert daemon.terminate() == 0
+    paths = created(config, data, fake_libfdb_c)
+    assert set(paths) == {f"{p}{i}.txt" for p in "ab" for i in range(30)}
+    assert set(paths.values()) == {1}
+    assert sum(fakefdb.counters(data)["faults"].values()) > 0
+
+
+def test_an_unnamed_error_code_is_shown_and_the_batch_kept_across_a_kill(
+    workspace: Path, config: Path, data: Path, fake_libfdb_c: Path, start: Start
+) -> None:
+    daemon = start("4242:1")  # every commit fails with a code FoundationDB does not define
+    for i in range(5):
+        (workspace / f"f{i}.txt").write_text("f")
+    wait_for(lambda: "codi2_spool_events 5.0" in daemon.get("/metrics")[1])
+    status, body = daemon.get("/status")
+    assert status == 200
+    store = json.loads(body)["store"]
+    assert store["state"] == "degraded" and store["error_code"] == "fdb_4242"
+    assert store["error"] == "fdb: Unknown error (4242)"  # the fake's description, decoded
+    assert 'codi2_store_errors_total{error="fdb_4242"}' in daemon.get("/metrics")[1]
+    daemon.kill()
+
+    daemon = start()  # the store is back: the spooled batch is committed, once
+    wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 5)
+    assert daemon.terminate() == 0
+    assert created(config, data, fake_libfdb_c) == Counter(f"f{i}.txt" for i in range(5))

@@ -2,7 +2,9 @@
 
     CODI2_TEST_FDB_CLUSTER_FILE=/etc/foundationdb/fdb.cluster make test
 
-Everything is written under a root prefix unique to the run and cleared afterwards.
+The same contract as SQLite and the fake libfdb_c, and what only a real cluster can show (docs/fdb-layout.md).
+Everything is written under a root prefix unique to the run and cleared afterwards. This process then loads
+the installed libfdb_c, so the tests that need the fake in this process are skipped.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Any
 
 import pytest
 from fdb import tuple as fdbtuple
+from fdb_double import FaultyDatabase
 from sink_contract import SinkContract, batch_of, make_event
 
 from codi2.events import EventQuery
 from codi2.sinks import Sink
+from codi2.sinks.fdb import FdbSink, load_fdb
 
 CLUSTER_FILE = os.environ.get("CODI2_TEST_FDB_CLUSTER_FILE")
 pytestmark = [
@@ -30,8 +34,6 @@ API_VERSION = int(os.environ.get("CODI2_TEST_FDB_API_VERSION", "730"))
 @pytest.fixture(scope="module")
 def database() -> tuple[Any, Any]:
     """The loaded `fdb` module and an open `fdb.Database`."""
-    from codi2.sinks.fdb import load_fdb
-
     fdb_module = load_fdb(API_VERSION)
     return fdb_module, fdb_module.open(CLUSTER_FILE)
 
@@ -48,26 +50,30 @@ def root(database: tuple[Any, Any]) -> Iterator[tuple[str, ...]]:
 class TestRealFdbSink(SinkContract):
     @pytest.fixture
     def sink(self, database: tuple[Any, Any], root: tuple[str, ...]) -> Sink:
-        from codi2.sinks.fdb import FdbSink
-
-        fdb_module, db = database
-        return FdbSink(db, fdb_module.FDBError, tenant_id=None, root=root)
+        return FdbSink(database[1], tenant_id=None, root=root)
 
     @pytest.fixture
     def reopen(self, database: tuple[Any, Any], root: tuple[str, ...]) -> Callable[[], Sink]:
-        from codi2.sinks.fdb import FdbSink
-
-        fdb_module, db = database
-        return lambda: FdbSink(db, fdb_module.FDBError, tenant_id=None, root=root)
+        return lambda: FdbSink(database[1], tenant_id=None, root=root)
 
 
 def test_versionstamps_order_batches_and_probe_works(database: tuple[Any, Any], root: tuple[str, ...]) -> None:
-    from codi2.sinks.fdb import FdbSink
-
-    fdb_module, db = database
-    sink = FdbSink(db, fdb_module.FDBError, tenant_id="t1", root=root)
+    sink = FdbSink(database[1], tenant_id="t1", root=root)
     for i in range(5):
         sink.write_batch(batch_of(*(make_event(f"{i}-{j}") for j in range(50))))
     assert [e.path for _, e in sink.read(EventQuery("t1"))] == [f"{i}-{j}" for i in range(5) for j in range(50)]
     sink.probe("t1")
+    assert list(database[1].get_range_startswith(sink.key("t1", "probe"))) == []
     assert sink.cluster_status().get("client", {}).get("database_status", {}).get("available") is True
+
+
+def test_parts_stay_within_the_budget_as_the_real_client_counts_them(
+    database: tuple[Any, Any], root: tuple[str, ...]
+) -> None:
+    fdb_module, db = database
+    faulty = FaultyDatabase(db, fdb_module)  # no faults: it records get_approximate_size() at each commit
+    sink = FdbSink(faulty, tenant_id="t1", root=root)
+    events = [make_event(f"services/api/src/module_{i:05d}/implementation_{i:05d}.py") for i in range(3000)]
+    sink.write_batch(batch_of(*events))
+    assert len(faulty.commit_sizes) > 1 and max(faulty.commit_sizes) <= 1_000_000
+    assert [e for _, e in sink.read(EventQuery("t1"))] == events

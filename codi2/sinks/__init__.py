@@ -12,11 +12,14 @@ Cursor = int | bytes
 
 
 class StoreError(Exception):
-    """A store failure worth retrying later; `code` names it for /status and metrics."""
+    """A store failure. `code` (always a str) names it for /status and metrics. `retryable` is False when
+    the batch can never commit as it is (an event over the store's limits): retrying cannot help, and the
+    pipeline must keep the batch, never drop it, and report the store as blocked."""
 
-    def __init__(self, message: str, code: str = "error") -> None:
+    def __init__(self, message: str, code: str = "error", *, retryable: bool = True) -> None:
         super().__init__(message)
         self.code = code
+        self.retryable = retryable
 
 
 class Sink(Protocol):
@@ -25,7 +28,8 @@ class Sink(Protocol):
     name: str
 
     def write_batch(self, batch: Batch) -> None:
-        """Commit the batch atomically. Re-writing a batch already committed must change nothing."""
+        """Commit every event of the batch, each exactly once, however often the batch is written and however
+        much of it an earlier attempt committed. StoreError(retryable=False): the batch can never commit."""
 
     def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
         """Yield matching events in commit order, after the given cursor."""

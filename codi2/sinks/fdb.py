@@ -1,13 +1,13 @@
-"""FoundationDB sink: tenant-scoped, batched, idempotent transactions. Layout: docs/fdb-layout.md.
+"""FoundationDB sink: tenant-scoped, idempotent transactions of at most 1 MB. Layout: docs/fdb-layout.md.
 
-Written against the official `fdb` bindings exactly as a server runs them. Only `fdb.tuple` is used at
-import time (pure Python); `libfdb_c` is loaded by `load_fdb` when a store is opened, so the package
-imports and its logic is testable where the C library cannot be installed.
+Written against the official `fdb` bindings. Only pure-Python parts of them (`fdb.tuple`, the API version
+they were built for) are used at import time; `libfdb_c` is loaded by `load_fdb` when a store is opened, so
+the package imports where the C library is not installed.
 
-Exactly once: every part of a batch is one transaction that first reads its marker key and the id keys
-of its events, and writes nothing already present. A retry after `commit_unknown_result` (1021), a
-replayed batch or an event re-sent in another batch therefore lands once. Versionstamped keys give one
-commit order across every pod of a tenant.
+Exactly once: every transaction reads the `event_ids` key of each event it carries and writes only the
+events whose key is absent, together with that key. A retry after `commit_unknown_result` (1021), a
+replayed batch, a batch cut into different parts, or an event re-sent in another batch therefore lands
+once, however the batch is split. Versionstamped keys give one commit order across every pod of a tenant.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import Any, TypeVar
 
+import fdb
 import fdb.tuple as fdbtuple
 
 from codi2.config import Settings
@@ -29,53 +33,43 @@ from codi2.events import Batch, Event, EventQuery
 from codi2.sinks import Cursor, StoreError
 
 VALUE_FORMAT = 1
-PATH_KEY_MAX = 2048  # longer paths are hashed in the by-path key; the event value keeps them whole
+CHUNKED = fdbtuple.pack((2,))  # the audit value of an event too long for one value: it is in `audit_chunks`
+VALUE_MAX = 100_000  # FoundationDB's limit on a value (bytes)
+PATH_KEY_MAX = 2048  # longer paths are hashed in the by-path key, which keeps keys under FDB's 10,000 bytes
 PAGE_ROWS = 1000
 PRUNE_EVERY = 100
-
-# The codes this sink names in /status and metrics (FoundationDB's error_definitions.h).
-FDB_ERRORS = {
-    1007: "transaction_too_old",
-    1009: "future_version",
-    1020: "not_committed",
-    1021: "commit_unknown_result",
-    1025: "transaction_cancelled",
-    1031: "transaction_timed_out",
-    1037: "process_behind",
-    1038: "database_locked",
-    1039: "cluster_version_changed",
-    1042: "proxy_memory_limit_exceeded",
-    1051: "batch_transaction_throttled",
-    1078: "tag_throttled",
-    1213: "grv_proxy_memory_limit_exceeded",
-    2101: "transaction_too_large",
-    2102: "key_too_large",
-    2103: "value_too_large",
-    2203: "api_version_not_supported",
-}
+# transaction_too_large, key_too_large, value_too_large: a smaller part may fit, one event alone never will.
 TOO_LARGE = frozenset({2101, 2102, 2103})
+CLUSTER_LINE = re.compile(r"^(?P<desc>[A-Za-z0-9_]+):(?P<id>[A-Za-z0-9]+)@(?P<coords>\S+)$")
+
+T = TypeVar("T")
 
 
-def error_name(exc: Exception) -> str:
-    code = getattr(exc, "code", None)
-    return FDB_ERRORS.get(code, getattr(exc, "description", None) or "fdb_error") if code else type(exc).__name__
+def store_error(exc: Any) -> StoreError:
+    """An `fdb.FDBError` as a StoreError: the client library's description (bytes in the bindings) and a code
+    that is the FDB error number, so no table of names can drift from the library."""
+    return StoreError(f"fdb: {exc.description.decode(errors='replace')} ({exc.code})", code=f"fdb_{exc.code}")
 
 
-def store_error(exc: Exception) -> StoreError:
-    name = error_name(exc)
-    code = getattr(exc, "code", None)
-    return StoreError(f"fdb: {name} ({code})" if code else f"fdb: {exc}", code=name)
+def bindings_series() -> str:
+    """The client series the installed bindings need (e.g. "7.3"): libfdb_c must support their API version."""
+    latest = fdb.LATEST_API_VERSION
+    return f"{latest // 100}.{latest % 100 // 10}"
 
 
-def load_fdb(api_version: int) -> Any:
-    """Select the API version, loading libfdb_c; every failure becomes one line with a hint."""
-    import fdb
-
+def load_fdb(api_version: int) -> ModuleType:
+    """Select the API version, loading libfdb_c; every failure becomes one line."""
     if fdb.is_api_version_selected():
+        selected = fdb.get_api_version()
+        if selected != api_version:
+            raise StoreError(
+                f"cannot use FoundationDB API version {api_version}: this process already selected {selected}",
+                code="api_version_conflict",
+            )
         return fdb
     try:
         fdb.api_version(api_version)
-    except Exception as exc:
+    except Exception as exc:  # the bindings raise bare Exception and RuntimeError here
         text = str(exc)
         if "Unable to locate" in text:
             raise StoreError(
@@ -91,6 +85,25 @@ def client_library_version(fdb_module: Any) -> str:
     return str(fdb_module.impl._capi.fdb_get_max_api_version())
 
 
+def parse_cluster_file(text: str) -> tuple[str, str, list[str]]:
+    """`description:id@host:port[,host:port...]`, comments (#) and blank lines ignored."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    if len(lines) != 1 or not (m := CLUSTER_LINE.match(lines[0])):
+        raise ValueError("expected one line description:id@host:port[,host:port...]")
+    coordinators = m["coords"].split(",")
+    if not all(re.fullmatch(r"[\w.\-\[\]:]+:\d+(:tls)?", c) for c in coordinators):
+        raise ValueError(f"bad coordinator address in {m['coords']!r}")
+    return m["desc"], m["id"], coordinators
+
+
+def _cluster_id(text: str) -> str | None:
+    try:
+        desc, ident, _ = parse_cluster_file(text)
+    except ValueError:
+        return None
+    return f"{desc}:{ident}"
+
+
 def resolve_cluster_file(settings: Settings) -> Path:
     """FDB_CLUSTER_FILE wins, then an existing `cluster_file`, then `cluster_string` written privately."""
     env = os.environ.get("FDB_CLUSTER_FILE")
@@ -100,34 +113,46 @@ def resolve_cluster_file(settings: Settings) -> Path:
     if fdb_settings.cluster_file is not None and fdb_settings.cluster_file.exists():
         return fdb_settings.cluster_file
     if fdb_settings.cluster_string:
-        path = settings.state_dir / "fdb.cluster"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(fdb_settings.cluster_string.strip() + "\n")
-        return path
+        return _write_cluster_file(settings.state_dir / "fdb.cluster", fdb_settings.cluster_string.strip())
     where = fdb_settings.cluster_file or "no [foundationdb] cluster_file"
     raise StoreError(f"no FoundationDB cluster file ({where}) and no cluster_string", code="no_cluster_file")
+
+
+def _write_cluster_file(path: Path, cluster_string: str) -> Path:
+    """Write the file unless it already names the same cluster (description:id): the client rewrites it
+    itself when the coordinators change, and a restart must not undo that."""
+    try:
+        current = _cluster_id(path.read_text())
+    except FileNotFoundError:
+        current = None
+    if current is not None and current == _cluster_id(cluster_string):
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial_path = path.with_name(path.name + ".tmp")
+    fd = os.open(partial_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(cluster_string + "\n")
+    os.replace(partial_path, path)  # the client may read the file at any time: never a half-written one
+    return path
 
 
 def open_fdb_sink(settings: Settings, *, writer: bool) -> FdbSink:
     """The daemon's sink (`writer`: scoped to its own tenant) or a reader's, on the configured cluster."""
     fdb_settings = settings.foundationdb
-    fdb = load_fdb(fdb_settings.api_version)
+    api = load_fdb(fdb_settings.api_version)
     cluster_file = resolve_cluster_file(settings)
     try:
-        db = fdb.open(str(cluster_file))
-    except fdb.FDBError as exc:
+        db = api.open(str(cluster_file))
+    except api.FDBError as exc:
         raise store_error(exc) from None
     return FdbSink(
         db,
-        fdb.FDBError,
         tenant_id=settings.tenant_id if writer else None,
         root=fdb_settings.root_prefix,
         timeout_ms=fdb_settings.transaction_timeout_ms,
         retry_limit=fdb_settings.retry_limit,
         batch_bytes=fdb_settings.batch_bytes,
-        marker_retention_s=fdb_settings.marker_retention_hours * 3600,
+        id_retention_s=fdb_settings.event_id_retention_hours * 3600,
     )
 
 
@@ -187,40 +212,50 @@ def decode_event(tenant_id: str, value: bytes) -> Event:
 class _Row:
     event: Event
     value: bytes
-    path_key: bytes | str | tuple[str, str]
+    path_key: bytes | tuple[str, str]
     id_key: bytes
-    size: int
+    size: int  # a first guess of what FoundationDB counts for it; get_approximate_size() has the last word
 
 
 class _TooLarge(Exception):
-    pass
+    """FoundationDB refused a transaction for its size."""
+
+    def __init__(self, error: Any) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+class _Overflow(Exception):
+    """The first `fits` rows of a part are within the budget; the next one is not."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__(fits)
+        self.fits = fits
 
 
 class FdbSink:
-    """`db` is an `fdb.Database` (or the test double); `error_type` is `fdb.FDBError` (or the double's)."""
+    """`db` is an `fdb.Database` (tests wrap one to inject faults at exact points)."""
 
     name = "fdb"
 
     def __init__(
         self,
         db: Any,
-        error_type: type[Exception],
         *,
         tenant_id: str | None,
         root: Sequence[str] = ("codi2",),
         timeout_ms: int = 5000,
         retry_limit: int = 10,
         batch_bytes: int = 1_000_000,
-        marker_retention_s: float = 7 * 86400,
+        id_retention_s: float = 7 * 86400,
     ) -> None:
         self._db = db
-        self._error = error_type
         self._tenant = tenant_id
         self._prefix = fdbtuple.pack(tuple(root))
         self._timeout_ms = timeout_ms
         self._retry_limit = retry_limit
         self._batch_bytes = batch_bytes
-        self._retention_s = marker_retention_s
+        self._retention_s = id_retention_s
         self._parts_written = 0
 
     # Keys ----------------------------------------------------------------------------------------
@@ -231,118 +266,140 @@ class FdbSink:
     def _vs_key(self, *parts: Any) -> bytes:
         return fdbtuple.pack_with_versionstamp(parts, prefix=self._prefix)
 
-    def _tenant_range(self, tenant_id: str, namespace: str) -> tuple[bytes, bytes]:
+    def _range(self, tenant_id: str, namespace: str) -> tuple[bytes, bytes]:
         base = self.key(tenant_id, namespace)
         return base + b"\x00", base + b"\xff"
 
-    def _transaction(self) -> Any:
+    # Transactions --------------------------------------------------------------------------------
+
+    def _run(self, body: Callable[[Any], T]) -> T:
+        """FoundationDB's retry loop: run `body` in a transaction and commit. `on_error` decides what is retried
+        (with back-off, within the timeout and the retry limit); anything else becomes a StoreError."""
         tr = self._db.create_transaction()
         tr.options.set_timeout(self._timeout_ms)
         tr.options.set_retry_limit(self._retry_limit)
-        return tr
+        while True:
+            try:
+                result = body(tr)
+                tr.commit().wait()
+                return result
+            except fdb.FDBError as exc:
+                if exc.code in TOO_LARGE:
+                    raise _TooLarge(exc) from None
+                try:
+                    tr.on_error(exc).wait()
+                except fdb.FDBError as final:
+                    raise store_error(final) from None
 
     # Writing -------------------------------------------------------------------------------------
 
     def write_batch(self, batch: Batch) -> None:
         if self._tenant is not None and any(e.tenant_id != self._tenant for e in batch.events):
             raise ValueError("fdb: refusing to write events of another tenant")  # FDB is no security boundary
-        by_tenant: dict[str, list[_Row]] = {}
+        by_tenant: dict[str, dict[str, _Row]] = {}
         for event in batch.events:
-            by_tenant.setdefault(event.tenant_id, []).append(self._row(event.tenant_id, event))
+            rows = by_tenant.setdefault(event.tenant_id, {})
+            if event.id not in rows:  # the same event twice in one batch is stored once
+                rows[event.id] = self._row(event)
         for tenant, rows in by_tenant.items():
-            parts: list[list[_Row]] = [[]]
-            size = 0
-            for row in rows:
-                if parts[-1] and size + row.size > self._batch_bytes:
-                    parts.append([])
-                    size = 0
-                parts[-1].append(row)
-                size += row.size
-            suffix = "" if len(by_tenant) == 1 else f".{len(tenant)}:{tenant}"
-            for index, part in enumerate(parts):
-                self._commit_split(tenant, f"{batch.batch_id}.{index}{suffix}", part)
+            self._write_rows(tenant, list(rows.values()))
 
-    def _row(self, tenant: str, event: Event) -> _Row:
+    def _row(self, event: Event) -> _Row:
+        tenant, vs = event.tenant_id, fdbtuple.Versionstamp()
         value = encode_event(event)
         raw_path = os.fsencode(event.path)
         path_key: bytes | tuple[str, str] = raw_path
-        if len(raw_path) > PATH_KEY_MAX:  # keep the key under FDB's 10,000 bytes; the value has the path
+        if len(raw_path) > PATH_KEY_MAX:
             path_key = ("sha256", hashlib.sha256(raw_path).hexdigest())
         id_key = self.key(tenant, "event_ids", event.id)
-        vs = fdbtuple.Versionstamp()
-        size = (
+        written_keys = (
             len(self._vs_key(tenant, "audit", vs, 0xFFFF))
-            + len(value)
             + len(self._vs_key(tenant, "audit_by_path", path_key, vs, 0xFFFF))
-            + len(event.id)
             + len(id_key)
-            + 16
         )
+        if len(value) > VALUE_MAX:
+            chunks = -(-len(value) // VALUE_MAX)
+            written_keys += chunks * len(self._vs_key(tenant, "audit_chunks", vs, 0xFFFF, 0xFFFF))
+        # FDB counts every written key twice (the mutation and its conflict range), each value once, and the
+        # id key twice more for the read of it.
+        size = 2 * written_keys + 2 * len(id_key) + len(value) + len(event.id) + 64
         return _Row(event, value, path_key, id_key, size)
 
-    def _commit_split(self, tenant: str, part_id: str, rows: list[_Row]) -> None:
-        """Commit rows as one transaction; if FDB says it is too large, in two halves (recursively)."""
-        try:
-            self._commit(tenant, part_id, rows)
-        except _TooLarge:
-            if len(rows) == 1:
-                raise StoreError("fdb: a single event exceeds FoundationDB's limits", code="too_large") from None
-            middle = len(rows) // 2
-            self._commit_split(tenant, part_id + "a", rows[:middle])
-            self._commit_split(tenant, part_id + "b", rows[middle:])
-
-    def _commit(self, tenant: str, part_id: str, rows: list[_Row]) -> None:
-        tr = self._transaction()
-        marker = self.key(tenant, "batches", part_id)
-        while True:
-            try:
-                seen_marker = tr.get(marker)
-                seen_ids = [tr.get(row.id_key) for row in rows]
-                if seen_marker.present():
-                    return  # committed by an earlier attempt whose outcome we were not told (1021)
-                for n, (row, seen) in enumerate(zip(rows, seen_ids, strict=True)):
-                    if seen.present():
-                        continue  # this event already landed in another batch
-                    e = row.event
-                    tr.set_versionstamped_key(self._vs_key(tenant, "audit", fdbtuple.Versionstamp(), n), row.value)
-                    tr.set_versionstamped_key(
-                        self._vs_key(tenant, "audit_by_path", row.path_key, fdbtuple.Versionstamp(), n),
-                        e.id.encode(),
-                    )
-                    tr.set_versionstamped_value(
-                        row.id_key, fdbtuple.pack_with_versionstamp((fdbtuple.Versionstamp(), n))
-                    )
-                if self._parts_written % PRUNE_EVERY == 0:
-                    self._prune_markers(tr, tenant)  # before the marker is set: mutations apply in order
-                tr.set(marker, fdbtuple.pack((int(time.time()),)))
-                tr.commit().wait()
-                self._parts_written += 1
-                return
-            except self._error as exc:
-                if getattr(exc, "code", None) in TOO_LARGE:
-                    raise _TooLarge from None
+    def _write_rows(self, tenant: str, rows: list[_Row]) -> None:
+        """Commit the rows in order, each transaction the longest run that FoundationDB counts as within
+        the budget. Whatever is cut where, each event is written once (the id keys decide)."""
+        start = 0
+        while start < len(rows):
+            count, size = 0, 0
+            for row in rows[start:]:
+                if count and size + row.size > self._batch_bytes:
+                    break
+                count, size = count + 1, size + row.size
+            while True:
                 try:
-                    tr.on_error(exc).wait()
-                except self._error as final:
-                    raise store_error(final) from None
+                    self._run(partial(self._write_part, tenant, rows[start : start + count]))
+                    break
+                except _Overflow as over:
+                    count = over.fits
+                except _TooLarge as too_large:
+                    if count == 1:
+                        raise self._never_fits(rows[start], too_large.error) from None
+                    count //= 2
+            self._parts_written += 1
+            start += count
 
-    def _prune_markers(self, tr: Any, tenant: str) -> None:
-        """Batch ids are UUIDv7 (time first, fixed-width hex), so markers older than the retention are
-        one key range: growth is bounded by the batches of one retention period."""
+    def _write_part(self, tenant: str, rows: list[_Row], tr: Any) -> None:
+        futures = [tr.get(row.id_key) for row in rows]  # all issued before the first is waited on
+        present = [f.present() for f in futures]
+        if self._parts_written % PRUNE_EVERY == 0:
+            self._prune_event_ids(tr, tenant)
+        for n, (row, seen) in enumerate(zip(rows, present, strict=True)):
+            if seen:
+                continue  # already committed: by an attempt we were not told about (1021), or in another batch
+            self._set_row(tr, tenant, row, n)
+            if n and tr.get_approximate_size().wait() > self._batch_bytes:
+                raise _Overflow(n)
+
+    def _set_row(self, tr: Any, tenant: str, row: _Row, n: int) -> None:
+        vs = fdbtuple.Versionstamp()
+        if len(row.value) <= VALUE_MAX:
+            tr.set_versionstamped_key(self._vs_key(tenant, "audit", vs, n), row.value)
+        else:  # a path too long for one value: the encoded event is split across keys of its own
+            tr.set_versionstamped_key(self._vs_key(tenant, "audit", vs, n), CHUNKED)
+            for i in range(0, len(row.value), VALUE_MAX):
+                chunk_key = self._vs_key(tenant, "audit_chunks", vs, n, i // VALUE_MAX)
+                tr.set_versionstamped_key(chunk_key, row.value[i : i + VALUE_MAX])
+        tr.set_versionstamped_key(self._vs_key(tenant, "audit_by_path", row.path_key, vs, n), row.event.id.encode())
+        tr.set_versionstamped_value(row.id_key, fdbtuple.pack_with_versionstamp((vs, n)))
+
+    def _never_fits(self, row: _Row, error: Any) -> StoreError:
+        return StoreError(
+            f"fdb: event {row.event.id} ({row.event.action} of a {len(os.fsencode(row.event.path)):,}-byte path) can"
+            f" never be committed: {error.description.decode(errors='replace')} ({error.code})",
+            code="event_too_large",
+            retryable=False,
+        )
+
+    def _prune_event_ids(self, tr: Any, tenant: str) -> None:
+        """Event ids are UUIDv7 (time first, fixed-width hex), so the ids older than the retention are one
+        key range: the id space holds one retention period of events. Cleared after the ids were read and
+        before any is set, so an old event re-sent now keeps the key it is given."""
         cutoff_ms = int((time.time() - self._retention_s) * 1000)
         text = f"{max(cutoff_ms, 0):012x}"
-        begin, _ = self._tenant_range(tenant, "batches")
-        tr.clear_range(begin, self.key(tenant, "batches", f"{text[:8]}-{text[8:]}"))
+        begin, _ = self._range(tenant, "event_ids")
+        tr.clear_range(begin, self.key(tenant, "event_ids", f"{text[:8]}-{text[8:]}"))
 
     # Reading -------------------------------------------------------------------------------------
 
     def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
-        begin, end = self._tenant_range(query.tenant_id, "audit")
-        if after:
-            begin = bytes(after) + b"\x00"
+        begin, end = self._range(query.tenant_id, "audit")
+        if after is not None:
+            if not isinstance(after, bytes):
+                raise TypeError("fdb: a read cursor is a key (bytes)")
+            begin = min(max(begin, after + b"\x00"), end)  # a cursor never leads out of the tenant's range
         count = 0
-        while True:
-            page = self._read_page(begin, end)
+        while begin < end:
+            page = self._run(partial(self._read_page, query.tenant_id, begin, end))
             for key, value in page:
                 event = decode_event(query.tenant_id, value)
                 if not query.matches(event):
@@ -355,51 +412,41 @@ class FdbSink:
                 return
             begin = page[-1][0] + b"\x00"
 
-    def _read_page(self, begin: bytes, end: bytes) -> list[tuple[bytes, bytes]]:
-        """One transaction per page keeps every read inside FoundationDB's 5-second window."""
-        tr = self._transaction()
-        while True:
-            try:
-                return [(kv.key, kv.value) for kv in tr.get_range(begin, end, limit=PAGE_ROWS)]
-            except self._error as exc:
-                try:
-                    tr.on_error(exc).wait()
-                except self._error as final:
-                    raise store_error(final) from None
+    def _read_page(self, tenant: str, begin: bytes, end: bytes, tr: Any) -> list[tuple[bytes, bytes]]:
+        """One transaction per page keeps every read inside FoundationDB's 5-second window; `exact` asks for
+        the page's rows in one batch."""
+        page = []
+        for kv in tr.get_range(begin, end, limit=PAGE_ROWS, streaming_mode=fdb.StreamingMode.exact):
+            value = kv.value
+            if value == CHUNKED:
+                _, _, vs, n = fdbtuple.unpack(kv.key, prefix_len=len(self._prefix))
+                chunks = tr.get_range_startswith(self.key(tenant, "audit_chunks", vs, n))
+                value = b"".join(chunk.value for chunk in chunks)
+            page.append((kv.key, value))
+        return page
 
     # Checks --------------------------------------------------------------------------------------
 
     def ping(self) -> None:
-        tr = self._transaction()
-        try:
-            tr.get_read_version().wait()
-        except self._error as exc:
-            raise store_error(exc) from None
+        self._run(lambda tr: tr.get_read_version().wait())
 
     def cluster_status(self) -> dict[str, Any]:
         """The cluster's own status document (the special key `\\xff\\xff/status/json`)."""
-        tr = self._transaction()
-        try:
-            raw = tr.get(b"\xff\xff/status/json").value
-        except self._error as exc:
-            raise store_error(exc) from None
+        raw = self._run(lambda tr: tr.get(b"\xff\xff/status/json").value)
         return json.loads(raw) if raw else {}
 
     def probe(self, tenant_id: str) -> None:
-        """Write, read back and clear a probe key under the tenant's prefix (`codi2 test`)."""
+        """Write, read back and clear a probe key under the tenant's prefix (`codi2 test`), each step in the
+        retry loop of every transaction. The key is cleared even when a step failed: a write whose outcome
+        was unknown may have landed."""
         key = self.key(tenant_id, "probe", str(uuid.uuid4()))
         token = os.urandom(16)
         try:
-            tr = self._transaction()
-            tr.set(key, token)
-            tr.commit().wait()
-            tr = self._transaction()
-            if tr.get(key).value != token:
+            self._run(lambda tr: tr.set(key, token))
+            if self._run(lambda tr: tr.get(key).value) != token:
                 raise StoreError("fdb: probe key read back wrong", code="probe_mismatch")
-            tr.clear(key)
-            tr.commit().wait()
-        except self._error as exc:
-            raise store_error(exc) from None
+        finally:
+            self._run(lambda tr: tr.clear(key))
 
     def close(self) -> None:
         """The network thread belongs to the process; FDB stops it at exit."""
