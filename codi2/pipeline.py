@@ -114,8 +114,12 @@ class Window:
         elif isinstance(hint, Rescan):
             key = ("rescan", hint.root, hint.path)
             found = self._items.get(key)
-            if found is None or (hint.recursive and not found.recursive):  # type: ignore[union-attr]
+            if found is None:
                 self._items[key] = hint
+            else:  # one look covers both: the deeper one, under the start-up scan's name if either is
+                assert isinstance(found, Rescan)
+                origin = min(found.origin, hint.origin, key=_ORIGIN_RANK.index)
+                self._items[key] = Rescan(hint.root, hint.path, found.recursive or hint.recursive, origin)
         else:
             self._move(hint)
 
@@ -153,6 +157,9 @@ class Window:
         later = self.take()
         for hint in [*hints, *later]:
             self.add(hint)
+
+
+_ORIGIN_RANK: list[Origin] = ["baseline", "offline", "rescan", "live"]
 
 
 def _hint_path(hint: Hint) -> bytes | None:

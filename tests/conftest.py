@@ -114,7 +114,10 @@ class DaemonProcess:
         if self.port is None:
             raise AssertionError(f"daemon exited early; logs: {self.logs[-20:]}")
         if settle:  # ready means watched; most tests also want the start-up diff behind them
-            wait_for(lambda: self.status()["initial_scan"] == "done")
+            try:
+                wait_for(lambda: self.status()["initial_scan"] == "done")
+            except AssertionError:
+                raise AssertionError(f"start-up diff never done: {self.status()}; logs {self.logs[-20:]}") from None
 
     def _read_logs(self) -> None:
         assert self.proc.stderr is not None
