@@ -7,7 +7,7 @@ CONFIG ?= config/dev.toml
 USER_ID ?= dev
 TENANT_ID ?= dev
 
-.PHONY: run test bench manifests dist clean
+.PHONY: run test bench manifests docs dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ manifests: $(STAMP)
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
 		--session-id example-session --output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
+
+# docs/config.md, generated from the settings model; a test fails when it drifts.
+docs: $(STAMP)
+	$(BIN)/codi2 config reference > docs/config.md
 
 # A wheel, and dist/codi2: a single-file zipapp (shiv) that runs with the system python3.
 dist: $(STAMP)

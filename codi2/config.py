@@ -60,13 +60,16 @@ BindAddr = Annotated[str, AfterValidator(_check_bind_addr)]
 
 
 class Section(BaseModel):
-    """A TOML table: unknown keys are errors so typos never pass silently."""
+    """A TOML table: unknown keys are errors so typos never pass silently. The string under each field is
+    its description (pydantic reads it), and `codi2 config reference` prints it in docs/config.md."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ServerSettings(Section):
     bind_addr: BindAddr = "0.0.0.0:8765"
+    """Where the health server listens (`/livez`, `/readyz`, `/status`, `/metrics`): HOST:PORT or
+    [V6]:PORT; port 0 picks a free one."""
 
     @property
     def host(self) -> str:
@@ -79,47 +82,75 @@ class ServerSettings(Section):
 
 class FoundationDBSettings(Section):
     cluster_file: Path | None = None
+    """The FoundationDB cluster file, used when it exists; `FDB_CLUSTER_FILE` in the environment wins over it."""
     cluster_string: str | None = None
+    """The cluster string (`desc:id@host:port`), written to `<state dir>/fdb.cluster` when no cluster file
+    is found; naming a cluster makes `fdb` the default backend."""
     api_version: int = Field(default=730, ge=510, le=800)
+    """The FoundationDB API version; it must match the installed `libfdb_c` (see the README's version matrix)."""
     root_prefix: list[str] = Field(default_factory=lambda: ["codi2"])
+    """Tuple prefix of every key codi2 writes; tenants are scoped below it."""
     transaction_timeout_ms: int = Field(default=5000, ge=100, le=60_000)
+    """Time limit of one FoundationDB transaction, in milliseconds."""
     retry_limit: int = Field(default=10, ge=0, le=1000)
+    """Retries of one transaction on retryable errors before the batch counts as failed (and is retried later)."""
     batch_bytes: int = Field(default=1_000_000, ge=10_000, le=9_000_000)
+    """One transaction's byte budget; larger batches are split to fit FoundationDB's 10 MB limit."""
     marker_retention_hours: float = Field(default=168.0, gt=0)
+    """How long batch markers (which make a replayed batch land once) are kept, in hours."""
 
 
 class MonitoringSettings(Section):
     watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
+    """Directories watched recursively; every change below them becomes an audit event."""
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
+    """Gitignore-style patterns of trees that get no watch and no events; a bare name matches at any depth."""
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`."""
     initial_scan: Literal["baseline", "events"] = "baseline"
+    """On the very first start: `baseline` records what exists without events, `events` emits `created`
+    for everything."""
     rescan_interval_s: float = Field(default=60.0, ge=1.0)
+    """How often directories without a watch (watch limit reached) are diffed against the index, in seconds."""
 
 
 class SpoolSettings(Section):
     max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    """Bytes of spooled, uncommitted batches at which the watcher is slowed (back-pressure, nothing dropped)."""
     segment_bytes: int = Field(default=64 << 20, ge=1 << 16)
+    """Size of one spool segment file; a segment is deleted once all its batches are committed."""
     fsync: bool = True
+    """fsync every batch before it counts as observed; off trades crash safety for speed."""
 
 
 class StorageSettings(Section):
     backend: Literal["sqlite", "fdb"] | None = None
+    """The store: unset means `fdb` when a cluster is named (`cluster_file` or `cluster_string`), else `sqlite`."""
     sqlite_path: Path | None = None
+    """The SQLite database of the `sqlite` backend; unset means `<state dir>/audit.db`."""
 
 
 class StateSettings(Section):
     dir: Path | None = None
+    """The daemon's own files (spool, index, barrier), never watched or audited; unset means
+    `<first watch path>/.codi2`."""
 
 
 class BatchingSettings(Section):
     max_events: int = Field(default=1000, ge=1)
+    """Flush a batch once it holds this many events."""
     max_bytes: int = Field(default=1_000_000, ge=1024)
+    """Flush a batch once its events reach this many (estimated) bytes."""
     max_delay_ms: int = Field(default=200, ge=1, le=60_000)
+    """Flush a batch at the latest this many milliseconds after its first change; also the window in which
+    repeated changes to one path coalesce into one event."""
 
 
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged (case-insensitive)."""
     format: Literal["json", "console"] = "json"
+    """`json`: one JSON object per line on stderr, for log collectors; `console`: readable lines for a terminal."""
 
     @field_validator("level", mode="before")
     @classmethod
@@ -135,21 +166,34 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        use_attribute_docstrings=True,
     )
 
     server: ServerSettings = ServerSettings()
+    """The health port."""
     foundationdb: FoundationDBSettings = FoundationDBSettings()
+    """The FoundationDB store (`backend = "fdb"`)."""
     monitoring: MonitoringSettings = MonitoringSettings()
+    """What is watched."""
     storage: StorageSettings = StorageSettings()
+    """Which store the events are committed to."""
     spool: SpoolSettings = SpoolSettings()
+    """The durable spool between the batcher and the store."""
     state: StateSettings = StateSettings()
+    """Where the daemon keeps its own files."""
     batching: BatchingSettings = BatchingSettings()
+    """When a batch of events is cut."""
     logging: LoggingSettings = LoggingSettings()
+    """Logs (structlog, on stderr)."""
 
     tenant_id: str | None = Field(default=None, validation_alias=AliasChoices("tenant_id", "TENANT_ID"))
+    """Tenant every event is scoped to; required to run (or `--tenant-id`)."""
     user_id: str | None = Field(default=None, validation_alias=AliasChoices("user_id", "USER_ID"))
+    """User the events belong to; required to run (or `--user-id`)."""
     session_id: str | None = Field(default=None, validation_alias=AliasChoices("session_id", "SESSION_ID"))
+    """IDE session recorded in each event (or `--session-id`)."""
     pod: str = Field(default_factory=socket.gethostname, validation_alias=AliasChoices("pod", "HOSTNAME"))
+    """Pod recorded in each event; in Kubernetes `HOSTNAME` is the pod name."""
 
     @classmethod
     def settings_customise_sources(
@@ -221,7 +265,7 @@ def _where(path: Path | None, loc: tuple[Any, ...], cli_keys: set[str]) -> str:
 
 def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        return "unknown key (every key is listed in docs/config.md and by `codi2 config reference`)"
     if error["type"] == "missing":
         return "required"
     msg = str(error["msg"])
