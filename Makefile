@@ -7,7 +7,7 @@ CONFIG ?= config/dev.toml
 USER_ID ?= dev
 TENANT_ID ?= dev
 
-.PHONY: run test bench manifests docs dist clean
+.PHONY: run test promtool bench manifests monitoring docs dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ run: $(STAMP)
 	mkdir -p workspace
 	$(BIN)/codi2 run --config $(CONFIG) --user-id $(USER_ID) --tenant-id $(TENANT_ID)
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# promtool, for the alert-rule tests, extracted from Debian's prometheus package into .venv/bin (a few
+# seconds, once); without apt or a network it says why and those tests skip. See tools/get-promtool.
+promtool: $(STAMP)
+	@sh tools/get-promtool $(BIN)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
@@ -32,7 +37,11 @@ manifests: $(STAMP)
 		--session-id example-session --output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
 
-# docs/config.md, generated from the settings model; a test fails when it drifts.
+# The generated parts of packaging/monitoring/ (dashboard, PrometheusRule) and docs/config.md; tests fail
+# when they drift from their sources.
+monitoring: $(STAMP)
+	$(BIN)/python packaging/monitoring/generate.py
+
 docs: $(STAMP)
 	$(BIN)/codi2 config reference > docs/config.md
 
