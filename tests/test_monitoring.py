@@ -11,7 +11,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -43,11 +42,14 @@ NOT_YET_EXPORTED = {
 }
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__range": "6h"}
-SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
+# The samples of a family, which /metrics lists by name even before a labelled family has a sample.
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
 
 
 def _promtool() -> str:
-    found = shutil.which("promtool", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
+    found = shutil.which(
+        "promtool", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    )
     if found is None:
         pytest.skip(
             "promtool not found on the PATH or in .venv/bin: `make test` extracts it from Debian's prometheus "
@@ -216,7 +218,7 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Every sample name the daemon's /metrics can carry, mapped to its metric family."""
     root = tmp_path_factory.mktemp("metrics")
     workspace = root / "workspace"
@@ -235,7 +237,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str
         for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):  # families with no sample yet count too
             names[family.name + suffix] = family.name
         names.update({sample.name: family.name for sample in family.samples})
-    yield names
+    return names
 
 
 def test_every_expression_names_only_metrics_the_daemon_exports(exported: dict[str, str]) -> None:
