@@ -77,7 +77,7 @@ def test_the_documented_environment_variable_sets_the_key(
     assert settings == expected
 
 
-def test_defaults_are_the_models_defaults() -> None:
+def test_types_and_defaults_are_written_as_toml_values() -> None:
     rows = {key.dotted: key for key in _keys()}
     assert rows["server.bind_addr"].default == '`"0.0.0.0:8765"`'
     assert rows["monitoring.ignore_patterns"].default == '`[".git", "node_modules", "target", "dist"]`'
