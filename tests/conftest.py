@@ -16,11 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from codi2.events import Event, EventQuery
 from codi2.sinks.sqlite import SqliteSink
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+# Hypothesis fails an example slower than 200 ms by default: on a shared 2-core machine that is timing.
+settings.register_profile("codi2", deadline=None)
+settings.load_profile("codi2")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
