@@ -7,7 +7,7 @@ CONFIG ?= config/dev.toml
 USER_ID ?= dev
 TENANT_ID ?= dev
 
-.PHONY: run test bench manifests dist clean
+.PHONY: run test promtool bench manifests monitoring docs dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,15 @@ run: $(STAMP)
 	mkdir -p workspace
 	$(BIN)/codi2 run --config $(CONFIG) --user-id $(USER_ID) --tenant-id $(TENANT_ID)
 
-test: $(STAMP)
+test: $(STAMP) promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# promtool, for the alert-rule tests, extracted from Debian's prometheus package into .venv/bin (a few
+# seconds, once); without apt or a network it says why and those tests skip. See tools/get-promtool.
+promtool: $(STAMP)
+	@sh tools/get-promtool $(BIN)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run.py
@@ -31,6 +36,14 @@ manifests: $(STAMP)
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
 		--session-id example-session --output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
+
+# The generated parts of packaging/monitoring/ (dashboard, PrometheusRule) and docs/config.md; tests fail
+# when they drift from their sources.
+monitoring: $(STAMP)
+	$(BIN)/python packaging/monitoring/generate.py
+
+docs: $(STAMP)
+	$(BIN)/codi2 config reference > docs/config.md
 
 # A wheel, and dist/codi2: a single-file zipapp (shiv) that runs with the system python3.
 dist: $(STAMP)

@@ -17,13 +17,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import shtab
+
 from codi2 import __version__
 from codi2.config import ConfigError, Settings, load_settings
 from codi2.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FOLLOW_POLL_S = 0.5
-SUBCOMMANDS = {"run", "events", "config", "test", "provision"}
+SUBCOMMANDS = {"run", "events", "config", "test", "provision", "completion"}
 
 
 class UsageError(Exception):
@@ -42,7 +44,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CODI2_CONFIG"),
         metavar="PATH",
         help="codi2.toml to load (default: $CODI2_CONFIG; without either, built-in defaults and env only)",
-    )
+    ).complete = shtab.FILE  # type: ignore[attr-defined]
     parser.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
 
 
@@ -103,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the config (file, env, flags) and print the effective settings as JSON.",
     )
     _config_arg(check)
+    config_sub.add_parser(
+        "reference",
+        help="print every key as Markdown (docs/config.md)",
+        description="Print every config key with its type, default, environment variable and description.",
+    )
+
+    completion = sub.add_parser(
+        "completion",
+        help="print a shell completion script",
+        description="Print a completion script for bash or zsh, generated from this parser (see the README).",
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
@@ -133,11 +147,13 @@ def _provision_parsers(sub: Any) -> None:
             default=Path("config/codi2.toml"),
             metavar="PATH",
             help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
-        )
+        ).complete = shtab.FILE  # type: ignore[attr-defined]
         p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
         p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra label (repeatable)")
         if name == "render":
-            p.add_argument("--output-dir", type=Path, help="write one file per object here instead of stdout")
+            p.add_argument(
+                "--output-dir", type=Path, help="write one file per object here instead of stdout"
+            ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
         if name == "apply":
             p.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for Ready (300)")
             p.add_argument("--no-wait", action="store_true", help="return once the objects are applied")
@@ -147,7 +163,9 @@ def _provision_parsers(sub: Any) -> None:
         description="Print the ServiceAccount, ClusterRole and ClusterRoleBinding `provision apply` runs as.",
     )
     rbac.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
-    rbac.add_argument("--output-dir", type=Path, help="write rbac.yaml here instead of stdout")
+    rbac.add_argument(
+        "--output-dir", type=Path, help="write rbac.yaml here instead of stdout"
+    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -169,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _test(args)
         if args.command == "provision":
             return _provision(args)
+        if args.command == "completion":
+            return _completion(args)
+        if args.config_command == "reference":
+            return _config_reference()
         return _config_check(args)
     except (ConfigError, UsageError) as exc:
         print(f"codi2: {exc}", file=sys.stderr)
@@ -176,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
-        if args.debug:
+        if getattr(args, "debug", False):  # `completion` and `config reference` have no --debug
             raise
         print(f"codi2: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -302,6 +324,18 @@ def _provision(args: argparse.Namespace) -> int:
 def _config_check(args: argparse.Namespace) -> int:
     settings = _load(args)
     print(json.dumps(settings.effective(), indent=2))
+    return EXIT_OK
+
+
+def _config_reference() -> int:
+    from codi2.config_reference import render
+
+    print(render(), end="")
+    return EXIT_OK
+
+
+def _completion(args: argparse.Namespace) -> int:
+    print(shtab.complete(build_parser(), args.shell), end="")
     return EXIT_OK
 
 

@@ -78,13 +78,16 @@ def _check_api_version(value: int) -> int:
 
 
 class Section(BaseModel):
-    """A TOML table: unknown keys are errors so typos never pass silently."""
+    """A TOML table: unknown keys are errors so typos never pass silently. The string under each field is
+    its description (pydantic reads it), and `codi2 config reference` prints it in docs/config.md."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 class ServerSettings(Section):
     bind_addr: BindAddr = "0.0.0.0:8765"
+    """Where the health server listens (`/livez`, `/readyz`, `/status`, `/metrics`): HOST:PORT or
+    [V6]:PORT; port 0 picks a free one."""
 
     @property
     def host(self) -> str:
@@ -97,22 +100,42 @@ class ServerSettings(Section):
 
 class FoundationDBSettings(Section):
     cluster_file: Path | None = None
+    """The FoundationDB cluster file, used when it exists; `FDB_CLUSTER_FILE` in the environment wins over it."""
     cluster_string: str | None = None
+    """The cluster string (`desc:id@host:port`), written to `<state dir>/fdb.cluster` when no cluster file
+    is found, or when the one found there names another cluster; naming a cluster makes `fdb` the default
+    backend."""
     api_version: Annotated[int, AfterValidator(_check_api_version)] = 730
+    """The FoundationDB API version: from 610 up to what the installed Python bindings support (730); the
+    installed `libfdb_c` must support it too (see the README's version matrix)."""
     root_prefix: list[str] = Field(default_factory=lambda: ["codi2"])
+    """Tuple prefix of every key codi2 writes; tenants are scoped below it."""
     transaction_timeout_ms: int = Field(default=5000, ge=100, le=60_000)
+    """Time limit of one FoundationDB transaction, in milliseconds."""
     retry_limit: int = Field(default=10, ge=0, le=1000)
-    # One transaction's size as FoundationDB counts it (mutations and conflict ranges); FDB advises at most 1 MB.
+    """Retries of one transaction on retryable errors before the batch counts as failed (and is retried later)."""
     batch_bytes: int = Field(default=1_000_000, ge=10_000, le=1_000_000)
+    """One transaction's size as FoundationDB counts it (mutations and conflict ranges); larger batches are
+    split. FoundationDB advises at most 1 MB."""
     event_id_retention_hours: float = Field(default=168.0, gt=0)
+    """How long event ids are kept so that an event re-sent (after a crash or an unknown commit result)
+    lands once, in hours; it must exceed how long a batch can wait in the spool."""
 
 
 class MonitoringSettings(Section):
     watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
+    """Directories watched recursively; every change below them becomes an audit event."""
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
+    """Gitignore-style patterns of trees that get no watch and no events; a bare name matches at any depth."""
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`."""
     initial_scan: Literal["record", "silent"] = "record"
+    """On the very first start: `record` emits `created` (origin `baseline`) for everything there, so the
+    trail is complete from day one; `silent` only notes it in the index (0.1's default). 0.1's spellings
+    `events` and `baseline` are read as `record` and `silent`."""
     rescan_interval_s: float = Field(default=60.0, ge=1.0)
+    """How often directories without a watch (watch limit, permissions) are tried again and diffed against
+    the index, in seconds."""
 
     @field_validator("initial_scan", mode="before")
     @classmethod
@@ -123,27 +146,41 @@ class MonitoringSettings(Section):
 
 class SpoolSettings(Section):
     max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    """Bytes of journaled, uncommitted batches at which journaling pauses until the store catches up; changes
+    meanwhile coalesce (a `gap` event marks it), none is dropped."""
     fsync: bool = True
+    """Make every batch durable (fsync) before it counts as observed; off survives a crash of codi2 but not
+    of the machine."""
 
 
 class StorageSettings(Section):
     backend: Literal["sqlite", "fdb"] | None = None
+    """The store: unset means `fdb` when a cluster is named (`cluster_file` or `cluster_string`), else `sqlite`."""
     sqlite_path: Path | None = None
+    """The SQLite database of the `sqlite` backend; unset means `<state dir>/audit.db`."""
 
 
 class StateSettings(Section):
     dir: Path | None = None
+    """The daemon's own files (spool, index, barrier), never watched or audited; unset means
+    `<first watch path>/.codi2`."""
 
 
 class BatchingSettings(Section):
     max_events: int = Field(default=1000, ge=1)
+    """Flush a batch once it holds this many events."""
     max_bytes: int = Field(default=1_000_000, ge=1024)
+    """Flush a batch once its events reach this many (estimated) bytes."""
     max_delay_ms: int = Field(default=200, ge=1, le=60_000)
+    """Flush a batch at the latest this many milliseconds after its first change; also the window in which
+    repeated changes to one path coalesce into one event."""
 
 
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level logged (case-insensitive)."""
     format: Literal["json", "console"] = "json"
+    """`json`: one JSON object per line on stderr, for log collectors; `console`: readable lines for a terminal."""
 
     @field_validator("level", mode="before")
     @classmethod
@@ -159,21 +196,34 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        use_attribute_docstrings=True,
     )
 
     server: ServerSettings = ServerSettings()
+    """The health port."""
     foundationdb: FoundationDBSettings = FoundationDBSettings()
+    """The FoundationDB store (`backend = "fdb"`)."""
     monitoring: MonitoringSettings = MonitoringSettings()
+    """What is watched."""
     storage: StorageSettings = StorageSettings()
+    """Which store the events are committed to."""
     spool: SpoolSettings = SpoolSettings()
+    """The durable spool between the batcher and the store."""
     state: StateSettings = StateSettings()
+    """Where the daemon keeps its own files."""
     batching: BatchingSettings = BatchingSettings()
+    """When a batch of events is cut."""
     logging: LoggingSettings = LoggingSettings()
+    """Logs (structlog, on stderr)."""
 
     tenant_id: str | None = Field(default=None, validation_alias=AliasChoices("tenant_id", "TENANT_ID"))
+    """Tenant every event is scoped to; required to run (or `--tenant-id`)."""
     user_id: str | None = Field(default=None, validation_alias=AliasChoices("user_id", "USER_ID"))
+    """User the events belong to; required to run (or `--user-id`)."""
     session_id: str | None = Field(default=None, validation_alias=AliasChoices("session_id", "SESSION_ID"))
+    """IDE session recorded in each event (or `--session-id`)."""
     pod: str = Field(default_factory=socket.gethostname, validation_alias=AliasChoices("pod", "HOSTNAME"))
+    """Pod recorded in each event; in Kubernetes `HOSTNAME` is the pod name."""
 
     @classmethod
     def settings_customise_sources(
@@ -245,7 +295,7 @@ def _where(path: Path | None, loc: tuple[Any, ...], cli_keys: set[str]) -> str:
 
 def _describe(error: dict[str, Any]) -> str:
     if error["type"] == "extra_forbidden":
-        return "unknown key"
+        return "unknown key (every key is listed in docs/config.md and by `codi2 config reference`)"
     if error["type"] == "missing":
         return "required"
     msg = str(error["msg"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from codi2.events import ACTIONS
 
@@ -13,6 +13,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_start_time_seconds (the restart-loop alert), memory and CPU, as the default registry has them
+        ProcessCollector(registry=r)
         self.events_observed = Counter(
             "codi2_events_observed", "Audit events produced from file changes", ["action"], registry=r
         )

@@ -19,11 +19,15 @@ from typing import Any
 import fakefdb
 import hypothesis
 import pytest
+from hypothesis import settings
 
 from codi2.events import Event, EventQuery
 from codi2.sinks.sqlite import SqliteSink
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+# Hypothesis fails an example slower than 200 ms by default: on a shared 2-core machine that is timing.
+settings.register_profile("codi2", deadline=None)
+settings.load_profile("codi2")
 
 # Tests never depend on timing: no example fails for taking long on a loaded machine.
 hypothesis.settings.register_profile("codi2", deadline=None)
