@@ -179,6 +179,8 @@ class Daemon:
         m.spool_bytes.set_function(lambda: pipeline.journal.outbox_bytes if pipeline.journal else 0)
         m.spool_max_bytes.set(pipeline.max_bytes)
         m.pipeline_queue.set_function(pipeline.pending_hints)
+        m.ready.set_function(lambda: float(all(check() for check in self._ready_checks.values())))
+        m.handler_errors.source = lambda: float(self.watcher.state.handler_errors if self.watcher else 0)
 
     async def shutdown(self) -> int:
         lost = 0

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from codi2.events import ACTIONS
 
@@ -63,3 +67,20 @@ class Metrics:
         for reason in DROP_REASONS:
             self.events_dropped.labels(reason=reason)
         self.unwatched_dirs = Gauge("codi2_unwatched_directories", "Directories that could not be watched", registry=r)
+        self.ready = Gauge("codi2_ready", "1 while every /readyz check passes", registry=r)
+        self.handler_errors = _DerivedCounter(
+            "codi2_inotify_handler_errors", "Kernel events the watcher failed to handle (see the logs)"
+        )
+        r.register(self.handler_errors)
+
+
+class _DerivedCounter(Collector):
+    """A counter whose value another component keeps (the watcher counts in its own thread)."""
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self._name = name
+        self._doc = documentation
+        self.source: Callable[[], float] = lambda: 0.0
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, value=self.source())

@@ -34,12 +34,6 @@ IDENTITY = ("tenant", "user", "pod")
 # Series Prometheus makes itself rather than scraping them.
 MADE_BY_PROMETHEUS = {"up"}
 # Used by the rules and the dashboard, not exported by the daemon yet (asked for in issue 14's report).
-NOT_YET_EXPORTED = {
-    "codi2_ready",
-    "codi2_store_blocked",
-    "codi2_gaps_total",
-    "codi2_inotify_handler_errors_total",
-}
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__range": "6h"}
 # The samples of a family, which /metrics lists by name even before a labelled family has a sample.
@@ -243,28 +237,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 def test_every_expression_names_only_metrics_the_daemon_exports(exported: dict[str, str]) -> None:
     unknown = {}
     for where, expr in _expressions().items():
-        names = _metric_names(expr) - set(exported) - MADE_BY_PROMETHEUS - NOT_YET_EXPORTED
+        names = _metric_names(expr) - set(exported) - MADE_BY_PROMETHEUS
         if names:
             unknown[where] = sorted(names)
     assert not unknown, f"expressions naming metrics the daemon does not export: {unknown}"
-    assert not NOT_YET_EXPORTED & set(exported), "exported now: remove them from NOT_YET_EXPORTED"
 
 
 def test_every_codi2_metric_is_on_the_dashboard_or_in_a_rule(exported: dict[str, str]) -> None:
     used = {exported[name] for expr in _expressions().values() for name in _metric_names(expr) if name in exported}
     unused = {family for family in exported.values() if family.startswith("codi2_")} - used
     assert not unused, f"metrics no panel or rule shows: {sorted(unused)}"
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="codi2_ready, codi2_store_blocked, codi2_gaps_total and codi2_inotify_handler_errors_total are not "
-    "exported yet (asked of the lead in issue 14); remove this mark and NOT_YET_EXPORTED once they are",
-)
-def test_the_metrics_planned_for_the_rules_are_exported(exported: dict[str, str]) -> None:
-    missing = {}
-    for where, expr in _expressions().items():
-        names = (_metric_names(expr) & NOT_YET_EXPORTED) - set(exported)
-        if names:
-            missing[where] = sorted(names)
-    assert not missing, f"expressions naming planned metrics the daemon does not export yet: {missing}"
