@@ -110,17 +110,27 @@ class DirCache:
         self._open: OrderedDict[tuple[int, bytes], int] = OrderedDict()
 
     def get(self, root: int, rel: bytes) -> int:
-        """The descriptor of directory `rel` (borrowed: valid until `close`). Raises OSError."""
+        """The descriptor of directory `rel` (borrowed: valid until the next `get` or `close`), opened
+        from the nearest cached ancestor one component at a time. Raises OSError."""
         key = (root, rel)
         fd = self._open.get(key)
         if fd is not None:
             self._open.move_to_end(key)
             return fd
-        if not rel:
-            fd = os.dup(self._roots[root])
-        else:
-            parent, name = split(rel)
-            fd = os.open(name, O_DIR, dir_fd=self.get(root, parent))
+        missing = []  # the components below the nearest ancestor already open
+        ancestor = rel
+        while ancestor and (root, ancestor) not in self._open:
+            ancestor, name = split(ancestor)
+            missing.append(name)
+        fd = os.dup(self._open[(root, ancestor)] if ancestor or (root, b"") in self._open else self._roots[root])
+        try:
+            for name in reversed(missing):
+                child = os.open(name, O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
         self._open[key] = fd
         if len(self._open) > self.MAX_OPEN:
             _, oldest = self._open.popitem(last=False)

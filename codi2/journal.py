@@ -314,11 +314,11 @@ class Journal:
             (dst, len(src) + 1, root, src, low, high),
         )
 
-    def linked(self, dev: int, ino: int) -> list[tuple[str, bytes]]:
-        """Every indexed name of a hard-linked inode."""
-        return self._db.execute(
-            "SELECT root, key FROM files WHERE dev = ? AND ino = ? AND nlink > 1", (dev, ino)
-        ).fetchall()
+    def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
+        """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
+        `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
+        where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
+        return [tuple(r) for r in self._db.execute(f"SELECT root, key FROM files WHERE {where}", (dev, ino))]  # type: ignore[misc]
 
     def replace_index(self, rows: Iterable[tuple[str, bytes, Facts]]) -> None:
         """The whole index from a rebuild (inside a transaction)."""

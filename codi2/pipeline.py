@@ -184,6 +184,7 @@ class Pipeline:
         sink: Sink,
         metrics: Metrics,
         max_events: int,
+        max_batch_bytes: int,
         max_delay_ms: int,
         max_bytes: int,
         hash_max_bytes: int,
@@ -198,6 +199,7 @@ class Pipeline:
         self._sink = sink
         self._metrics = metrics
         self._max_events = max_events
+        self._max_batch_bytes = max_batch_bytes
         self._max_delay = max_delay_ms / 1000
         self.max_bytes = max_bytes
         self._hash_max = hash_max_bytes
@@ -342,7 +344,7 @@ class Pipeline:
         """One turn: take hints, flush when due. False once stopped and everything is committed."""
         with self._lock:
             timeout = self._wait_time()
-            if not self._intake and not self._stopping and timeout > 0:
+            if not self._intake and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
             stopping = self._stopping
@@ -369,20 +371,23 @@ class Pipeline:
             self._rebuild()
             return True
         if self._outbox_full():
-            return not stopping or now <= self._stop_deadline
+            self._retry_at = now + 0.5  # the shipper has to make room first
+            return True
         due = self._deadline is not None and now >= self._deadline
         if (self._window and (due or stopping or len(self._window) >= self._max_events)) or self._gap_pending():
             self._flush()
         return not (stopping and not self._window and not self._intake)
 
     def _wait_time(self) -> float:
+        """How long the journal thread may sleep: until the window is due, or a back-off has passed."""
         now = time.monotonic()
-        waits = [1.0]
-        if self._deadline is not None:
-            waits.append(self._deadline - now)
         if self._retry_at > now:
-            waits.append(self._retry_at - now)
-        return max(0.0, min(waits))
+            return min(self._retry_at - now, 1.0)
+        if self._stopping:
+            return 0.0 if self._window else 0.05
+        if self._deadline is not None:
+            return max(0.0, min(self._deadline - now, 1.0))
+        return 1.0
 
     def _gap_pending(self) -> bool:
         return bool(self._gap_reasons)
@@ -398,6 +403,7 @@ class Pipeline:
             )
         elif not full and health.state == "full":
             self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
+            self.note_gap("spool_full", self.pending_hints())  # these waited, coalescing, while it was full
         return full
 
     def _flush(self) -> None:
@@ -419,7 +425,7 @@ class Pipeline:
                     rec.silent = self._silent_baseline and origin == "baseline"
                     self._metrics.rescans.labels(origin=origin).inc()
                 for _ in rec.apply(item, origin):
-                    if len(rec.events) >= self._max_events:
+                    if len(rec.events) >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
                         self._commit_batch()
                         committed_through = current
                         journal.begin()
@@ -433,6 +439,7 @@ class Pipeline:
             journal.rollback()
             self._initial_in_txn = 0
             rec.events.clear()
+            rec.event_bytes = 0
             if not _environmental(exc):
                 # A bug met by one change must not hold back every later one: set that change aside.
                 log.exception("change_failed", hint=repr(items[current]))
@@ -446,7 +453,7 @@ class Pipeline:
         finally:
             rec.silent = False
             rec.cache.close()
-        self._journal_ok()
+        self._journal_ok(len(items))
 
     def _commit_batch(self) -> None:
         journal, rec = self.journal, self._reconciler
@@ -466,6 +473,7 @@ class Pipeline:
                 self.gaps += 1
                 self._metrics.gaps.inc()
         rec.events = []
+        rec.event_bytes = 0
         if events:
             with self._ship_wake:
                 self._ship_wake.notify_all()
@@ -506,12 +514,12 @@ class Pipeline:
         self._retry_at = time.monotonic() + self._journal_delay
         self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
 
-    def _journal_ok(self) -> None:
+    def _journal_ok(self, changes: int) -> None:
         health = self.journal_health
         if health.state == "error":
             log.info("journal_recovered", after_failures=health.consecutive_failures)
             self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
-            self.note_gap("journal_error", health.consecutive_failures)
+            self.note_gap("journal_error", changes)  # these waited, coalescing, while writes failed
         self._journal_delay = 0.5
 
     # Index rebuild -------------------------------------------------------------------------------

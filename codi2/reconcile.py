@@ -142,6 +142,7 @@ class Reconciler:
         self._make = make_event
         self.silent = silent  # record the state without events (`initial_scan = "silent"`)
         self.events: list[Event] = []
+        self.event_bytes = 0  # a rough size of `events`, for the batch byte budget
         self.cache = DirCache(root_fds)
 
     # Entry points ---------------------------------------------------------------------------------
@@ -173,10 +174,16 @@ class Reconciler:
         yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
             # A write through one name of a hard-linked file changes every name: inotify only told us one.
-            for other_root, other_key in self._j.linked(disk.dev or 0, disk.ino or 0):
-                index = self._names.index(other_root)
-                if (index, other_key) != (root, key):
-                    yield from self.touch(index, rel_of(other_key), origin, links=False)
+            others = [n for n in self._j.linked(disk.dev or 0, disk.ino or 0) if n != (self._names[root], key)]
+            if len(others) < (disk.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
+                others = [
+                    n
+                    for n in self._j.linked(disk.dev or 0, disk.ino or 0, all_rows=True)
+                    if n != (self._names[root], key)
+                ]
+            for other_root, other_key in others:
+                if other_root in self._names:
+                    yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
 
     def move(self, hint: Move, origin: Origin) -> Iterator[None]:
         """A rename the kernel reported. It becomes one `moved` event when the index holds what moved
@@ -215,10 +222,10 @@ class Reconciler:
     def _look_again(self, root: int, rel: bytes, is_dir: bool, origin: Origin) -> Iterator[None]:
         """After a rename, the new name's own state, and for a directory its whole tree: changes hinted
         under the old name before the rename was read, and what the ignore rules say at the new place."""
-        yield from self.touch(root, rel, origin)
-        known = self._j.get(self._names[root], key_of(rel))
-        if is_dir and known is not None and known.type == "dir":
-            yield from self._walk(root, rel, origin, recursive=True)
+        if is_dir:
+            yield from self.rescan(root, rel, True, origin)
+        else:
+            yield from self.touch(root, rel, origin)
 
     @staticmethod
     def _trusted(hint: Move, known: Facts, disk: Facts | None) -> bool:
@@ -411,6 +418,7 @@ class Reconciler:
         if self.silent:
             return
         self.events.append(self._make(action, root, rel, dest, facts, origin))
+        self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
         yield
 
 

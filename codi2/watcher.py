@@ -280,7 +280,7 @@ class Watcher:
     def start(self) -> None:
         """Place every watch, then start reading. Raises OSError naming a root that cannot be watched."""
         for root in self._roots:
-            _check_root(root)
+            check_root(root)
         ifd = inotify_init()
         if ifd < 0:
             raise OSError(errno.EMFILE, "cannot create an inotify instance: raise fs.inotify.max_user_instances")
@@ -974,7 +974,7 @@ class Watcher:
             self.state.unwatched = unwatched
 
 
-def _check_root(root: bytes) -> None:
+def check_root(root: bytes) -> None:
     """A root must be a real directory: one line naming it otherwise."""
     try:
         st = os.lstat(root)
