@@ -604,6 +604,11 @@ class Watcher:
 
     def _attach_at(self, parent: Node, pfd: int, name: bytes, *, quiet: bool = False) -> Node | None:
         existing = parent.children.get(name)
+        if existing is not None and existing.wd is None:  # an unwatched directory: this is its retry
+            self._detach(existing)
+            self._unwatched.discard(existing)
+            quiet = True
+            existing = None
         try:
             fd = os.open(name, O_DIR, dir_fd=pfd)
         except OSError as exc:
@@ -710,7 +715,6 @@ class Watcher:
             return list_dir(fd)
         except OSError as exc:
             log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
-            self._suspect(node)
             return []
 
     # Tree changes ----------------------------------------------------------------------------------
@@ -906,10 +910,7 @@ class Watcher:
         """Try again to watch a directory that could not be watched before."""
         parent = node.parent
         assert parent is not None
-        self._detach(node)
-        self._unwatched.discard(node)
-        self._unwatched_dirty = True
-        placed = self._attach_at(parent, parent_fd, node.name, quiet=True)
+        placed = self._attach_at(parent, parent_fd, node.name)
         if placed is not None and placed.wd is not None:
             log.info("directory_watched", path=os.fsdecode(placed.locate(self._gen) or b""))
         return placed
