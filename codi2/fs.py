@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,9 @@ O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTT
 # (ELOOP: a component is now a symlink, which the tree never follows).
 ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 HASH_CHUNK = 1 << 20
+# File timestamps tick coarsely: a write in the same tick right after the hash would leave the stat as it
+# was. A hash taken within this long of the file's ctime is not trusted to skip the next one ("racy").
+RACY_NS = 2_000_000_000
 
 
 @dataclass(slots=True)
@@ -186,6 +190,8 @@ def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> 
             after = facts_of(os.fstat(fd))
             if after.same_stat(facts):
                 facts.sha256 = digest.hexdigest()
+                if time.time_ns() - (facts.ctime_ns or 0) < RACY_NS:
+                    facts.ctime_ns = None  # the next look hashes again, whatever the stat says
                 return facts
             facts = after
             os.lseek(fd, 0, os.SEEK_SET)
