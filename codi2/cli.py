@@ -159,6 +159,9 @@ def _provision_parsers(sub: Any) -> None:
             help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
         ).complete = shtab.FILE  # type: ignore[attr-defined]
         p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
+        p.add_argument("--fdb-tls-cert", type=Path, metavar="PATH", help="codi2's client certificate (PEM) for TLS")
+        p.add_argument("--fdb-tls-key", type=Path, metavar="PATH", help="its private key (PEM, no passphrase)")
+        p.add_argument("--fdb-tls-ca", type=Path, metavar="PATH", help="the CA bundle that signed the cluster (PEM)")
         p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra label (repeatable)")
         p.add_argument(
             "--platform-namespace",
@@ -273,6 +276,7 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
         config_text = args.config.read_text()
     except OSError as exc:
         raise UsageError(f"--config {args.config}: {exc.strerror}") from None
+    tls_files = _tls_files(args)
     labels = {}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -290,6 +294,7 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
         "codi2_config": config_text,
         "fdb_cluster_string": args.fdb_cluster_string,
         "labels": labels,
+        **tls_files,
     }
     optional = {
         "image": args.image,
@@ -317,6 +322,19 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise UsageError(f"--config {args.config}: {exc}") from None
     return spec
+
+
+def _tls_files(args: argparse.Namespace) -> dict[str, str]:
+    """The TLS files to put into the Secret, checked first: a bad key would reach every workspace."""
+    from codi2.tls import file_problems
+
+    if (args.fdb_tls_cert is None) != (args.fdb_tls_key is None):
+        raise UsageError("--fdb-tls-cert and --fdb-tls-key go together: give both or neither")
+    problems = file_problems(args.fdb_tls_cert, args.fdb_tls_key, args.fdb_tls_ca)
+    if problems:
+        raise UsageError("; ".join(problems))
+    paths = {"fdb_tls_cert": args.fdb_tls_cert, "fdb_tls_key": args.fdb_tls_key, "fdb_tls_ca": args.fdb_tls_ca}
+    return {field: path.read_text() for field, path in paths.items() if path is not None}
 
 
 def _write_manifests(manifests: list[dict[str, Any]], out: Path | None, single: str | None = None) -> None:

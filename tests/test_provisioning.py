@@ -18,7 +18,9 @@ from k8s_double import FakeKubeServer
 from lightkube import Client
 from lightkube.config.kubeconfig import KubeConfig
 from pydantic import ValidationError
+from tls_certs import DAY, NOW, TlsFiles, issue
 
+from codi2.config import load_settings
 from codi2.provisioning.apply import Provisioner
 from codi2.provisioning.render import render, render_rbac
 from codi2.provisioning.spec import DNS_LABEL, MAX_ID, WorkspaceSpec
@@ -105,11 +107,16 @@ def _volume_of(container: dict, path: str) -> str:
     return max(mounts, key=lambda m: len(m["mountPath"]))["name"]
 
 
-def test_sidecar_keeps_the_store_credentials_and_codi2_state_out_of_the_users_container() -> None:
+def _tls_spec(directory: Path, **kw: object) -> WorkspaceSpec:
+    tls = issue(directory)
+    return spec(fdb_tls_cert=tls.cert.read_text(), fdb_tls_key=tls.key.read_text(), fdb_tls_ca=tls.ca.read_text(), **kw)
+
+
+def test_sidecar_keeps_the_store_credentials_and_codi2_state_out_of_the_users_container(tmp_path: Path) -> None:
     """What the issue demands of the pod, read off the rendered objects rather than restated from the
     renderer: every volume that can reach the store's Secret or codi2's state dir is mounted into codi2
     alone, and the user's container runs its image's own command under another uid."""
-    manifests = render(spec(session_id="s-1"))
+    manifests = render(_tls_spec(tmp_path, session_id="s-1"))
     validate(manifests)
     pod = next(m for m in manifests if m["kind"] == "Pod")
     secret = next(m for m in manifests if m["kind"] == "Secret")
@@ -161,6 +168,27 @@ def test_sidecar_keeps_the_store_credentials_and_codi2_state_out_of_the_users_co
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert codi2[probe]["httpGet"]["port"] == "health"
         assert not any(probe in c for c in _containers(pod) if c is not codi2)
+
+
+def test_tls_material_is_in_the_secret_where_codi2_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = render(_tls_spec(tmp_path))
+    validate(manifests)
+    files = _secret_files(next(m for m in manifests if m["kind"] == "Secret"))
+    assert files == {
+        "fdb.cluster": b"coditect:production@10.128.0.8:4500\n",
+        "tls.crt": (tmp_path / "tls.crt").read_bytes(),
+        "tls.key": (tmp_path / "tls.key").read_bytes(),
+        "ca.crt": (tmp_path / "ca.crt").read_bytes(),
+    }
+    pod = manifests[-1]
+    codi2 = _container(pod, "codi2")
+    for variable in codi2["env"]:  # as the kubelet sets them: codi2's config reads the Secret's files
+        monkeypatch.setenv(variable["name"], variable["value"])
+    fdb = load_settings(None).foundationdb
+    secret_volume = _volume_of(codi2, "/etc/foundationdb/fdb.cluster")
+    for path in (fdb.tls_cert_file, fdb.tls_key_file, fdb.tls_ca_file):
+        assert path is not None and path.name in files
+        assert _volume_of(codi2, str(path)) == secret_volume
 
 
 def test_network_policy_admits_the_health_port_only_from_the_configured_namespaces() -> None:
@@ -314,7 +342,11 @@ def test_cli_apply_and_delete_through_kubeconfig(tmp_path: Path) -> None:
         assert server.kube.objects == {}
 
 
-def test_cli_render_output_and_errors() -> None:
+def _tls_flags(tls: TlsFiles) -> tuple[str, ...]:
+    return ("--fdb-tls-cert", str(tls.cert), "--fdb-tls-key", str(tls.key), "--fdb-tls-ca", str(tls.ca))
+
+
+def test_cli_render_output_and_errors(tmp_path: Path) -> None:
     rendered = _cli(
         "render",
         *("--user-id", "carol", "--tenant-id", "acme", "--storage", "20Gi", "--state-storage", "5Gi"),
@@ -332,10 +364,21 @@ def test_cli_render_output_and_errors() -> None:
         yaml.safe_load_all(_cli("render", "--user-id", "carol", "--tenant-id", "a", "--layout", "entrypoint").stdout)
     )
     assert "initContainers" not in local[-1]["spec"]
+    tls = issue(tmp_path / "tls")
+    expired = issue(tmp_path / "expired", not_before=NOW - 30 * DAY, not_after=NOW - DAY)
+    secure = _cli("render", "--user-id", "carol", "--tenant-id", "a", *_tls_flags(tls))
+    assert secure.returncode == 0, secure.stderr
+    secret = next(d for d in yaml.safe_load_all(secure.stdout) if d["kind"] == "Secret")
+    assert set(secret["data"]) == {"fdb.cluster", "tls.crt", "tls.key", "ca.crt"}
     for args, message in (
         (("--user-id", "Carol.Smith"), "codi2: --user-id: 'Carol.Smith' cannot be part of a Kubernetes name"),
         (("--user-id", "carol", "--platform-namespace", "IDE"), "codi2: --platform-namespace: 'IDE' is not a"),
         (("--user-id", "carol", "--state-storage", "lots"), "codi2: --state-storage: 'lots' is not a Kubernetes"),
+        (("--user-id", "carol", *_tls_flags(expired)), f"codi2: certificate {expired.cert}: CN=codi2 expired on"),
+        (
+            ("--user-id", "carol", "--fdb-tls-cert", str(tls.cert)),
+            "codi2: --fdb-tls-cert and --fdb-tls-key go together",
+        ),
     ):
         bad = _cli("render", "--tenant-id", "acme", *args)
         assert bad.returncode == 2

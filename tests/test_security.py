@@ -1,20 +1,19 @@
 """The daemon as the sidecar layout runs it (docs/security.md): on a read-only workspace with its state
-elsewhere, and with a health port that tells nothing of the store's credentials."""
+elsewhere, and with a health port that tells nothing of the store's credentials or TLS material."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+import fakefdb
 import pytest
 from conftest import DaemonProcess, wait_for
+from tls_certs import issue
 
 Start = Callable[..., DaemonProcess]
-FAKE_LIBFDB = Path(__file__).resolve().parent.parent.parent / "shared" / "fakelibfdb"
 
 
 def _user_namespaces_work() -> bool:
@@ -58,19 +57,7 @@ def test_daemon_runs_on_a_read_only_workspace_with_its_state_elsewhere(
     assert (state / "spool").is_dir() and (state / "index.db").is_file()
 
 
-@pytest.fixture(scope="module")
-def fake_libfdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The fake libfdb_c of ../shared/fakelibfdb, built for this module; the real `fdb` bindings load it."""
-    if not (FAKE_LIBFDB / "Makefile").exists() or shutil.which("gcc") is None:
-        pytest.skip("needs ../shared/fakelibfdb and gcc to build the fake libfdb_c")
-    build = tmp_path_factory.mktemp("fakelibfdb")
-    made = subprocess.run(["make", "-C", str(FAKE_LIBFDB), f"BUILD={build}"], capture_output=True, text=True)
-    if made.returncode != 0:
-        pytest.skip(f"the fake libfdb_c did not build: {made.stderr.strip()[-300:]}")
-    yield build
-
-
-def test_health_port_reveals_no_connection_string_key_or_file_content(tmp_path: Path, fake_libfdb: Path) -> None:
+def test_health_port_reveals_no_connection_string_key_or_file_content(tmp_path: Path, fake_libfdb_c: Path) -> None:
     """The user's code shares the pod's network namespace, so it can always read the health port: every
     endpoint, healthy and with the store down, must be free of what the store's credentials are."""
     workspace = tmp_path / "ws"
@@ -81,6 +68,8 @@ def test_health_port_reveals_no_connection_string_key_or_file_content(tmp_path: 
     cluster_string = f"{description}:{cluster_id}@{coordinator}"
     cluster_file = secrets / "fdb.cluster"
     cluster_file.write_text(cluster_string + "\n")
+    tls = issue(secrets)
+    verify_peers = "Check.Valid=1,S.CN=fdb-peer-name"
     data = tmp_path / "fakefdb.sqlite"
     config = tmp_path / "codi2.toml"
     config.write_text(
@@ -91,6 +80,10 @@ bind_addr = "127.0.0.1:0"
 cluster_file = {json.dumps(str(cluster_file))}
 cluster_string = {json.dumps(cluster_string)}
 transaction_timeout_ms = 200
+tls_cert_file = {json.dumps(str(tls.cert))}
+tls_key_file = {json.dumps(str(tls.key))}
+tls_ca_file = {json.dumps(str(tls.ca))}
+tls_verify_peers = {json.dumps(verify_peers)}
 [monitoring]
 watch_paths = [{json.dumps(str(workspace))}]
 [state]
@@ -101,11 +94,7 @@ max_delay_ms = 20
 format = "json"
 """
     )
-    env = {
-        "LD_LIBRARY_PATH": f"{fake_libfdb}:{os.environ.get('LD_LIBRARY_PATH', '')}",
-        "FDB_CLUSTER_FILE": str(cluster_file),
-        "FAKEFDB_DATA": str(data),
-    }
+    env = {**fakefdb.child_env(fake_libfdb_c, data), "FDB_CLUSTER_FILE": str(cluster_file)}
     daemon = DaemonProcess(config, tmp_path / "unused.db", env)
     try:
         pages = [daemon.get(path) for path in ("/status", "/metrics", "/livez?verbose", "/readyz?verbose")]
@@ -120,7 +109,9 @@ format = "json"
     finally:
         daemon.kill()
     assert all(code == 200 for code, _ in pages), [code for code, _ in pages]
-    assert json.loads(pages[4][1])["store"]["error_code"] == "transaction_timed_out"
-    needles = [cluster_string, description, cluster_id, coordinator, str(secrets), str(data)]
+    assert json.loads(pages[4][1])["store"]["error_code"] == "fdb_1031"
+    pem_lines = [line for f in (tls.cert, tls.key, tls.ca) for line in f.read_text().splitlines() if len(line) >= 32]
+    needles = [cluster_string, description, cluster_id, coordinator, str(secrets), str(data), verify_peers, *pem_lines]
+    needles += ["tls.crt", "tls.key", "ca.crt", "fdb.cluster"]
     for _, body in pages:
         assert not [needle for needle in needles if needle in body], body

@@ -34,6 +34,12 @@ USER_UID = 1000  # the workspace image's user; also the pod's fsGroup, so both c
 CODI2_UID = 10001  # codi2's own: the user's processes cannot signal or trace it, nor spend its inotify watches
 SECRET_MODE = 0o440  # root-owned, readable by the fsGroup: only a container that mounts the Secret sees it
 NO_PRIVILEGE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+# Spec field → file in the codi2-fdb Secret → the [foundationdb] key codi2 reads it from (as env).
+TLS_FILES = (
+    ("fdb_tls_cert", "tls.crt", "CODI2_FOUNDATIONDB__TLS_CERT_FILE"),
+    ("fdb_tls_key", "tls.key", "CODI2_FOUNDATIONDB__TLS_KEY_FILE"),
+    ("fdb_tls_ca", "ca.crt", "CODI2_FOUNDATIONDB__TLS_CA_FILE"),
+)
 PROVISIONER = "codi2-provisioner"
 PROVISIONER_NAMESPACE = "coditect-app"
 
@@ -65,7 +71,8 @@ def render(spec: WorkspaceSpec) -> list[Manifest]:
     claims = [_claim(spec, spec.claim_name, spec.storage_size)]
     if spec.layout == "sidecar":
         claims.append(_claim(spec, STATE_CLAIM, spec.state_storage_size))
-    cluster_file = spec.cluster_string().strip() + "\n"
+    store_files = {"fdb.cluster": spec.cluster_string().strip() + "\n"}
+    store_files.update({name: getattr(spec, field) for field, name, _ in TLS_FILES if getattr(spec, field)})
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, spec)},
         *claims,
@@ -80,7 +87,7 @@ def render(spec: WorkspaceSpec) -> list[Manifest]:
             "kind": "Secret",
             "metadata": _meta(FDB_SECRET, spec, ns),
             "type": "Opaque",
-            "data": {"fdb.cluster": base64.b64encode(cluster_file.encode()).decode()},
+            "data": {name: base64.b64encode(text.encode()).decode() for name, text in store_files.items()},
         },
         _network_policy(spec),
         _pod(spec),
@@ -171,6 +178,7 @@ def _codi2(
     ]
     if spec.session_id:
         env.insert(2, {"name": "SESSION_ID", "value": spec.session_id})
+    env += [{"name": var, "value": f"{FDB_DIR}/{file}"} for field, file, var in TLS_FILES if getattr(spec, field)]
     container: dict[str, Any] = {"name": name, "image": image}
     if sidecar:
         container["restartPolicy"] = "Always"  # a native sidecar: up before the user's container, stops after it

@@ -97,6 +97,10 @@ class WorkspaceSpec(BaseModel):
     monitoring_namespaces: Namespaces = Field(default_factory=lambda: ["monitoring"])
     codi2_config: str = Field(min_length=1, description="codi2.toml text for the codi2-config map")
     fdb_cluster_string: str | None = None
+    # The client's TLS material (PEM), put into the codi2-fdb Secret beside the cluster file.
+    fdb_tls_cert: str | None = None
+    fdb_tls_key: str | None = None
+    fdb_tls_ca: str | None = None
     labels: Annotated[dict[str, str], AfterValidator(check_labels)] = Field(default_factory=dict)
 
     @property
