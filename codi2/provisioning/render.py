@@ -294,7 +294,7 @@ def render_rbac() -> list[Manifest]:
                 {
                     "apiGroups": ["networking.k8s.io"],
                     "resources": ["networkpolicies"],
-                    "verbs": ["get", "create", "patch", "delete"],
+                    "verbs": ["create", "patch", "delete"],
                 },
             ],
         },
