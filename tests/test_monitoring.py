@@ -270,7 +270,8 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
     pod_labels = pod["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    ports = {port["name"] for container in pod["spec"]["containers"] for port in container.get("ports", [])}
+    containers = [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]  # codi2 is a native sidecar
+    ports = {port["name"] for container in containers for port in container.get("ports", [])}
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
     def meta(label: str) -> str:
