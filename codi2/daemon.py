@@ -121,7 +121,10 @@ class Daemon:
         try:
             await asyncio.to_thread(self._lock.acquire)
         except OSError as exc:
-            raise StartupError(f"state dir {s.state_dir}: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"state dir {s.state_dir}: {exc.strerror or exc} (set [state] dir or CODI2_STATE__DIR to a writable"
+                " directory)"
+            ) from None
         try:
             self.sink = await asyncio.to_thread(self._open_store, s)
         except Exception as exc:

@@ -28,6 +28,7 @@ from typing import Any
 import structlog
 
 from codi2 import legacy
+from codi2.config import STATE_DIR_NAME
 from codi2.events import Action, Batch, Event, EventQuery, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
 from codi2.ignore import IgnoreRules
@@ -241,12 +242,17 @@ class Pipeline:
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
-        if fresh and legacy.present(self._state_dir):
-            migrated = legacy.migrate(self._state_dir, self.journal)
-            self.corrupt_records += migrated.corrupt_records
-            self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
-            if migrated.corrupt_records and migrated.needs_rebuild:
-                self.note_gap("spool_corrupt", migrated.corrupt_records)
+        # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
+        # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
+        old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
+        for place in dict.fromkeys([self._state_dir, old_default]):
+            if fresh and legacy.present(place):
+                migrated = legacy.migrate(place, self.journal, remove=place == self._state_dir)
+                self.corrupt_records += migrated.corrupt_records
+                self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
+                if migrated.corrupt_records and migrated.needs_rebuild:
+                    self.note_gap("spool_corrupt", migrated.corrupt_records)
+                break
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
             self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
