@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ RETRY_MAX_S = 5.0
 JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
 SHIP_CHUNK = 16
+HANDOFF_MAX = 32  # batches kept in memory for the shipper
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +228,7 @@ class Pipeline:
         self._stopping = False
         self._stop_deadline = 0.0
         self._ship_wake = threading.Condition()
+        self._handoff: deque[OutboxBatch] = deque()
         self._ship_stop = False
         self._rebuild_requested = False
         self._journal_thread: threading.Thread | None = None
@@ -422,6 +425,7 @@ class Pipeline:
         current = 0
         try:
             journal.begin()
+            rec.prefetch(items)
             self._gap_events()
             for current, item in enumerate(items):
                 origin: Origin = "live"
@@ -458,6 +462,7 @@ class Pipeline:
             return
         finally:
             rec.silent = False
+            rec.forget()
             rec.cache.close()
         self._journal_ok(len(items))
 
@@ -465,9 +470,10 @@ class Pipeline:
         journal, rec = self.journal, self._reconciler
         assert journal is not None and rec is not None
         events = rec.events
-        if events:
-            journal.append(events)
+        appended = journal.append(events) if events else None
         journal.commit()
+        if appended is not None:
+            self._hand_to_shipper(appended)
         self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
         self._initial_in_txn = 0
         if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
@@ -480,9 +486,6 @@ class Pipeline:
                 self._metrics.gaps.inc()
         rec.events = []
         rec.event_bytes = 0
-        if events:
-            with self._ship_wake:
-                self._ship_wake.notify_all()
 
     def _gap_events(self) -> None:
         rec = self._reconciler
@@ -636,6 +639,24 @@ class Pipeline:
 
     # Shipper thread ------------------------------------------------------------------------------
 
+    def _hand_to_shipper(self, batch: OutboxBatch) -> None:
+        """A batch just committed, in memory: the shipper takes it from here instead of reading it back."""
+        with self._ship_wake:
+            self._handoff.append(batch)
+            if len(self._handoff) > HANDOFF_MAX:  # the store is behind: those are read back later
+                self._handoff.popleft()
+            self._ship_wake.notify_all()
+
+    def _from_handoff(self, after: int) -> list[OutboxBatch]:
+        """The batches right after `after` that are still in memory, in order (none if there is a gap)."""
+        with self._ship_wake:
+            while self._handoff and self._handoff[0].n <= after:
+                self._handoff.popleft()
+            out: list[OutboxBatch] = []
+            while self._handoff and self._handoff[0].n == after + 1 + len(out) and len(out) < SHIP_CHUNK:
+                out.append(self._handoff.popleft())
+            return out
+
     def _ship_loop(self) -> None:
         journal = self.journal
         assert journal is not None
@@ -644,7 +665,7 @@ class Pipeline:
         try:
             while True:
                 try:
-                    batches = reader.next_batches(after, SHIP_CHUNK)
+                    batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
                 except Exception as exc:
                     log.warning("outbox_read_failed", error=str(exc))
                     batches = []

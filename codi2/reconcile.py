@@ -144,6 +144,44 @@ class Reconciler:
         self.events: list[Event] = []
         self.event_bytes = 0  # a rough size of `events`, for the batch byte budget
         self.cache = DirCache(root_fds)
+        self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
+
+    def prefetch(self, hints: list[Hint]) -> None:
+        """Read the index rows of the window's paths in a few queries instead of one each."""
+        wanted: dict[str, list[bytes]] = {}
+        for hint in hints:
+            if isinstance(hint, Touch) and hint.path:
+                wanted.setdefault(self._names[hint.root], []).append(key_of(hint.path))
+        for root, keys in wanted.items():
+            found = self._j.get_many(root, keys)
+            for key in keys:
+                self._known[(root, key)] = found.get(key)
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    # The index, through the read-ahead ------------------------------------------------------------
+
+    def _get(self, root: str, key: bytes) -> Facts | None:
+        k = (root, key)
+        if k in self._known:
+            return self._known.pop(k)
+        return self._j.get(root, key)
+
+    def _put(self, root: str, key: bytes, facts: Facts) -> None:
+        self._known.pop((root, key), None)
+        self._j.put(root, key, facts)
+
+    def _drop_tree(self, root: str, key: bytes, *, is_dir: bool = True) -> None:
+        if is_dir:
+            self._known.clear()
+        else:
+            self._known.pop((root, key), None)
+        self._j.drop_tree(root, key)
+
+    def _move_tree(self, root: str, src: bytes, dst: bytes) -> None:
+        self._known.clear()
+        self._j.move_tree(root, src, dst)
 
     # Entry points ---------------------------------------------------------------------------------
 
@@ -161,7 +199,7 @@ class Reconciler:
         if not rel or self._ignored(root, rel):
             return
         key = key_of(rel)
-        known = self._j.get(self._names[root], key)
+        known = self._get(self._names[root], key)
         disk = self._disk(root, rel, known)
         if disk is UNKNOWN:
             return
@@ -196,7 +234,7 @@ class Reconciler:
             yield from self.touch(root, hint.dst, origin)
             return
         src_key, dst_key = key_of(hint.src), key_of(hint.dst)
-        known = self._j.get(name, src_key)
+        known = self._get(name, src_key)
         below = hint.is_dir and bool(self._j.below(name, src_key, b"", 1))
         disk = self._disk(root, hint.dst, known) if known is not None or below else None
         if disk is UNKNOWN or (known is None and not below):
@@ -213,8 +251,8 @@ class Reconciler:
             yield from self.touch(root, hint.src, origin)
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
             return
-        self._j.move_tree(name, src_key, dst_key)
-        self._j.put(name, dst_key, facts)
+        self._move_tree(name, src_key, dst_key)
+        self._put(name, dst_key, facts)
         yield from self._emit("moved", root, hint.src, hint.dst, facts, origin)
         if disk is not None:  # when it has moved on, the hints of its next move or removal settle it
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
@@ -244,7 +282,7 @@ class Reconciler:
                 yield from self.touch(root, rel, origin)
                 return
             key = key_of(rel)
-            known = self._j.get(self._names[root], key)
+            known = self._get(self._names[root], key)
             disk = self._disk(root, rel, known)
             if disk is UNKNOWN:
                 return
@@ -281,16 +319,16 @@ class Reconciler:
             yield from self._delete(root, rel, key, known, origin)
             known = None
         if known is None:
-            self._j.put(name, key, disk)
+            self._put(name, key, disk)
             yield from self._emit("created", root, rel, None, disk, origin)
             if disk.type == "dir" and descend:
                 yield from self._walk(root, rel, origin, recursive=True)
             return
         if content_changed(known, disk):
-            self._j.put(name, key, disk)
+            self._put(name, key, disk)
             yield from self._emit("updated", root, rel, None, disk, origin)
         elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
-            self._j.put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
+            self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
         if disk.type == "dir" and descend and not same_entity(known, disk):
             yield from self._walk(root, rel, origin, recursive=True)
 
@@ -299,9 +337,9 @@ class Reconciler:
         name = self._names[root]
         if known.type == "dir":
             for sub_key, sub_type in list(self._j.below_reversed(name, key)):
-                self._j.drop_tree(name, sub_key)
+                self._drop_tree(name, sub_key, is_dir=sub_type == "dir")
                 yield from self._emit("deleted", root, rel_of(sub_key), None, _bare(sub_type), origin)
-        self._j.drop_tree(name, key)
+        self._drop_tree(name, key, is_dir=known.type == "dir")
         yield from self._emit("deleted", root, rel, None, known, origin)
 
     # Walks ------------------------------------------------------------------------------------------
