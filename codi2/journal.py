@@ -30,19 +30,19 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
-from codi2.events import Event, decode_events, encode_events, uuid7
+from codi2.events import Batch, Event, decode_events, encode_events, uuid7
 from codi2.fs import Facts
 
 log = structlog.get_logger("codi2.journal")
 
 FORMAT_VERSION = 1
 FILE_NAME = "journal.db"
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
 
 SCHEMA = """
@@ -72,6 +72,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256"
 CORRUPT_MARKERS = ("malformed", "not a database", "file is encrypted", "disk image")
+
+
+class LocalStore(Protocol):
+    """A store that lives in the journal's own file (SQLite): its tables, and how a batch goes in."""
+
+    schema: str
+
+    def insert(self, db: sqlite3.Connection, batch: Batch) -> None: ...
 
 
 class JournalCorrupt(Exception):
@@ -124,12 +132,15 @@ class Journal:
     """The journal as the pipeline's worker thread uses it: every index access and append happens in
     that one thread, inside `transaction()`."""
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, store: LocalStore | None = None) -> None:
         self.path = path
+        self.store = store
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = _connect(path, fsync=fsync)
             self._db.executescript(SCHEMA)
+            if store is not None:
+                self._db.executescript(store.schema)
             found = self._meta("format")
             if found is None:
                 self._init_meta()
@@ -300,10 +311,14 @@ class Journal:
 
     # Outbox --------------------------------------------------------------------------------------
 
-    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch:
-        """Add a batch to the outbox (inside a transaction)."""
-        body = encode_events(events)
+    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch | None:
+        """Add a batch to the outbox (inside a transaction), or with a local store, straight to the store:
+        then it is committed when the transaction is, and there is nothing to ship."""
         batch_id = batch_id or uuid7()
+        if self.store is not None:
+            self.store.insert(self._db, Batch(batch_id, tuple(events)))
+            return None
+        body = encode_events(events)
         cursor = self._db.execute(
             "INSERT INTO outbox (batch_id, events, crc, body) VALUES (?, ?, ?, ?)",
             (batch_id, len(events), zlib.crc32(body), body),
