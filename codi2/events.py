@@ -36,8 +36,7 @@ _RANDOM_MASK = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
 def uuid7(ms: int | None = None) -> str:
     """A UUIDv7 (RFC 9562): millisecond time prefix (now, or `ms`), so ids sort by creation time."""
     ms = time.time_ns() // 1_000_000 if ms is None else ms
-    value = ms << 80 | (_random.getrandbits(80) & _RANDOM_MASK) | _VERSION_VARIANT
-    text = f"{value:032x}"
+    text = (ms << 80 | (_random.getrandbits(80) & _RANDOM_MASK) | _VERSION_VARIANT).to_bytes(16).hex()
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
@@ -49,6 +48,19 @@ def uuid7_ms(value: str) -> int:
 def rfc3339(epoch_seconds: float) -> str:
     """RFC 3339 UTC with microseconds, the one timestamp format of the trail."""
     return rfc3339_ns(round(epoch_seconds * 1e6) * 1000)
+
+
+_last_now: tuple[int, str] = (-1, "")
+
+
+def now_rfc3339() -> str:
+    """The time now, as `rfc3339`, formatted once per millisecond (a burst stamps thousands of events)."""
+    global _last_now
+    now = time.time_ns()
+    ms = now // 1_000_000
+    if _last_now[0] != ms:
+        _last_now = (ms, rfc3339_ns(now))
+    return _last_now[1]
 
 
 _last_second: tuple[int, str] = (-1, "")

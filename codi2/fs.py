@@ -68,7 +68,8 @@ def kind_of(mode: int) -> EntryType:
 
 
 def facts_of(st: os.stat_result) -> Facts:
-    kind = kind_of(st.st_mode)
+    mode = st.st_mode
+    kind: EntryType = "file" if stat.S_ISREG(mode) else kind_of(mode)
     return Facts(
         kind,
         None if kind == "dir" else st.st_size,

@@ -44,11 +44,13 @@ FORMAT_VERSION = 1
 FILE_NAME = "journal.db"
 BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
+CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all over the file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS roots (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS files (
-    root     TEXT NOT NULL,
+    root     INTEGER NOT NULL,
     key      BLOB NOT NULL,
     type     TEXT NOT NULL,
     size     INTEGER,
@@ -124,6 +126,7 @@ class OutboxBatch:
 def _connect(path: Path, *, fsync: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
     return db
 
@@ -154,6 +157,7 @@ class Journal:
                 self._db.close()
             raise JournalCorrupt(f"{path}: {exc}") from exc
         self._lock = threading.Lock()  # the outbox figures change in the shipper's thread too
+        self._root_ids: dict[str, int] = {}
         self.outbox_batches, self.outbox_events, self.outbox_bytes = row
         self.stream_id = self._meta("stream_id") or ""
         self._next_seq = int(self._meta("next_seq") or 1)
@@ -230,8 +234,21 @@ class Journal:
 
     # Index ---------------------------------------------------------------------------------------
 
+    def _root(self, path: str, *, create: bool = False) -> int | None:
+        """The small id a root's rows carry (its path once, not in every row); None if it has none."""
+        found = self._root_ids.get(path)
+        if found is None:
+            row = self._db.execute("SELECT id FROM roots WHERE path = ?", (path,)).fetchone()
+            if row is None and create:
+                row = (self._db.execute("INSERT INTO roots (path) VALUES (?)", (path,)).lastrowid,)
+            if row is not None:
+                found = self._root_ids[path] = row[0]
+        return found
+
     def get(self, root: str, key: bytes) -> Facts | None:
-        row = self._db.execute(f"SELECT {FACT_COLUMNS} FROM files WHERE root = ? AND key = ?", (root, key)).fetchone()
+        row = self._db.execute(
+            f"SELECT {FACT_COLUMNS} FROM files WHERE root = ? AND key = ?", (self._root(root), key)
+        ).fetchone()
         return _facts(row) if row else None
 
     def get_many(self, root: str, keys: list[bytes]) -> dict[bytes, Facts]:
@@ -240,7 +257,7 @@ class Journal:
             chunk = keys[i : i + LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             for key, *rest in self._db.execute(
-                f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key IN ({marks})", (root, *chunk)
+                f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key IN ({marks})", (self._root(root), *chunk)
             ):
                 out[key] = _facts(tuple(rest))
         return out
@@ -250,7 +267,7 @@ class Journal:
         low, high = subtree_bounds(key)
         rows = self._db.execute(
             f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key LIMIT ?",
-            (root, max(low, start), high, limit),
+            (self._root(root), max(low, start), high, limit),
         )
         return [(k, _facts(tuple(rest))) for k, *rest in rows]
 
@@ -258,10 +275,11 @@ class Journal:
         """(key, type) of every entry below `key`, every entry after all of its descendants."""
         low, high = subtree_bounds(key)
         before = high
+        root_id = self._root(root)
         while True:
             rows = self._db.execute(
                 "SELECT key, type FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key DESC LIMIT 1000",
-                (root, low, before),
+                (root_id, low, before),
             ).fetchall()
             yield from rows
             if len(rows) < 1000:
@@ -270,19 +288,21 @@ class Journal:
 
     def put(self, root: str, key: bytes, facts: Facts) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (root, key, *_values(facts))
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self._root(root, create=True), key, *_values(facts)),
         )
 
     def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(root, key, *_values(f)) for root, key, f in rows],
+            [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows],
         )
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)
         self._db.execute(
-            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))", (root, key, low, high)
+            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
+            (self._root(root), key, low, high),
         )
 
     def move_tree(self, root: str, src: bytes, dst: bytes) -> None:
@@ -292,14 +312,17 @@ class Journal:
         self._db.execute(
             "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB)"
             " WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (dst, len(src) + 1, root, src, low, high),
+            (dst, len(src) + 1, self._root(root), src, low, high),
         )
 
     def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
         """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
         `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
         where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
-        return [tuple(r) for r in self._db.execute(f"SELECT root, key FROM files WHERE {where}", (dev, ino))]  # type: ignore[misc]
+        rows = self._db.execute(
+            f"SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE {where}", (dev, ino)
+        )
+        return [(path, key) for path, key in rows]
 
     def replace_index(self, rows: Iterable[tuple[str, bytes, Facts]]) -> None:
         """The whole index from a rebuild (inside a transaction)."""

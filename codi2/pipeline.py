@@ -30,7 +30,7 @@ import structlog
 
 from codi2 import legacy
 from codi2.config import STATE_DIR_NAME
-from codi2.events import Action, Batch, Event, EventQuery, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
+from codi2.events import Action, Batch, Event, EventQuery, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
 from codi2.ignore import IgnoreRules
 from codi2.journal import (
@@ -651,7 +651,7 @@ class Pipeline:
         return Event(
             id=uuid7(),
             seq=journal.take_seq(),
-            ts=rfc3339(time.time()),
+            ts=now_rfc3339(),
             tenant_id=ident.tenant_id,
             user_id=ident.user_id,
             session_id=ident.session_id,

@@ -222,7 +222,11 @@ class Reconciler:
             yield from self._emit("created", root, rel, None, bare, origin)
             yield from self._emit("deleted", root, rel, None, bare, origin)
             return
-        yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+        if disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):  # type: ignore[union-attr]
+            self._file(root, rel, key, known, disk, origin)  # type: ignore[arg-type]
+            yield
+        else:
+            yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
             # A write through one name of a hard-linked file changes every name: inotify only told us one.
             self.write_index()
@@ -347,6 +351,18 @@ class Reconciler:
         if disk.type == "dir" and descend and not same_entity(known, disk):
             yield from self._walk(root, rel, origin, recursive=True)
 
+    def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:
+        """`_settle` for the common case, a file or symlink that appeared or changed, without the
+        generators that a directory (a walk) or a removal (a subtree) need."""
+        if known is None:
+            self._put(self._names[root], key, disk)
+            self._record("created", root, rel, None, disk, origin)
+        elif content_changed(known, disk):
+            self._put(self._names[root], key, disk)
+            self._record("updated", root, rel, None, disk, origin)
+        elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
+            self._put(self._names[root], key, disk)  # same content, new stat: remember it so it is not hashed again
+
     def _delete(self, root: int, rel: bytes, key: bytes, known: Facts, origin: Origin) -> Iterator[None]:
         """`deleted` for everything the index holds below `rel` (deepest first), then for `rel` itself."""
         name = self._names[root]
@@ -470,11 +486,14 @@ class Reconciler:
     def _emit(
         self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
     ) -> Iterator[None]:
-        if self.silent:
-            return
-        self.events.append(self._make(action, root, rel, dest, facts, origin))
-        self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
+        """Record an event, then let the caller commit if the batch is full."""
+        self._record(action, root, rel, dest, facts, origin)
         yield
+
+    def _record(self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin) -> None:
+        if not self.silent:
+            self.events.append(self._make(action, root, rel, dest, facts, origin))
+            self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
 
 
 def _bare(kind: str) -> Facts:

@@ -32,6 +32,7 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ _RESHAPES = ~IN.IN_CREATE | IN.IN_ISDIR  # all but a file created: a name may no
 BARRIER_RING = 4  # consecutive barriers touch different files, so the kernel never merges two of them
 READ_BUFFER_BYTES = 1 << 20  # drains a full default kernel queue (16,384 events) in one read
 MAX_BACKLOG_EVENTS = 1 << 18
+GATHER_EVENTS = 512
+GATHER_S = 0.002
+SMALL_READ_BYTES = 4096
 EVENT = struct.Struct("iIII")
 
 
@@ -204,9 +208,12 @@ class _Backlog:
                 self._cond.notify_all()
 
     def take(self) -> list[Any] | None:
-        """Everything pending, in order; None once closed."""
+        """Everything pending, in order; None once closed. Woken by a few events, it lets a burst gather
+        for a moment first: handing events over one read at a time costs more than handling them."""
         with self._cond:
             self._cond.wait_for(lambda: self._items or self._closed)
+            if not self._closed and self._count < GATHER_EVENTS:
+                self._cond.wait(GATHER_S)
             if self._closed:
                 return None
             items = list(self._items)
@@ -408,6 +415,10 @@ class Watcher:
                 events = parse_events(buf)
                 if events:
                     self._backlog.put(("events", events), len(events))
+                if len(buf) < SMALL_READ_BYTES:
+                    # A writer makes events one at a time; waking for each costs more than the event.
+                    # Let a few gather in the kernel's queue (which holds 16k) before the next read.
+                    time.sleep(GATHER_S)
         except OSError as exc:
             if not self._stopping:
                 log.error("inotify_read_failed", error=str(exc))
