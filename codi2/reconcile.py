@@ -249,19 +249,22 @@ class Reconciler:
             yield
         else:
             yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
-        if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
-            # A write through one name of a hard-linked file changes every name: inotify only told us one.
-            self.write_index()
-            others = [n for n in self._j.linked(disk.dev or 0, disk.ino or 0) if n != (self._names[root], key)]
-            if len(others) < (disk.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
-                others = [
-                    n
-                    for n in self._j.linked(disk.dev or 0, disk.ino or 0, all_rows=True)
-                    if n != (self._names[root], key)
-                ]
-            for other_root, other_key in others:
-                if other_root in self._names:
-                    yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
+        # A write through one name of a hard-linked file changes every name, and inotify told us of one.
+        # The name may even be gone by now (moved away after the write): its other names still changed.
+        linked = disk if isinstance(disk, Facts) else known
+        if links and linked is not None and linked.type == "file" and (linked.nlink or 0) > 1:
+            yield from self._touch_links(root, key, linked, origin)
+
+    def _touch_links(self, root: int, key: bytes, linked: Facts, origin: Origin) -> Iterator[None]:
+        self.write_index()
+        me = (self._names[root], key)
+        dev, ino = linked.dev or 0, linked.ino or 0
+        others = [n for n in self._j.linked(dev, ino) if n != me]
+        if len(others) < (linked.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
+            others = [n for n in self._j.linked(dev, ino, all_rows=True) if n != me]
+        for other_root, other_key in others:
+            if other_root in self._names:
+                yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
 
     def move(self, hint: Move, origin: Origin) -> Iterator[None]:
         """A rename the kernel reported. It becomes one `moved` event when the index holds what moved
