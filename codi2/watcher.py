@@ -855,9 +855,10 @@ class Watcher:
             self._barrier_cond.notify_all()
 
     def _heal(self, seen: int | None) -> None:
-        """Recrawl the suspects whose barrier has passed (all of them when barriers are unavailable),
-        then forget the displaced directories no recrawl found again."""
-        due = [n for n, s in self._suspects.items() if seen is None or 0 < s <= seen]
+        """Recrawl the suspects whose barrier has passed, and those found in the read this barrier ends
+        (a little early at worst, and everything is checked against the disk again): whoever waits on a
+        barrier then sees the tree healed. Then forget the displaced directories no recrawl found again."""
+        due = [n for n, s in self._suspects.items() if seen is None or s <= seen]
         for node in due:
             del self._suspects[node]
         for node in due:
