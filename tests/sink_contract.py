@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -54,9 +53,9 @@ def batch_of(*events: Event) -> Batch:
 
 
 def seal(events: Sequence[Event], head: ChainHead, stream: str, key: ChainKey | None = None) -> Batch:
-    """A batch sealed into a stream's chain after `head`, as the journal seals it."""
-    records = encode_events(events)
-    return Batch(uuid7(), tuple(events), chain.seal(stream, head, rfc3339(time.time()), records, len(events), key))
+    """A batch sealed into a stream's chain after `head`, as the journal seals it (just after its last event)."""
+    records, ts = encode_events(events), max(e.ts for e in events)
+    return Batch(uuid7(), tuple(events), chain.seal(stream, head, ts, records, len(events), key))
 
 
 def chain_of(*batches: Sequence[Event], stream: str = "stream-1", key: ChainKey | None = None) -> list[Batch]:
@@ -233,12 +232,11 @@ class SinkContract:
         assert stream.head_batch == 4 and stream.key_ids == [None]
         assert stream.head_link == self._stored(sink)[-1].header.link.hex()
 
-    def _trail(self, sink: Sink, tenant: str, batches: int, key: ChainKey | None = None) -> list[Batch]:
+    def _trail(self, sink: Sink, tenant: str, batches: int, key: ChainKey | None = None) -> None:
+        """A stream of `batches` batches of two events each, written."""
         events = ([make_event(f"{tenant}/{b}/{i}", tenant=tenant) for i in range(2)] for b in range(batches))
-        written = chain_of(*events, key=key)
-        for batch in written:
+        for batch in chain_of(*events, key=key):
             sink.write_batch(batch)
-        return written
 
     def _kinds(self, report: Report) -> set[str]:
         return {b.kind for s in report.streams for b in s.breaks} | {b.kind for b in report.unchained}
@@ -340,6 +338,18 @@ class SinkContract:
         self._trail(sink, "t2", 3)
         self._rechain(sink, tamper, "t2", 2, None)
         assert verify(sink, "t2").ok
+
+    def test_since_checks_each_stream_from_its_first_batch_journaled_then(self, sink: Sink, tamper: Tamper) -> None:
+        for batch in chain_of(*([make_event(f"f{b}-{i}", ts=1.7e9 + b) for i in range(2)] for b in range(4))):
+            sink.write_batch(batch)
+        self._delete_event(sink, tamper, "t1", 2, 0)
+        since = datetime.fromtimestamp(1.7e9 + 2, UTC)
+        report = verify(sink, "t1", since=since)
+        assert report.ok and report.trail_events == 4
+        assert (report.streams[0].batches, report.streams[0].checked) == (4, 2)
+        assert not verify(sink, "t1").ok
+        self._remove_batch(sink, tamper, "t1", 1)  # the headers before it are still judged
+        assert [b.kind for b in verify(sink, "t1", since=since).streams[0].breaks] == ["starts_mid_chain"]
 
     def test_a_rotated_key_needs_both_keys(self, sink: Sink) -> None:
         first = chain_of([make_event("a")], [make_event("b")], key=KEY)

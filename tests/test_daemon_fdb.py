@@ -157,9 +157,9 @@ def test_the_trail_verifies_across_faults_an_outage_a_kill_and_restarts(
     daemon = start("1021_after:0.2", seed=8)
     (workspace / "c.txt").write_text("c")
     wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 31)
-    chain = daemon.status()["chain"]
     assert daemon.terminate() == 0
     daemon = start()  # and once more, with nothing to add
+    chain = daemon.status()["chain"]
     assert daemon.terminate() == 0
 
     verify = ["verify", "--config", str(config), "--tenant-id", "t1", "--json", "--disk", str(workspace)]
