@@ -365,12 +365,15 @@ class Reconciler:
             if disk.type == "dir" and descend:
                 yield from self._walk(root, rel, origin, recursive=True)
             return
-        if content_changed(known, disk):
+        changed = content_changed(known, disk)
+        if changed:
             self._put(name, key, disk)
             yield from self._emit("updated", root, rel, None, disk, origin)
         elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
             self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
-        if disk.type == "dir" and descend and not same_entity(known, disk):
+        # Another directory at this name, or new permissions (what it held while we could not read it
+        # was never seen): look at everything below it.
+        if disk.type == "dir" and descend and (changed or not same_entity(known, disk)):
             yield from self._walk(root, rel, origin, recursive=True)
 
     def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:

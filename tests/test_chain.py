@@ -25,8 +25,9 @@ from sink_contract import make_event
 from codi2 import chain
 from codi2.chain import ChainHead, load_key, make_key
 from codi2.events import EVENT_KEYS, Event, encode_event
-from codi2.journal import Journal, OutboxReader
-from codi2.sinks.sqlite import LocalStore
+from codi2.journal import Journal, OutboxReader, move_aside
+from codi2.sinks.sqlite import LocalStore, SqliteSink
+from codi2.verify import verify
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "trail-format.md"
 
@@ -201,6 +202,29 @@ def test_the_journal_seals_a_batch_when_it_commits_and_a_restart_continues_the_s
             "UPDATE outbox SET header = CAST(substr(header, 1, 5) || x'ff' || substr(header, 7) AS BLOB) WHERE n = 2"
         )
     assert reader.next_batches(0, 10)[1] == (2, "checksum mismatch")  # the row's checksum covers its header too
+
+
+def test_a_damaged_sqlite_store_is_carried_over_with_its_chain(tmp_path: Path) -> None:
+    """A recovery copies the events a damaged file yields into a new one (pipeline._recover): the headers
+    come along, pointing at the events' new places, so the old stream still verifies, and shows its loss."""
+    store = tmp_path / "audit.db"
+    journal = Journal(store, store=LocalStore())
+    for n in range(3):
+        with journal.transaction():
+            journal.append([make_event(f"f{n}-{i}") for i in range(5)])
+    damaged_stream = journal.stream_id
+    journal.close()
+    with closing(sqlite3.connect(store)) as db, db:
+        db.execute("DELETE FROM events WHERE pos = 7")  # a row the damage took, in the second batch
+    aside = move_aside(store)
+    journal = Journal(store, store=LocalStore())
+    with journal.transaction():
+        assert journal.salvage_store(aside) == 14
+        journal.append([make_event("the gap of the recovery", action="gap")])
+    report = verify(SqliteSink(store, create=False), "t1")
+    breaks = {s.stream_id: [(b.kind, b.batch) for b in s.breaks] for s in report.streams}
+    assert breaks == {damaged_stream: [("event_removed", 2)], journal.stream_id: []}
+    assert report.unchained_events == 0 and report.trail_events == 15
 
 
 def test_a_keyed_journal_seals_with_the_key_s_id(tmp_path: Path) -> None:

@@ -21,6 +21,8 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
+import structlog
+
 from codi2.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
 from codi2.sinks import Cursor, StoredBatch, StoreError
 
@@ -54,6 +56,7 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
+log = structlog.get_logger("codi2.sinks.sqlite")
 
 
 def _last_pos(db: sqlite3.Connection) -> int:
@@ -87,6 +90,44 @@ class LocalStore:
 
     schema = SCHEMA
     insert = staticmethod(insert)
+
+    @staticmethod
+    def salvage(damaged: Path, db: sqlite3.Connection) -> int:
+        """Copy every event row a damaged file still yields, in commit order, into `db`; stop at the first
+        unreadable page (what follows it is counted by the gap the caller records). Then the chain's
+        headers, pointing at where their events are now: a batch that lost events shows it to a verifier."""
+        kept = 0
+        moved: dict[int, int] = {}  # an event's pos in the damaged file → in `db`
+        try:
+            old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return 0
+        try:
+            rows = old.execute("SELECT pos, id, batch_id, tenant_id, ts, action, path, body FROM events ORDER BY pos")
+            for pos, *row in rows:
+                cursor = db.execute(
+                    "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                if cursor.rowcount:
+                    moved[pos] = cursor.lastrowid
+                kept += 1
+        except sqlite3.Error as exc:
+            log.error("store_salvage_stopped", kept=kept, error=str(exc))
+        try:
+            for *header, first, last in old.execute("SELECT * FROM batches").fetchall():
+                now = [moved[pos] for pos in range(first, last + 1) if pos in moved]
+                if now:
+                    db.execute(
+                        "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*header, now[0], now[-1]),
+                    )
+        except sqlite3.Error as exc:
+            log.error("store_salvage_stopped", table="batches", error=str(exc))
+        finally:
+            old.close()
+        return kept
 
 
 def _decode(body: str | bytes) -> Event:
