@@ -306,15 +306,17 @@ class Reconciler:
         else:
             yield from self.touch(root, rel, origin)
 
-    @staticmethod
-    def _trusted(hint: Move, known: Facts, disk: Facts | None) -> bool:
+    def _trusted(self, hint: Move, known: Facts, disk: Facts | None) -> bool:
         if (known.type == "dir") != hint.is_dir:
             return False
         if hint.ino is not None and known.ino is not None:
             return hint.ino == known.ino  # the watcher saw this very directory at the new name
-        if disk is None:
-            return True  # it moved on (or was removed): the kernel paired the rename, later hints settle it
-        return same_entity(known, disk)
+        if disk is not None:
+            return same_entity(known, disk)
+        # Nothing at the new name any more: it moved on (or was removed), unless what the index holds is
+        # still at the old name; then something else moved (the second half of an exchange, say).
+        at_src = self._disk(hint.root, hint.src, known)
+        return not (isinstance(at_src, Facts) and same_entity(known, at_src) and known.ino is not None)
 
     def rescan(self, root: int, rel: bytes, recursive: bool, origin: Origin) -> Iterator[None]:
         """Diff a directory (and with `recursive` everything below it) against the index."""
