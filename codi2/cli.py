@@ -14,6 +14,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -24,7 +25,7 @@ from codi2.events import ACTIONS, Event, EventQuery, parse_time
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FILE, DIRECTORY = "file", "directory"  # what an option's value completes with (shtab, in `_completion`)
 FOLLOW_POLL_S = 0.5
-SUBCOMMANDS = {"run", "events", "config", "test", "provision", "completion"}
+SUBCOMMANDS = {"run", "events", "verify", "config", "test", "provision", "completion"}
 
 
 class UsageError(Exception):
@@ -83,6 +84,37 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=("jsonl", "table"),
         help="jsonl (default when stdout is not a terminal) or table (default on a terminal)",
+    )
+
+    verify = sub.add_parser(
+        "verify",
+        help="check the trail's hash chains: nothing removed, altered, reordered or inserted",
+        description="Walk every stream of the tenant's trail and check each batch's link; print per stream its "
+        "batches, events, first and last time, head and every break. Exit 0 when the trail is intact, 1 "
+        "otherwise (docs/trail-format.md).",
+    )
+    _config_arg(verify)
+    verify.add_argument("--tenant-id", help="tenant to check (default: the configured identity, $TENANT_ID)")
+    verify.add_argument(
+        "--since", metavar="ISO8601", help="check each stream from its first batch journaled at or after this time"
+    )
+    verify.add_argument(
+        "--key-file",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="an HMAC key the trail is sealed with; repeat it for every key still in the trail (default: "
+        "[integrity] key_file)",
+    ).complete = FILE  # type: ignore[attr-defined]
+    verify.add_argument("--json", action="store_true", help="print the report as one JSON document")
+    verify.add_argument(
+        "--disk",
+        type=Path,
+        metavar="PATH",
+        help="also fold the whole trail and compare it with this workspace (the user's, see --user-id)",
+    ).complete = DIRECTORY  # type: ignore[attr-defined]
+    verify.add_argument(
+        "--user-id", help="whose workspace --disk is (default: the configured identity; needed with several users)"
     )
 
     test = sub.add_parser(
@@ -205,6 +237,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run(args)
         if args.command == "events":
             return _events(args)
+        if args.command == "verify":
+            return _verify(args)
         if args.command == "test":
             return _test(args)
         if args.command == "provision":
@@ -408,11 +442,7 @@ def _events(args: argparse.Namespace) -> int:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit: must be 0 or more")
-    try:
-        since = parse_time(args.since) if args.since else None
-    except ValueError:
-        raise UsageError(f"--since: not an ISO 8601 time: {args.since!r}") from None
-    query = EventQuery(settings.tenant_id, args.path, args.action, since, args.limit)
+    query = EventQuery(settings.tenant_id, args.path, args.action, _since(args), args.limit)
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
     sink = open_sink(settings, create=False)
     if args.replay:
@@ -439,6 +469,44 @@ def _events(args: argparse.Namespace) -> int:
             time.sleep(FOLLOW_POLL_S)
     finally:
         sink.close()
+
+
+def _since(args: argparse.Namespace) -> datetime | None:
+    try:
+        return parse_time(args.since) if args.since else None
+    except ValueError:
+        raise UsageError(f"--since: not an ISO 8601 time: {args.since!r}") from None
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from codi2 import verify
+    from codi2.chain import load_key
+    from codi2.config import STATE_DIR_NAME
+    from codi2.sinks import open_sink
+
+    settings = _load(args, tenant_id=args.tenant_id, user_id=args.user_id)
+    if not settings.tenant_id:
+        raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
+    since = _since(args)
+    configured = settings.integrity.key_file
+    keys = []
+    for path in args.key_file or ([configured] if configured else []):
+        try:
+            keys.append(load_key(path))
+        except ValueError as exc:
+            raise UsageError(f"{'--key-file' if args.key_file else 'integrity.key_file'}: {exc}") from None
+    sink = open_sink(settings, create=False)
+    try:
+        report = verify.verify(sink, settings.tenant_id, keys, since)
+        if args.disk is not None:
+            ignores = [*settings.monitoring.ignore_patterns, STATE_DIR_NAME]
+            report.disk = verify.compare_disk(sink, settings.tenant_id, args.disk, settings.user_id, ignores)
+    except verify.VerifyError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        sink.close()
+    print(json.dumps(report.to_dict(), indent=2) if args.json else verify.render(report))
+    return EXIT_OK if report.ok else EXIT_FAILURE
 
 
 def _replay(rows: Iterator[tuple[Any, Event]]) -> int:

@@ -194,6 +194,15 @@ class BatchingSettings(Section):
     repeated changes to one path coalesce into one event."""
 
 
+class IntegritySettings(Section):
+    key_file: Path | None = None
+    """A file holding the key (at least 32 bytes, e.g. `head -c 32 /dev/urandom`; mount it from a Secret) that
+    makes every batch's chain link an HMAC-SHA256 instead of a SHA-256, so that someone who can write the
+    store but lacks the key cannot forge a consistent trail. Its id is recorded in each batch it seals: to
+    rotate it, replace the file and restart, and give `codi2 verify` every key still in the trail
+    (docs/trail-format.md)."""
+
+
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged (case-insensitive)."""
@@ -230,6 +239,8 @@ class Settings(BaseSettings):
     """Where the daemon keeps its own files."""
     batching: BatchingSettings = BatchingSettings()
     """When a batch of events is cut."""
+    integrity: IntegritySettings = IntegritySettings()
+    """The hash chain that makes the trail tamper-evident."""
     logging: LoggingSettings = LoggingSettings()
     """Logs (structlog, on stderr)."""
 

@@ -20,7 +20,8 @@ from typing import Any
 import structlog
 
 from codi2 import __version__
-from codi2.config import Settings
+from codi2.chain import load_key
+from codi2.config import ConfigError, Settings
 from codi2.events import rfc3339
 from codi2.health import HealthServer, build_app
 from codi2.ignore import IgnoreRules
@@ -85,6 +86,11 @@ class Daemon:
         self._lock = StateLock(settings.state_dir)
         self._tasks: list[asyncio.Task[None]] = []
         self._armed = False
+        key_file = settings.integrity.key_file
+        try:
+            self.chain_key = load_key(key_file) if key_file is not None else None
+        except ValueError as exc:
+            raise ConfigError(f"integrity.key_file: {exc}") from None
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -147,6 +153,7 @@ class Daemon:
             hash_max_bytes=s.monitoring.hash_max_bytes,
             fsync=s.spool.fsync,
             initial_scan=s.monitoring.initial_scan,
+            chain_key=self.chain_key,
         )
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
@@ -321,6 +328,12 @@ class Daemon:
                 "since": rfc3339(jh.since) if jh else None,
                 "index_rebuilds": jh.rebuilds if jh else 0,
                 "stream_id": journal.stream_id if journal else None,
+            },
+            "chain": {
+                "stream_id": journal.stream_id if journal else None,
+                "batches": journal.chain.batches if journal else 0,
+                "head": journal.chain.link.hex() if journal else None,
+                "key_id": self.chain_key.id if self.chain_key else None,
             },
             "spool": {
                 "batches": journal.outbox_batches if journal else 0,

@@ -176,11 +176,28 @@ def decode_events(body: bytes) -> list[Event]:
 
 
 @dataclass(slots=True, frozen=True)
+class BatchHeader:
+    """A batch's place in its stream's hash chain (`codi2.chain` makes it; docs/trail-format.md). A stream is
+    one journal's sequence of batches; `link` commits to `prev` (the link of batch `number - 1`), this
+    header and the batch's events, so a store that loses, alters, reorders or gains anything shows it."""
+
+    stream_id: str
+    number: int  # 1, 2, … in the stream
+    ts: str  # when the batch was journaled (RFC 3339), at or after every event's ts
+    prev: bytes  # 32 bytes; zeros for batch 1
+    link: bytes  # 32 bytes: SHA-256, or HMAC-SHA256 with the key `key_id` names
+    key_id: str | None
+    events: int
+
+
+@dataclass(slots=True, frozen=True)
 class Batch:
-    """Events committed together. `batch_id` is the identity a sink uses to make re-writes idempotent."""
+    """Events committed together. `batch_id` is the identity a sink uses to make re-writes idempotent;
+    `header`, when set, is stored with the batch so the chain can be verified from the store."""
 
     batch_id: str
     events: tuple[Event, ...]
+    header: BatchHeader | None = None
 
 
 @dataclass(slots=True, frozen=True)

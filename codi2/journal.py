@@ -10,9 +10,15 @@ Tables:
   path relative to its root with `/` written as `\\x00`, so key order is depth-first order (a directory,
   then everything below it, then its next sibling) and a subtree is one key range.
 - `outbox`: batches not yet acknowledged by the store, in commit order; `body` holds the events'
-  compact records (`codi2.events.encode_events`), each versioned so any later release reads it.
-- `meta`: format version, stream id, the next event sequence number, and `needs_rebuild` when the index
-  may be ahead of the trail (a lost record) and must be derived again from the store.
+  compact records (`codi2.events.encode_events`), each versioned so any later release reads it, and
+  `header` the batch's place in the hash chain (`codi2.chain.encode_header`).
+- `meta`: format version, stream id, the next event sequence number, the chain's head (`chain_batches`,
+  `chain_head`), and `needs_rebuild` when the index may be ahead of the trail (a lost record) and must be
+  derived again from the store.
+
+Every batch is sealed into its stream's hash chain (`codi2.chain`) by `append`, in the transaction that
+makes it durable: a batch replayed after a crash carries the same link, and the head moves only when the
+batch is committed.
 
 A corrupt journal never stops the daemon: it is moved aside, whatever outbox rows still check out are
 carried over, and the index is rebuilt (see `codi2.pipeline`).
@@ -35,7 +41,9 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from codi2.events import Batch, Event, decode_events, encode_events, uuid7
+from codi2 import chain
+from codi2.chain import ChainHead, ChainKey
+from codi2.events import Batch, BatchHeader, Event, decode_events, encode_event, now_rfc3339, uuid7
 from codi2.fs import Facts
 
 log = structlog.get_logger("codi2.journal")
@@ -69,7 +77,8 @@ CREATE TABLE IF NOT EXISTS outbox (
     batch_id TEXT NOT NULL,
     events   INTEGER NOT NULL,
     crc      INTEGER NOT NULL,
-    body     BLOB NOT NULL
+    body     BLOB NOT NULL,
+    header   BLOB
 );
 """
 FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256"
@@ -81,7 +90,8 @@ class LocalStore(Protocol):
 
     schema: str
 
-    def insert(self, db: sqlite3.Connection, batch: Batch) -> None: ...
+    def insert(self, db: sqlite3.Connection, batch: Batch, bodies: list[bytes]) -> None:
+        """Add the batch (its events encoded as `bodies`) inside the caller's transaction."""
 
     def salvage(self, damaged: Path, db: sqlite3.Connection) -> int: ...
 
@@ -123,6 +133,11 @@ class OutboxBatch:
     batch_id: str
     events: tuple[Event, ...]
     size: int
+    header: BatchHeader | None  # None only in a row journaled before batches were chained
+
+
+def _crc(body: bytes, header: bytes | None) -> int:
+    return zlib.crc32(header or b"", zlib.crc32(body))
 
 
 def _connect(path: Path, *, fsync: bool) -> sqlite3.Connection:
@@ -137,13 +152,18 @@ class Journal:
     """The journal as the pipeline's worker thread uses it: every index access and append happens in
     that one thread, inside `transaction()`."""
 
-    def __init__(self, path: Path, *, fsync: bool = True, store: LocalStore | None = None) -> None:
+    def __init__(
+        self, path: Path, *, fsync: bool = True, store: LocalStore | None = None, key: ChainKey | None = None
+    ) -> None:
         self.path = path
         self.store = store
+        self._key = key
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = _connect(path, fsync=fsync)
             self._db.executescript(SCHEMA)
+            if "header" not in {row[1] for row in self._db.execute("PRAGMA table_info(outbox)")}:
+                self._db.execute("ALTER TABLE outbox ADD COLUMN header BLOB")  # a journal made before chaining
             if store is not None:
                 self._db.executescript(store.schema)
             found = self._meta("format")
@@ -165,6 +185,9 @@ class Journal:
         self._next_seq = int(self._meta("next_seq") or 1)
         self._seq_at_begin = self._next_seq
         self._outbox_at_begin = (self.outbox_batches, self.outbox_events, self.outbox_bytes)
+        head = self._meta("chain_head")
+        self.chain = ChainHead(int(self._meta("chain_batches") or 0), bytes.fromhex(head) if head else chain.ZERO)
+        self._chain = self.chain  # with the batches appended in the open transaction
 
     def _init_meta(self) -> None:
         self._db.execute("BEGIN IMMEDIATE")
@@ -207,12 +230,17 @@ class Journal:
     def commit(self) -> None:
         if self._next_seq != self._seq_at_begin:
             self._set_meta("next_seq", str(self._next_seq))
+        if self._chain != self.chain:
+            self._set_meta("chain_batches", str(self._chain.batches))
+            self._set_meta("chain_head", self._chain.link.hex())
         self._db.execute("COMMIT")
+        self.chain = self._chain
 
     def rollback(self) -> None:
         """Undo the open transaction. SQLite may already have rolled back by itself (after SQLITE_FULL);
         then there is nothing to do, and the error that caused it is the one worth reporting."""
         self._next_seq = self._seq_at_begin
+        self._chain = self.chain
         with self._lock:
             self.outbox_batches, self.outbox_events, self.outbox_bytes = self._outbox_at_begin
         if self._db.in_transaction:
@@ -336,23 +364,31 @@ class Journal:
 
     # Outbox --------------------------------------------------------------------------------------
 
-    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch | None:
-        """Add a batch to the outbox (inside a transaction), or with a local store, straight to the store:
-        then it is committed when the transaction is, and there is nothing to ship."""
+    def append(
+        self, events: list[Event], batch_id: str | None = None, header: BatchHeader | None = None
+    ) -> OutboxBatch | None:
+        """Seal a batch into the chain and add it to the outbox (inside a transaction), or with a local store,
+        straight to the store: then it is committed when the transaction is, and there is nothing to ship.
+        A `header` given (a batch salvaged from a corrupt journal) is kept as it is."""
         batch_id = batch_id or uuid7()
+        bodies = [encode_event(e) for e in events]
+        body = chain.records(bodies)
+        if header is None:
+            header = chain.seal(self.stream_id, self._chain, now_rfc3339(), body, len(events), self._key)
+            self._chain = ChainHead(header.number, header.link)
         if self.store is not None:
-            self.store.insert(self._db, Batch(batch_id, tuple(events)))
+            self.store.insert(self._db, Batch(batch_id, tuple(events), header), bodies)
             return None
-        body = encode_events(events)
+        sealed = chain.encode_header(header)
         cursor = self._db.execute(
-            "INSERT INTO outbox (batch_id, events, crc, body) VALUES (?, ?, ?, ?)",
-            (batch_id, len(events), zlib.crc32(body), body),
+            "INSERT INTO outbox (batch_id, events, crc, body, header) VALUES (?, ?, ?, ?, ?)",
+            (batch_id, len(events), _crc(body, sealed), body, sealed),
         )
         with self._lock:
             self.outbox_batches += 1
             self.outbox_events += len(events)
             self.outbox_bytes += len(body)
-        return OutboxBatch(cursor.lastrowid or 0, batch_id, tuple(events), len(body))
+        return OutboxBatch(cursor.lastrowid or 0, batch_id, tuple(events), len(body), header)
 
     def salvage_store(self, aside: Path) -> int:
         """With a local store, copy the events a damaged file still yields into this one (in the caller's
@@ -381,18 +417,19 @@ class OutboxReader:
         """The next batches after `after`; a row whose checksum or body is bad comes back as (n, reason)."""
         out: list[OutboxBatch | tuple[int, str]] = []
         rows = self._db.execute(
-            "SELECT n, batch_id, crc, body FROM outbox WHERE n > ? ORDER BY n LIMIT ?", (after, limit)
+            "SELECT n, batch_id, crc, body, header FROM outbox WHERE n > ? ORDER BY n LIMIT ?", (after, limit)
         ).fetchall()
-        for n, batch_id, crc, body in rows:
-            if zlib.crc32(body) != crc:
+        for n, batch_id, crc, body, header in rows:
+            if _crc(body, header) != crc:
                 out.append((n, "checksum mismatch"))
                 continue
             try:
                 events = tuple(decode_events(body))
+                sealed = chain.decode_header(header) if header is not None else None
             except (msgspec.DecodeError, KeyError, TypeError, ValueError) as exc:
                 out.append((n, f"undecodable: {exc}"))
                 continue
-            out.append(OutboxBatch(n, batch_id, events, len(body)))
+            out.append(OutboxBatch(n, batch_id, events, len(body), sealed))
         return out
 
     def delete_through(self, n: int) -> None:
@@ -413,10 +450,10 @@ def move_aside(path: Path) -> Path:
     return aside
 
 
-def salvage_outbox(path: Path) -> tuple[list[tuple[str, list[Event]]], int]:
-    """Batches still readable and intact in a corrupt journal, in order, and how many rows were lost
-    (-1 when the outbox could not be read at all)."""
-    good: list[tuple[str, list[Event]]] = []
+def salvage_outbox(path: Path) -> tuple[list[tuple[str, list[Event], BatchHeader | None]], int]:
+    """Batches still readable and intact in a corrupt journal, in order, with their chain headers, and how
+    many rows were lost (-1 when the outbox could not be read at all)."""
+    good: list[tuple[str, list[Event], BatchHeader | None]] = []
     lost = 0
     try:
         db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
@@ -429,10 +466,12 @@ def salvage_outbox(path: Path) -> tuple[list[tuple[str, list[Event]]], int]:
             return good, -1
         for n in numbers:
             try:
-                batch_id, crc, body = db.execute("SELECT batch_id, crc, body FROM outbox WHERE n = ?", (n,)).fetchone()
-                if zlib.crc32(body) != crc:
+                batch_id, crc, body, header = db.execute(
+                    "SELECT batch_id, crc, body, header FROM outbox WHERE n = ?", (n,)
+                ).fetchone()
+                if _crc(body, header) != crc:
                     raise ValueError("checksum mismatch")
-                good.append((batch_id, decode_events(body)))
+                good.append((batch_id, decode_events(body), chain.decode_header(header) if header else None))
             except (sqlite3.Error, ValueError, TypeError, KeyError, msgspec.DecodeError):
                 lost += 1
     finally:

@@ -29,6 +29,7 @@ from typing import Any
 import structlog
 
 from codi2 import legacy
+from codi2.chain import ChainKey
 from codi2.config import STATE_DIR_NAME
 from codi2.events import Action, Batch, Event, EventQuery, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
@@ -210,6 +211,7 @@ class Pipeline:
         hash_max_bytes: int,
         fsync: bool,
         initial_scan: str,
+        chain_key: ChainKey | None = None,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
         self.root_names = [str(r) for r in roots]
@@ -226,6 +228,7 @@ class Pipeline:
         self.max_bytes = max_bytes
         self._hash_max = hash_max_bytes
         self._fsync = fsync
+        self._chain_key = chain_key  # seals every batch's link (HMAC) when set
         self._silent_baseline = initial_scan == "silent"
         self.store = StoreHealth()
         self.journal_health = JournalHealth()
@@ -261,7 +264,7 @@ class Pipeline:
         path = self._journal_path
         fresh = not _has_journal(path)
         try:
-            self.journal = Journal(path, fsync=self._fsync, store=self._local_store)
+            self.journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
@@ -289,10 +292,10 @@ class Pipeline:
         rebuild the index from the store (the trail is the truth; the index is derived from it)."""
         aside = move_aside(path)
         batches, lost = salvage_outbox(aside)
-        self.journal = journal = Journal(path, fsync=self._fsync, store=self._local_store)
+        self.journal = journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
         with journal.transaction():
-            for batch_id, events in batches:
-                journal.append(events, batch_id)
+            for batch_id, events, header in batches:
+                journal.append(events, batch_id, header)
             kept = journal.salvage_store(aside)  # SQLite: the trail shares the file; carry it over
             # The gap is made durable here, with the recovery: a kill before the next batch loses neither.
             journal.append([self._gap_event("journal_corrupt", lost if lost > 0 else None)])
@@ -773,7 +776,7 @@ class Pipeline:
     def _deliver(self, item: OutboxBatch) -> bool:
         """Retry until the store takes the batch (an outage delays events, it never drops them). False
         only when shutting down with the store still refusing: the batch stays in the outbox."""
-        batch = Batch(item.batch_id, item.events)
+        batch = Batch(item.batch_id, item.events, item.header)
         delay = 0.05
         while True:
             started = time.perf_counter()

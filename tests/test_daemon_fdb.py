@@ -137,3 +137,46 @@ def test_an_unnamed_error_code_is_shown_and_the_batch_kept_across_a_kill(
     wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 5)
     assert daemon.terminate() == 0
     assert created(config, data, fake_libfdb_c) == Counter(f"f{i}.txt" for i in range(5))
+
+
+def test_the_trail_verifies_across_faults_an_outage_a_kill_and_restarts(
+    workspace: Path, config: Path, data: Path, fake_libfdb_c: Path, start: Start
+) -> None:
+    daemon = start("1020:0.1,1021_after:0.15,1031_after:0.1", seed=7)
+    for i in range(15):
+        (workspace / f"a{i}.txt").write_text("a")
+    wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 15)
+    down = Path(f"{data}.down")
+    down.touch()  # the cluster goes away, and the daemon is killed while batches wait in its outbox
+    for i in range(15):
+        (workspace / f"b{i}.txt").write_text("b")
+    wait_for(lambda: daemon.status()["spool"]["events"] >= 15)
+    daemon.kill()
+    down.unlink()
+
+    daemon = start("1021_after:0.2", seed=8)
+    (workspace / "c.txt").write_text("c")
+    wait_for(lambda: len(created(config, data, fake_libfdb_c)) == 31)
+    assert daemon.terminate() == 0
+    daemon = start()  # and once more, with nothing to add
+    chain = daemon.status()["chain"]
+    assert daemon.terminate() == 0
+
+    verify = ["verify", "--config", str(config), "--tenant-id", "t1", "--json", "--disk", str(workspace)]
+    result = subprocess.run(
+        [sys.executable, "-m", "codi2", *verify],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, **fakefdb.child_env(fake_libfdb_c, data)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    [stream] = report["streams"]
+    assert (stream["stream_id"], stream["head_batch"], stream["head_link"]) == (
+        chain["stream_id"],
+        chain["batches"],
+        chain["head"],
+    )
+    assert stream["events"] == report["trail_events"] == len(stored(config, data, fake_libfdb_c))
+    assert report["disk"]["entries"] == 31 and report["disk"]["differences"] == []

@@ -18,6 +18,7 @@ import pytest
 from fdb import tuple as fdbtuple
 from fdb_double import FaultyDatabase
 from sink_contract import SinkContract, batch_of, make_event
+from tamper import FdbTamper, Tamper
 
 from codi2.events import EventQuery
 from codi2.sinks import Sink
@@ -55,6 +56,10 @@ class TestRealFdbSink(SinkContract):
     @pytest.fixture
     def reopen(self, database: tuple[Any, Any], root: tuple[str, ...]) -> Callable[[], Sink]:
         return lambda: FdbSink(database[1], tenant_id=None, root=root)
+
+    @pytest.fixture
+    def tamper(self, database: tuple[Any, Any], root: tuple[str, ...]) -> Tamper:
+        return FdbTamper(database[1], root)
 
 
 def test_versionstamps_order_batches_and_probe_works(database: tuple[Any, Any], root: tuple[str, ...]) -> None:

@@ -105,7 +105,8 @@ def test_a_file_that_is_not_a_journal_is_refused_and_its_outbox_salvaged(tmp_pat
     db.commit()
     db.close()
     batches, lost = salvage_outbox(path)
-    assert [events[0].path for _, events in batches] == ["f0", "f1", "f3", "f4"] and lost == 1
+    assert [events[0].path for _, events, _ in batches] == ["f0", "f1", "f3", "f4"] and lost == 1
+    assert [header.number for _, _, header in batches] == [1, 2, 4, 5]  # carried over as they were sealed
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not sqlite" * 1000)
     with pytest.raises(JournalCorrupt):

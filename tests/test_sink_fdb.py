@@ -17,12 +17,14 @@ import pytest
 from fdb_double import FaultyDatabase
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sink_contract import SinkContract, batch_of, make_event
+from sink_contract import SinkContract, batch_of, chain_of, make_event
+from tamper import FdbTamper, Tamper
 
 from codi2.config import load_settings
 from codi2.events import Batch, Event, EventQuery, uuid7
 from codi2.sinks import Sink, StoreError
 from codi2.sinks.fdb import FdbSink, load_fdb, resolve_cluster_file
+from codi2.verify import verify
 
 
 @pytest.fixture
@@ -44,6 +46,10 @@ class TestFdbSink(SinkContract):
     @pytest.fixture
     def reopen(self, fdb_api: ModuleType, tmp_path: Path) -> Callable[[], Sink]:
         return lambda: FdbSink(fdb_api.open(str(tmp_path / "fdb.cluster")), tenant_id=None)
+
+    @pytest.fixture
+    def tamper(self, db: Any) -> Tamper:
+        return FdbTamper(db)
 
 
 def read_all(sink: FdbSink, tenant: str = "t1") -> list[Event]:
@@ -77,17 +83,17 @@ FAULTS = [
 @pytest.mark.parametrize(("point", "code"), FAULTS, ids=[f"{p}-{c}" for p, c in FAULTS])
 def test_every_fault_ends_with_each_event_exactly_once(faulty: FaultyDatabase, point: str, code: int) -> None:
     sink = FdbSink(faulty, tenant_id="t1")
-    first = batch_of(*(make_event(f"a{i}") for i in range(20)))
-    second = batch_of(*(make_event(f"b{i}") for i in range(20)))
+    sizes = (("a", 20), ("b", 20), ("c", 5))
+    first, second, third = chain_of(*([make_event(f"{p}{i}") for i in range(n)] for p, n in sizes))
     sink.write_batch(first)
     faulty.inject(point, code, code)  # twice in a row, to exercise retries of retries
     write_until_done(sink, second)
     write_until_done(sink, second)  # a replay of the whole batch changes nothing
-    third = batch_of(*(make_event(f"c{i}") for i in range(5)))
     write_until_done(sink, third)  # meets the second fault if the first retry did not
     paths = [e.path for e in read_all(sink)]
-    assert paths == [f"{p}{i}" for p, n in (("a", 20), ("b", 20), ("c", 5)) for i in range(n)]
+    assert paths == [f"{p}{i}" for p, n in sizes for i in range(n)]
     assert not any(faulty.faults.values())
+    assert verify(sink, "t1").ok  # each header stored once, with where every event of its batch is
 
 
 def test_errors_carry_the_library_description_and_a_str_code(faulty: FaultyDatabase, fdb_api: ModuleType) -> None:
@@ -116,23 +122,30 @@ def test_a_batch_resent_cut_differently_lands_exactly_once(faulty: FaultyDatabas
     """Part 0 committed, part 1 failed, and the batch comes back cut otherwise (another batch_bytes, or a
     new size estimate after an upgrade): every event lands, each once."""
     events = [make_event(f"dir/file-{i:03d}.txt") for i in range(100)]
-    batch = batch_of(*events)
+    [batch] = chain_of(events)
     faulty.inject("commit_before", None, 1031)  # the first part commits, the second times out
     with pytest.raises(StoreError):
         FdbSink(faulty, tenant_id="t1", batch_bytes=20_000).write_batch(batch)
-    assert 0 < len(read_all(FdbSink(faulty, tenant_id="t1"))) < 100
+    sink = FdbSink(faulty, tenant_id="t1")
+    assert 0 < len(read_all(sink)) < 100
+    assert sink.streams("t1") == []  # the header waits for the batch's last part
+    assert verify(sink, "t1").unchained_events == len(read_all(sink))
     FdbSink(faulty, tenant_id="t1", batch_bytes=1_000_000).write_batch(batch)
-    assert read_all(FdbSink(faulty, tenant_id="t1")) == events
+    assert read_all(sink) == events
+    [stored] = sink.batches("t1", "stream-1")
+    assert len(stored.where) == 2  # the first part's events and the rest, committed in two transactions
+    assert verify(sink, "t1").ok
 
 
 @pytest.mark.parametrize("budget", [1_000_000, 50_000])
 def test_parts_stay_within_the_budget_as_foundationdb_counts_them(faulty: FaultyDatabase, budget: int) -> None:
     events = [make_event(f"services/api/src/handlers/v2/module_{i:05d}/implementation_{i:05d}.py") for i in range(3000)]
     sink = FdbSink(faulty, tenant_id="t1", batch_bytes=budget)
-    sink.write_batch(batch_of(*events))
+    sink.write_batch(chain_of(events)[0])
     assert len(faulty.commit_sizes) > 1
-    assert max(faulty.commit_sizes) <= budget  # get_approximate_size(): mutations and conflict ranges
+    assert max(faulty.commit_sizes) <= budget  # get_approximate_size(): mutations, conflict ranges, the header
     assert read_all(sink) == events
+    assert verify(sink, "t1").ok
 
 
 def test_transaction_too_large_halves_the_part_until_it_fits(db: Any) -> None:

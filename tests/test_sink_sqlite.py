@@ -8,10 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from sink_contract import SinkContract, batch_of, make_event
+from sink_contract import SinkContract, batch_of, chain_of, make_event
+from tamper import SqliteTamper, Tamper
 
-from codi2.sinks import Sink, StoreError
+from codi2.sinks import Sink, StoredBatch, StoreError
 from codi2.sinks.sqlite import SqliteSink
+from codi2.verify import verify
 
 
 class TestSqliteSink(SinkContract):
@@ -24,6 +26,20 @@ class TestSqliteSink(SinkContract):
     @pytest.fixture
     def reopen(self, tmp_path: Path) -> Callable[[], Sink]:
         return lambda: SqliteSink(tmp_path / "audit.db", create=False)
+
+    @pytest.fixture
+    def tamper(self, tmp_path: Path) -> Tamper:
+        return SqliteTamper(tmp_path / "audit.db")
+
+
+def test_a_batch_that_claims_an_event_of_the_next_is_named(tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path / "audit.db")
+    for batch in chain_of([make_event("a"), make_event("b")], [make_event("c"), make_event("d")]):
+        sink.write_batch(batch)
+    first, _ = sink.batches("t1", "stream-1")
+    SqliteTamper(tmp_path / "audit.db").put_header("t1", first.header, StoredBatch(first.header, (1, 3)))
+    breaks = [(b.kind, b.batch) for b in verify(sink, "t1").streams[0].breaks]
+    assert breaks == [("event_inserted", 1)]  # and batch 2 is whole: its event is read for both
 
 
 def test_reader_refuses_a_missing_store(tmp_path: Path) -> None:

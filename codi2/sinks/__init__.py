@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from codi2.config import Settings
-from codi2.events import Batch, Event, EventQuery
+from codi2.events import Batch, BatchHeader, Event, EventQuery
 
 Cursor = int | bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBatch:
+    """A chained batch as a store holds it: its header, and where its events are (the sink's own locator,
+    which `batch_events` reads; it is not part of what the link covers)."""
+
+    header: BatchHeader
+    where: Any
 
 
 class StoreError(Exception):
@@ -29,10 +39,23 @@ class Sink(Protocol):
 
     def write_batch(self, batch: Batch) -> None:
         """Commit every event of the batch, each exactly once, however often the batch is written and however
-        much of it an earlier attempt committed. StoreError(retryable=False): the batch can never commit."""
+        much of it an earlier attempt committed, and its header (if any) with it, once, where `batches` and
+        `batch_events` find both. StoreError(retryable=False): the batch can never commit."""
 
     def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
         """Yield matching events in commit order, after the given cursor."""
+        ...
+
+    def streams(self, tenant_id: str) -> list[str]:
+        """The ids of the tenant's streams: those with at least one chained batch stored."""
+        ...
+
+    def batches(self, tenant_id: str, stream_id: str) -> Iterator[StoredBatch]:
+        """The stream's stored batch headers in batch-number order."""
+        ...
+
+    def batch_events(self, tenant_id: str, batch: StoredBatch) -> list[tuple[Cursor, Event]]:
+        """The events stored for a batch, in commit order, with the cursors `read` gives them."""
         ...
 
     def ping(self) -> None:

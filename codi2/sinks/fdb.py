@@ -8,6 +8,9 @@ Exactly once: every transaction reads the `event_ids` key of each event it carri
 events whose key is absent, together with that key. A retry after `commit_unknown_result` (1021), a
 replayed batch, a batch cut into different parts, or an event re-sent in another batch therefore lands
 once, however the batch is split. Versionstamped keys give one commit order across every pod of a tenant.
+
+A chained batch's header goes to the tenant's `chain` subspace in the transaction of the batch's last part,
+with the audit keys of all its events, so a header is never stored before its events are.
 """
 
 from __future__ import annotations
@@ -29,11 +32,12 @@ import fdb
 import fdb.tuple as fdbtuple
 
 from codi2.config import Settings
-from codi2.events import Batch, Event, EventQuery
-from codi2.sinks import Cursor, StoreError
+from codi2.events import Batch, BatchHeader, Event, EventQuery
+from codi2.sinks import Cursor, StoredBatch, StoreError
 from codi2.tls import set_network_options as set_tls_options
 
 VALUE_FORMAT = 1
+CHAIN_FORMAT = 1
 CHUNKED = fdbtuple.pack((2,))  # the audit value of an event too long for one value: it is in `audit_chunks`
 VALUE_MAX = 100_000  # FoundationDB's limit on a value (bytes)
 PATH_KEY_MAX = 2048  # longer paths are hashed in the by-path key, which keeps keys under FDB's 10,000 bytes
@@ -44,6 +48,7 @@ TOO_LARGE = frozenset({2101, 2102, 2103})
 CLUSTER_LINE = re.compile(r"^(?P<desc>[A-Za-z0-9_]+):(?P<id>[A-Za-z0-9]+)@(?P<coords>\S+)$")
 
 T = TypeVar("T")
+Locator = tuple[bytes | None, int]  # an event's audit key: (commit version, n); None: the current transaction's
 
 
 def store_error(exc: Any) -> StoreError:
@@ -303,8 +308,10 @@ class FdbSink:
             rows = by_tenant.setdefault(event.tenant_id, {})
             if event.id not in rows:  # the same event twice in one batch is stored once
                 rows[event.id] = self._row(event)
+        if batch.header is not None and len(by_tenant) != 1:
+            raise ValueError("fdb: a chained batch holds events of one tenant")
         for tenant, rows in by_tenant.items():
-            self._write_rows(tenant, list(rows.values()))
+            self._write_rows(tenant, list(rows.values()), batch.header)
 
     def _row(self, event: Event) -> _Row:
         tenant, vs = event.tenant_id, fdbtuple.Versionstamp()
@@ -327,9 +334,11 @@ class FdbSink:
         size = 2 * written_keys + 2 * len(id_key) + len(value) + len(event.id) + 64
         return _Row(event, value, path_key, id_key, size)
 
-    def _write_rows(self, tenant: str, rows: list[_Row]) -> None:
+    def _write_rows(self, tenant: str, rows: list[_Row], header: BatchHeader | None) -> None:
         """Commit the rows in order, each transaction the longest run that FoundationDB counts as within
-        the budget. Whatever is cut where, each event is written once (the id keys decide)."""
+        the budget. Whatever is cut where, each event is written once (the id keys decide). The header,
+        with where each event is, goes with the last part."""
+        where: list[Locator] = [(None, 0)] * len(rows)
         start = 0
         while start < len(rows):
             count, size = 0, 0
@@ -338,8 +347,10 @@ class FdbSink:
                     break
                 count, size = count + 1, size + row.size
             while True:
+                part = rows[start : start + count]
+                last = header if start + count == len(rows) else None
                 try:
-                    self._run(partial(self._write_part, tenant, rows[start : start + count]))
+                    written = self._run(partial(self._write_part, tenant, part, where, start, last))
                     break
                 except _Overflow as over:
                     count = over.fits
@@ -347,20 +358,52 @@ class FdbSink:
                     if count == 1:
                         raise self._never_fits(rows[start], too_large.error) from None
                     count //= 2
+            if written is not None and header is not None:  # a later part's header names this commit version
+                version = written.value
+                where[start : start + count] = [(v or version, n) for v, n in where[start : start + count]]
             self._parts_written += 1
             start += count
 
-    def _write_part(self, tenant: str, rows: list[_Row], tr: Any) -> None:
+    def _write_part(
+        self, tenant: str, rows: list[_Row], where: list[Locator], offset: int, header: BatchHeader | None, tr: Any
+    ) -> Any:
+        """Write the rows not yet committed, noting in `where[offset:]` where each one is; with `header`
+        (the batch's last part), the header too. Returns the future of this commit's versionstamp if it
+        wrote rows."""
         futures = [tr.get(row.id_key) for row in rows]  # all issued before the first is waited on
-        present = [f.present() for f in futures]
+        stored = [f.value for f in futures]
         if self._parts_written % PRUNE_EVERY == 0:
             self._prune_event_ids(tr, tenant)
-        for n, (row, seen) in enumerate(zip(rows, present, strict=True)):
-            if seen:
-                continue  # already committed: by an attempt we were not told about (1021), or in another batch
+        written = False
+        for n, (row, seen) in enumerate(zip(rows, stored, strict=True)):
+            if seen is not None:  # already committed: by an attempt we were not told about (1021), or earlier
+                vs, at = fdbtuple.unpack(seen)
+                where[offset + n] = (vs.tr_version, at)
+                continue
+            where[offset + n] = (None, n)
             self._set_row(tr, tenant, row, n)
+            written = True
             if n and tr.get_approximate_size().wait() > self._batch_bytes:
                 raise _Overflow(n)
+        if header is not None:
+            self._set_header(tr, tenant, header, where)
+            if len(rows) > 1 and tr.get_approximate_size().wait() > self._batch_bytes:
+                raise _Overflow(len(rows) - 1)
+        return tr.get_versionstamp() if written else None
+
+    def _set_header(self, tr: Any, tenant: str, h: BatchHeader, where: list[Locator]) -> None:
+        """The header with the batch's events as runs (commit version, first n, count) of audit keys; a
+        version None is this transaction's, which FoundationDB writes into the value's versionstamp."""
+        runs: list[list[Any]] = []
+        for version, n in where:
+            if runs and runs[-1][0] == version and runs[-1][1] + runs[-1][2] == n:
+                runs[-1][2] += 1
+            else:
+                runs.append([version, n, 1])
+        value = fdbtuple.pack_with_versionstamp(
+            (CHAIN_FORMAT, fdbtuple.Versionstamp(), h.ts, h.prev, h.link, h.key_id, h.events, tuple(map(tuple, runs)))
+        )
+        tr.set_versionstamped_value(self.key(tenant, "chain", h.stream_id, h.number), value)
 
     def _set_row(self, tr: Any, tenant: str, row: _Row, n: int) -> None:
         vs = fdbtuple.Versionstamp()
@@ -400,16 +443,19 @@ class FdbSink:
                 raise TypeError("fdb: a read cursor is a key (bytes)")
             begin = min(max(begin, after + b"\x00"), end)  # a cursor never leads out of the tenant's range
         count = 0
+        for key, value in self._scan(query.tenant_id, begin, end):
+            event = decode_event(query.tenant_id, value)
+            if not query.matches(event):
+                continue
+            yield key, event
+            count += 1
+            if query.limit is not None and count >= query.limit:
+                return
+
+    def _scan(self, tenant: str, begin: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
         while begin < end:
-            page = self._run(partial(self._read_page, query.tenant_id, begin, end))
-            for key, value in page:
-                event = decode_event(query.tenant_id, value)
-                if not query.matches(event):
-                    continue
-                yield key, event
-                count += 1
-                if query.limit is not None and count >= query.limit:
-                    return
+            page = self._run(partial(self._read_page, tenant, begin, end))
+            yield from page
             if len(page) < PAGE_ROWS:
                 return
             begin = page[-1][0] + b"\x00"
@@ -426,6 +472,37 @@ class FdbSink:
                 value = b"".join(chunk.value for chunk in chunks)
             page.append((kv.key, value))
         return page
+
+    def streams(self, tenant_id: str) -> list[str]:
+        """One read per stream: from each stream's first header key to the next stream's."""
+        begin, end = self._range(tenant_id, "chain")
+        found: list[str] = []
+        while key := self._run(partial(self._first_key, begin, end)):
+            stream = fdbtuple.unpack(key, prefix_len=len(self._prefix))[2]
+            found.append(stream)
+            begin = self.key(tenant_id, "chain", stream) + b"\xff"
+        return found
+
+    def _first_key(self, begin: bytes, end: bytes, tr: Any) -> bytes | None:
+        return next((kv.key for kv in tr.get_range(begin, end, limit=1)), None)
+
+    def batches(self, tenant_id: str, stream_id: str) -> Iterator[StoredBatch]:
+        base = self.key(tenant_id, "chain", stream_id)
+        for key, value in self._scan(tenant_id, base + b"\x00", base + b"\xff"):
+            number = fdbtuple.unpack(key, prefix_len=len(self._prefix))[3]
+            fmt, own, ts, prev, link, key_id, events, runs = fdbtuple.unpack(value)
+            if fmt != CHAIN_FORMAT:
+                raise StoreError(f"fdb: unknown batch header format {fmt}", code="bad_value")
+            where = tuple((version or own.tr_version, first, count) for version, first, count in runs)
+            yield StoredBatch(BatchHeader(stream_id, number, ts, prev, link, key_id, events), where)
+
+    def batch_events(self, tenant_id: str, batch: StoredBatch) -> list[tuple[Cursor, Event]]:
+        found: list[tuple[Cursor, Event]] = []
+        for version, first, count in batch.where:
+            vs = fdbtuple.Versionstamp(version)
+            begin, end = self.key(tenant_id, "audit", vs, first), self.key(tenant_id, "audit", vs, first + count)
+            found += [(key, decode_event(tenant_id, value)) for key, value in self._scan(tenant_id, begin, end)]
+        return found
 
     # Checks --------------------------------------------------------------------------------------
 

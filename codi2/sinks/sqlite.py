@@ -7,6 +7,9 @@ and read back the same.
 
 The daemon keeps its journal in this same file, so an event is committed to the store in the very
 transaction that journals it (`insert`): one durable write per batch, and nothing to ship.
+
+`batches` holds each chained batch's header (docs/trail-format.md), inserted with its events: the batch's
+events are the rows `first_pos`…`last_pos` of `events`, the rows that transaction added.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 
 import structlog
 
-from codi2.events import Batch, Event, EventQuery, decode_event, encode_event, rfc3339
-from codi2.sinks import Cursor, StoreError
+from codi2.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
+from codi2.sinks import Cursor, StoredBatch, StoreError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -36,20 +40,49 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_tenant_pos ON events (tenant_id, pos);
 CREATE INDEX IF NOT EXISTS events_tenant_ts ON events (tenant_id, ts);
 DROP INDEX IF EXISTS events_tenant_path;
+CREATE TABLE IF NOT EXISTS batches (
+    tenant_id TEXT NOT NULL,
+    stream_id TEXT NOT NULL,
+    number    INTEGER NOT NULL,
+    ts        TEXT NOT NULL,
+    prev      BLOB NOT NULL,
+    link      BLOB NOT NULL,
+    key_id    TEXT,
+    events    INTEGER NOT NULL,
+    first_pos INTEGER NOT NULL,
+    last_pos  INTEGER NOT NULL,
+    PRIMARY KEY (tenant_id, stream_id, number)
+) WITHOUT ROWID;
 """
 BUSY_TIMEOUT_S = 2.0
+HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.sinks.sqlite")
 
 
-def insert(db: sqlite3.Connection, batch: Batch) -> None:
-    """Add a batch's events inside the caller's transaction (idempotent on event id)."""
+def _last_pos(db: sqlite3.Connection) -> int:
+    return db.execute("SELECT coalesce(max(pos), 0) FROM events").fetchone()[0]
+
+
+def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = None) -> None:
+    """Add a batch's events (encoded as `bodies`, or here) and its header inside the caller's transaction,
+    idempotent on event id and on the header's place in its stream."""
+    if bodies is None:
+        bodies = [encode_event(e) for e in batch.events]
+    h = batch.header
+    first = _last_pos(db) + 1 if h is not None else 0
     db.executemany(
         "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
         [
-            (e.id, batch.batch_id, e.tenant_id, e.ts, e.action, os.fsencode(e.path), encode_event(e))
-            for e in batch.events
+            (e.id, batch.batch_id, e.tenant_id, e.ts, e.action, os.fsencode(e.path), body)
+            for e, body in zip(batch.events, bodies, strict=True)
         ],
     )
+    if h is not None:
+        tenant, last = batch.events[0].tenant_id, _last_pos(db)
+        db.execute(
+            "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (tenant, h.stream_id, h.number, h.ts, h.prev, h.link, h.key_id, h.events, first, last),
+        )
 
 
 class LocalStore:
@@ -61,22 +94,37 @@ class LocalStore:
     @staticmethod
     def salvage(damaged: Path, db: sqlite3.Connection) -> int:
         """Copy every event row a damaged file still yields, in commit order, into `db`; stop at the first
-        unreadable page (what follows it is counted by the gap the caller records)."""
+        unreadable page (what follows it is counted by the gap the caller records). Then the chain's
+        headers, pointing at where their events are now: a batch that lost events shows it to a verifier."""
         kept = 0
+        moved: dict[int, int] = {}  # an event's pos in the damaged file → in `db`
         try:
             old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
         except sqlite3.Error:
             return 0
         try:
-            for row in old.execute("SELECT id, batch_id, tenant_id, ts, action, path, body FROM events ORDER BY pos"):
-                db.execute(
+            rows = old.execute("SELECT pos, id, batch_id, tenant_id, ts, action, path, body FROM events ORDER BY pos")
+            for pos, *row in rows:
+                cursor = db.execute(
                     "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
+                if cursor.rowcount:
+                    moved[pos] = cursor.lastrowid
                 kept += 1
         except sqlite3.Error as exc:
             log.error("store_salvage_stopped", kept=kept, error=str(exc))
+        try:
+            for *header, first, last in old.execute("SELECT * FROM batches").fetchall():
+                now = [moved[pos] for pos in range(first, last + 1) if pos in moved]
+                if now:
+                    db.execute(
+                        "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        (*header, now[0], now[-1]),
+                    )
+        except sqlite3.Error as exc:
+            log.error("store_salvage_stopped", table="batches", error=str(exc))
         finally:
             old.close()
         return kept
@@ -131,22 +179,36 @@ class SqliteSink:
             sql += " AND ts >= ?"
             args.append(rfc3339(query.since.timestamp()))
         sql += " ORDER BY pos"
-        # A connection of its own, so a long or followed read never holds the writer's lock.
-        reader = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+        count = 0
+        for pos, body in self._query(sql, args):
+            event = _decode(body)
+            if not query.matches(event):
+                continue
+            yield pos, event
+            count += 1
+            if query.limit is not None and count >= query.limit:
+                return
+
+    def _query(self, sql: str, args: list[object]) -> Iterator[tuple[object, ...]]:
+        """Rows from a connection of its own, so a long or followed read never holds the writer's lock."""
         try:
-            count = 0
-            for pos, body in reader.execute(sql, args):
-                event = _decode(body)
-                if not query.matches(event):
-                    continue
-                yield pos, event
-                count += 1
-                if query.limit is not None and count >= query.limit:
-                    return
+            with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as reader:
+                yield from reader.execute(sql, args)
         except sqlite3.Error as exc:
             raise _error(exc) from exc
-        finally:
-            reader.close()
+
+    def streams(self, tenant_id: str) -> list[str]:
+        sql = "SELECT DISTINCT stream_id FROM batches WHERE tenant_id = ? ORDER BY stream_id"
+        return [stream for (stream,) in self._query(sql, [tenant_id])]
+
+    def batches(self, tenant_id: str, stream_id: str) -> Iterator[StoredBatch]:
+        sql = f"SELECT {HEADER_COLUMNS} FROM batches WHERE tenant_id = ? AND stream_id = ? ORDER BY number"
+        for number, ts, prev, link, key_id, events, first, last in self._query(sql, [tenant_id, stream_id]):
+            yield StoredBatch(BatchHeader(stream_id, number, ts, prev, link, key_id, events), (first, last))
+
+    def batch_events(self, tenant_id: str, batch: StoredBatch) -> list[tuple[Cursor, Event]]:
+        sql = "SELECT pos, body FROM events WHERE pos BETWEEN ? AND ? ORDER BY pos"
+        return [(pos, _decode(body)) for pos, body in self._query(sql, list(batch.where))]
 
     def ping(self) -> None:
         with self._lock:
