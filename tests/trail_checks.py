@@ -76,6 +76,28 @@ def disk_state(root: Path, ignored: Ignored | None = None) -> dict[tuple[str, st
     return state
 
 
+def directory_modes(root: Path) -> list[tuple[str, int]]:
+    """(relative path, mode) of every directory below `root`, read through directory fds (any depth)."""
+    out: list[tuple[str, int]] = []
+    stack: list[tuple[int, str]] = [(os.open(root, os.O_RDONLY | os.O_DIRECTORY), "")]
+    try:
+        while stack:
+            fd, where = stack.pop()
+            try:
+                for name in os.listdir(fd):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        rel = f"{where}/{name}" if where else name
+                        out.append((rel, st.st_mode))
+                        stack.append((os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), rel))
+            finally:
+                os.close(fd)
+    finally:
+        for fd, _ in stack:
+            os.close(fd)
+    return out
+
+
 def sha(data: bytes | str) -> str:
     return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
 
