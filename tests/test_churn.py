@@ -696,6 +696,24 @@ def test_c11_directory_unreadable_at_start_is_unwatched_with_a_reason_then_retri
     final_check(second, ws)
 
 
+def test_c11_unreadable_file_changed_then_readable_again(
+    nobody_daemon: tuple[Path, Callable[..., DaemonProcess]],
+) -> None:
+    """A file the daemon may not read (chmod 000) is changed: the change is recorded without a hash, never
+    as a deletion; once readable, its hash is recorded."""
+    ws, start = nobody_daemon
+    (ws / "private.key").write_text("v1")
+    daemon = start()
+    converge(daemon, ws)
+    (ws / "private.key").chmod(0o000)
+    (ws / "private.key").write_text("v2 written while unreadable")
+    _marker(daemon, ws, 1)
+    assert not [e for e in daemon.events() if e.path == "private.key" and e.action == "deleted"]
+    (ws / "private.key").chmod(0o644)
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "private.key").sha256 == sha("v2 written while unreadable")
+
+
 # 12. Paths past PATH_MAX ---------------------------------------------------------------------------------
 
 
@@ -935,6 +953,104 @@ def _rss(pid: int) -> int:
     except FileNotFoundError:
         pass
     return 0
+
+
+# Variants the issue did not list -------------------------------------------------------------------------------
+
+
+@LAG
+@pytest.mark.parametrize("back", ["back", "d"], ids=["new-name", "same-name"])
+def test_v_directory_moved_out_and_back_in_with_changes_while_outside(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, lag: bool, back: str
+) -> None:
+    ws, outside = workspace, tmp_path / "parked"
+    (ws / "d" / "sub").mkdir(parents=True)
+    (ws / "d" / "sub" / "f").write_text("before")
+    daemon = daemon_factory()
+    with _maybe_lagging(daemon, lag):
+        (ws / "d").rename(outside)
+        (outside / "sub" / "f").write_text("changed while outside the tree")
+        (outside / "new-outside").write_text("made outside")
+        outside.rename(ws / back)
+    (ws / back / "sub" / "after").write_text("watched again")
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, f"{back}/sub/f").sha256 == sha("changed while outside the tree")
+
+
+def test_v_directory_replaced_by_a_symlink_to_outside_while_lagging(
+    workspace: Path, tmp_path: Path, daemon_factory: Start
+) -> None:
+    """Nothing outside the root is ever read, whatever the daemon finds at a path it is catching up on."""
+    ws, secret = workspace, tmp_path / "secret"
+    secret.mkdir()
+    (secret / "password").write_text("hunter2")
+    (ws / "s").mkdir()
+    (ws / "s" / "f").write_text("inside")
+    daemon = daemon_factory()
+    with lagging(daemon):
+        (ws / "s" / "g").write_text("written just before the swap")
+        (ws / "s").rename(ws / "s.old")
+        (ws / "s").symlink_to(secret, target_is_directory=True)
+    (ws / "s.old" / "h").write_text("h")
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "s").type == "symlink"
+    assert not [e for e in events if e.path.startswith("s/") and e.action != "deleted" and "password" in e.path]
+    assert not [e for e in events if e.sha256 == sha("hunter2")]
+
+
+def test_v_three_directories_rotated_while_lagging(workspace: Path, daemon_factory: Start) -> None:
+    ws = workspace
+    for name in ("x", "y", "z"):
+        (ws / name / "deep").mkdir(parents=True)
+        (ws / name / "deep" / "id").write_text(name)
+    daemon = daemon_factory()
+    with lagging(daemon):
+        (ws / "x").rename(ws / "t")
+        (ws / "z").rename(ws / "x")
+        (ws / "y").rename(ws / "z")
+        (ws / "t").rename(ws / "y")
+        (ws / "x" / "deep" / "id").write_text("x now, was z")
+    for name in ("x", "y", "z"):
+        (ws / name / "deep" / "late").write_text(name)
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "y/deep/id").sha256 == sha("x")
+
+
+@LAG
+def test_v_renamed_into_an_ignored_name_and_back(workspace: Path, daemon_factory: Start, lag: bool) -> None:
+    ws = workspace
+    (ws / "src" / "pkg").mkdir(parents=True)
+    (ws / "src" / "pkg" / "a.py").write_text("a")
+    daemon = daemon_factory()
+    with _maybe_lagging(daemon, lag):
+        (ws / "src").rename(ws / "node_modules")
+        (ws / "node_modules" / "pkg" / "a.py").write_text("changed while ignored")
+        (ws / "node_modules" / "pkg" / "b.py").write_text("made while ignored")
+        (ws / "node_modules").rename(ws / "src")
+    (ws / "src" / "pkg" / "c.py").write_text("after")
+    events = final_check(daemon, ws)
+    assert not [e for e in events if e.path.startswith("node_modules")]
+    assert _folded(events, ws, "src/pkg/a.py").sha256 == sha("changed while ignored")
+
+
+def test_v_special_files_are_recorded_and_never_block(workspace: Path, daemon_factory: Start) -> None:
+    import socket
+
+    ws = workspace
+    daemon = daemon_factory()
+    with lagging(daemon):
+        os.mkfifo(ws / "pipe")
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(ws / "sock"))
+        (ws / "after.txt").write_text("after the special files")
+    try:
+        events = converge(daemon, ws)
+        assert {"pipe", "sock", "after.txt"} <= ever_named(events)
+        assert daemon.get("/livez")[0] == 200
+        (ws / "pipe").rename(ws / "pipe2")
+        final_check(daemon, ws)
+    finally:
+        server.close()
 
 
 # Also settle --------------------------------------------------------------------------------------------------

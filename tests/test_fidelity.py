@@ -7,7 +7,8 @@ catch up (a drain) and checks it. Steps: writes, truncations, directories made a
 in and out of the tree; groups of operations while the daemon lags (SIGSTOP around them); a directory
 renamed and its name re-created, swaps through a temporary name, RENAME_EXCHANGE (renameat2), hard links
 written through one name, a directory removed and re-created while a process holds it as its working
-directory, trees deeper than PATH_MAX; and faults: kill -9 mid-change with changes while down, a clean
+directory, trees deeper than PATH_MAX, a directory parked outside the tree (or under an ignored name),
+changed there and brought back; and faults: kill -9 mid-change with changes while down, a clean
 restart, a corrupt journal (not a database, truncated, a flipped byte in a batch waiting for a store that
 is down), an unreadable directory (chmod 000, then 755) when the daemon can run as a non-root user, and a
 full disk when a small tmpfs can be mounted (root).
@@ -107,6 +108,7 @@ ops = st.one_of(
     st.tuples(st.just("link"), paths, paths),
     st.tuples(st.just("replace_held_dir"), paths),
     st.tuples(st.just("deep"), paths, contents),
+    st.tuples(st.just("round_trip"), paths, contents, st.sampled_from(["outside", "ignored"])),
 )
 
 
@@ -251,6 +253,23 @@ class TrailFidelity(RuleBasedStateMachine):
             make_deep(path, 22, file_data=data)
             event("tree past PATH_MAX")
 
+    def _round_trip(self, rel: str, data: bytes, via: str) -> None:
+        """mv d <outside the tree, or an ignored name>; change what is in it; mv it back to d."""
+        path = self._p(rel)
+        if not path.is_dir():
+            return
+        if via == "outside":
+            parked = self.outside / f"parked{next(self.names)}"
+        else:
+            (self.ws / "dist").mkdir(exist_ok=True)
+            parked = self.ws / "dist" / f"parked{next(self.names)}"
+        path.rename(parked)
+        if not (parked / "f0").is_dir():
+            (parked / "f0").write_bytes(data)
+        (parked / f"new{next(self.names)}").write_bytes(data)
+        parked.rename(path)
+        event(f"round trip through {via}")
+
     def _apply(self, op: tuple) -> None:
         name, *args = op
         getattr(self, f"_{name}")(*args)
@@ -299,6 +318,11 @@ class TrailFidelity(RuleBasedStateMachine):
         (incoming / "x").write_bytes(data)
         (incoming / "sub" / "y").write_bytes(data + b"y")
         incoming.rename(path)
+
+    @enabled("round_trip")
+    @rule(rel=paths, data=contents, via=st.sampled_from(["outside", "ignored"]))
+    def round_trip(self, rel: str, data: bytes, via: str) -> None:
+        self._round_trip(rel, data, via)
 
     @enabled("lagging_group")
     @rule(group=st.lists(ops, min_size=1, max_size=6))

@@ -64,6 +64,8 @@ def disk_state(root: Path, ignored: Ignored | None = None) -> dict[tuple[str, st
                         stack.append((os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), rel))
                     elif stat.S_ISLNK(st.st_mode):
                         state[(str(root), rel)] = Entry("symlink", None)
+                    elif not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device: a file without a hash
+                        state[(str(root), rel)] = Entry("file", None)
                     else:
                         ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
                         with os.fdopen(ffd, "rb") as f:
