@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/run.py
 
 manifests: $(STAMP)
+	rm -f packaging/k8s/*.yaml
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
 		--session-id example-session --output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from codi2 import tls
 from codi2.config import Settings
 from codi2.sinks import Sink, StoreError
 
@@ -110,9 +111,7 @@ def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], 
         try:
             desc, ident, coordinators = fdb_sink.parse_cluster_file(path.read_text())
         except OSError as exc:
-            raise StepFailed(
-                f"{path}: {exc.strerror}", "mount the fdb-cluster-config map or set FDB_CLUSTER_FILE"
-            ) from None
+            raise StepFailed(f"{path}: {exc.strerror}", "mount the codi2-fdb Secret or set FDB_CLUSTER_FILE") from None
         except ValueError as exc:
             raise StepFailed(
                 f"{path}: {exc}", "copy the cluster file from a server (/etc/foundationdb/fdb.cluster)"
@@ -133,7 +132,22 @@ def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], 
         state["sink"].probe(tenant)
         return f"probe key written, read back and cleared under tenant {tenant!r}"
 
-    return [("libfdb_c", library), ("cluster_file", cluster_file), ("database", reachable), ("probe", probe)]
+    return [
+        ("libfdb_c", library),
+        ("tls", lambda: _tls(settings)),
+        ("cluster_file", cluster_file),
+        ("database", reachable),
+        ("probe", probe),
+    ]
+
+
+def _tls(settings: Settings) -> str:
+    """Before the network starts (the next step), since that is when the client reads the files."""
+    fdb = settings.foundationdb
+    problems = tls.file_problems(fdb.tls_cert_file, fdb.tls_key_file, fdb.tls_ca_file)
+    if problems:
+        raise StepFailed("\n".join(problems), "fix or re-issue the files, then update the codi2-fdb Secret")
+    return tls.describe(fdb)
 
 
 def render(steps: list[Step], as_json: bool) -> str:
@@ -141,7 +155,8 @@ def render(steps: list[Step], as_json: bool) -> str:
         return json.dumps({"ok": all(s.ok for s in steps), "steps": [asdict(s) for s in steps]}, indent=2)
     lines = []
     for s in steps:
-        line = f"{'PASS' if s.ok else 'FAIL'}  {s.name:<16} {s.ms:8.1f} ms  {s.detail}"
+        detail = s.detail.replace("\n", "\n      ")  # one line per problem, indented as hints are
+        line = f"{'PASS' if s.ok else 'FAIL'}  {s.name:<16} {s.ms:8.1f} ms  {detail}"
         if s.hint:
             line += f"\n      hint: {s.hint}"
         lines.append(line)

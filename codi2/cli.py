@@ -124,7 +124,8 @@ def _provision_parsers(sub: Any) -> None:
     provision = sub.add_parser(
         "provision",
         help="render, apply or delete a user's workspace on Kubernetes",
-        description="Provision a user's workspace: namespace, volume claim, config maps and the workspace pod.",
+        description="Provision a user's workspace: namespace, volume claims, config map, store Secret, network "
+        "policy and the workspace pod.",
     )
     actions = provision.add_subparsers(dest="provision_command", metavar="COMMAND", parser_class=_Parser, required=True)
     helps = {
@@ -138,8 +139,17 @@ def _provision_parsers(sub: Any) -> None:
         p.add_argument("--user-id", required=True, help="user id (a DNS-1123 label: the namespace is user-<id>)")
         p.add_argument("--tenant-id", required=True, help="tenant id (a DNS-1123 label)")
         p.add_argument("--session-id", help="IDE session id passed to codi2 as SESSION_ID")
-        p.add_argument("--image", help="workspace image (default: the seed's t2-workspace-pod image)")
+        p.add_argument(
+            "--layout",
+            choices=("sidecar", "entrypoint"),
+            default="sidecar",
+            help="sidecar (default): codi2 beside the user's container, which holds neither the store's "
+            "credentials nor codi2's state; entrypoint: one container running codi2, for local use only",
+        )
+        p.add_argument("--image", help="the user's workspace image (default: the seed's t2-workspace-pod image)")
+        p.add_argument("--codi2-image", help="codi2's image for the sidecar (default: the seed's codi2 image)")
         p.add_argument("--storage", default="50Gi", help="size of the workspace volume claim (default 50Gi)")
+        p.add_argument("--state-storage", default="2Gi", help="size of codi2's state claim (default 2Gi)")
         p.add_argument("--storage-class", help="storage class of the claim (default: the cluster's default)")
         p.add_argument(
             "--config",
@@ -149,7 +159,22 @@ def _provision_parsers(sub: Any) -> None:
             help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
         ).complete = shtab.FILE  # type: ignore[attr-defined]
         p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
+        p.add_argument("--fdb-tls-cert", type=Path, metavar="PATH", help="codi2's client certificate (PEM) for TLS")
+        p.add_argument("--fdb-tls-key", type=Path, metavar="PATH", help="its private key (PEM, no passphrase)")
+        p.add_argument("--fdb-tls-ca", type=Path, metavar="PATH", help="the CA bundle that signed the cluster (PEM)")
         p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra label (repeatable)")
+        p.add_argument(
+            "--platform-namespace",
+            action="append",
+            metavar="NS",
+            help="namespace admitted to the health port (repeatable; default coditect-app)",
+        )
+        p.add_argument(
+            "--monitoring-namespace",
+            action="append",
+            metavar="NS",
+            help="monitoring namespace admitted to the health port (repeatable; default monitoring)",
+        )
         if name == "render":
             p.add_argument(
                 "--output-dir", type=Path, help="write one file per object here instead of stdout"
@@ -251,6 +276,7 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
         config_text = args.config.read_text()
     except OSError as exc:
         raise UsageError(f"--config {args.config}: {exc.strerror}") from None
+    tls_files = _tls_files(args)
     labels = {}
     for item in args.label:
         key, sep, value = item.partition("=")
@@ -261,15 +287,30 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
         "user_id": args.user_id,
         "tenant_id": args.tenant_id,
         "session_id": args.session_id,
+        "layout": args.layout,
         "storage_size": args.storage,
+        "state_storage_size": args.state_storage,
         "storage_class": args.storage_class,
         "codi2_config": config_text,
         "fdb_cluster_string": args.fdb_cluster_string,
         "labels": labels,
+        **tls_files,
     }
-    if args.image:
-        fields["image"] = args.image
-    flags = {"storage_size": "--storage", "codi2_config": "--config", "labels": "--label"}
+    optional = {
+        "image": args.image,
+        "codi2_image": args.codi2_image,
+        "platform_namespaces": args.platform_namespace,
+        "monitoring_namespaces": args.monitoring_namespace,
+    }
+    fields.update({key: value for key, value in optional.items() if value is not None})
+    flags = {
+        "storage_size": "--storage",
+        "state_storage_size": "--state-storage",
+        "codi2_config": "--config",
+        "labels": "--label",
+        "platform_namespaces": "--platform-namespace",
+        "monitoring_namespaces": "--monitoring-namespace",
+    }
     try:
         spec = WorkspaceSpec(**fields)
         spec.cluster_string()
@@ -283,6 +324,19 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
     return spec
 
 
+def _tls_files(args: argparse.Namespace) -> dict[str, str]:
+    """The TLS files to put into the Secret, checked first: a bad key would reach every workspace."""
+    from codi2.tls import file_problems
+
+    if (args.fdb_tls_cert is None) != (args.fdb_tls_key is None):
+        raise UsageError("--fdb-tls-cert and --fdb-tls-key go together: give both or neither")
+    problems = file_problems(args.fdb_tls_cert, args.fdb_tls_key, args.fdb_tls_ca)
+    if problems:
+        raise UsageError("; ".join(problems))
+    paths = {"fdb_tls_cert": args.fdb_tls_cert, "fdb_tls_key": args.fdb_tls_key, "fdb_tls_ca": args.fdb_tls_ca}
+    return {field: path.read_text() for field, path in paths.items() if path is not None}
+
+
 def _write_manifests(manifests: list[dict[str, Any]], out: Path | None, single: str | None = None) -> None:
     from codi2.provisioning.render import to_yaml
 
@@ -294,8 +348,7 @@ def _write_manifests(manifests: list[dict[str, Any]], out: Path | None, single: 
         (out / single).write_text(to_yaml(manifests))
         return
     for manifest in manifests:
-        stem = manifest["metadata"]["name"] if manifest["kind"] == "ConfigMap" else manifest["kind"].lower()
-        (out / f"{stem}.yaml").write_text(to_yaml([manifest]))
+        (out / f"{manifest['kind'].lower()}-{manifest['metadata']['name']}.yaml").write_text(to_yaml([manifest]))
 
 
 def _provision(args: argparse.Namespace) -> int:

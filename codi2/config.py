@@ -24,6 +24,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import (
     BaseSettings,
@@ -120,6 +121,22 @@ class FoundationDBSettings(Section):
     event_id_retention_hours: float = Field(default=168.0, gt=0)
     """How long event ids are kept so that an event re-sent (after a crash or an unknown commit result)
     lands once, in hours; it must exceed how long a batch can wait in the spool."""
+    tls_cert_file: Path | None = None
+    """codi2's client certificate (PEM) for mutual TLS with the cluster; set with `tls_key_file`. Without TLS
+    the connection is neither encrypted nor authenticated (docs/security.md)."""
+    tls_key_file: Path | None = None
+    """The private key of `tls_cert_file` (PEM, without a passphrase)."""
+    tls_ca_file: Path | None = None
+    """The CA bundle (PEM) the cluster's certificates are checked against."""
+    tls_verify_peers: str | None = None
+    """FoundationDB's peer verification pattern, e.g. `Check.Valid=1,S.CN=fdb-server`; unset, the client's
+    default applies."""
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> FoundationDBSettings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file go together: set both or neither")
+        return self
 
 
 class MonitoringSettings(Section):

@@ -27,7 +27,7 @@ from codi2.ignore import IgnoreRules
 from codi2.metrics import Metrics
 from codi2.pipeline import Identity, Pipeline
 from codi2.sinks import Sink, open_sink
-from codi2.watcher import Watcher
+from codi2.watcher import Watcher, check_root
 
 log = structlog.get_logger("codi2.daemon")
 
@@ -113,10 +113,18 @@ class Daemon:
             await self.health.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.server.bind_addr}: {exc.strerror or exc}") from None
+        for root in s.watch_roots:
+            try:
+                check_root(os.fsencode(root))
+            except OSError as exc:
+                raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
         try:
             await asyncio.to_thread(self._lock.acquire)
         except OSError as exc:
-            raise StartupError(f"state dir {s.state_dir}: {exc.strerror or exc}") from None
+            raise StartupError(
+                f"state dir {s.state_dir}: {exc.strerror or exc} (set [state] dir or CODI2_STATE__DIR to a writable"
+                " directory)"
+            ) from None
         try:
             self.sink = await asyncio.to_thread(self._open_store, s)
         except Exception as exc:
@@ -130,6 +138,7 @@ class Daemon:
             sink=self.sink,
             metrics=self.metrics,
             max_events=s.batching.max_events,
+            max_batch_bytes=s.batching.max_bytes,
             max_delay_ms=s.batching.max_delay_ms,
             max_bytes=s.spool.max_bytes,
             hash_max_bytes=s.monitoring.hash_max_bytes,

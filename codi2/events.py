@@ -10,10 +10,14 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import random
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any, Literal
+
+import msgspec
 
 Action = Literal["created", "updated", "deleted", "moved", "gap"]
 ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap")
@@ -21,12 +25,18 @@ EntryType = Literal["file", "dir", "symlink"]
 Origin = Literal["live", "rescan", "offline", "baseline"]
 
 
+# Ids need to be unique, not secret: a generator seeded from the kernel once per process draws the
+# random bits without a system call per event.
+_random = random.Random(os.urandom(32))
+os.register_at_fork(after_in_child=lambda: _random.seed(os.urandom(32)))
+_VERSION_VARIANT = (0x7 << 76) | (0x2 << 62)
+_RANDOM_MASK = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
+
+
 def uuid7(ms: int | None = None) -> str:
     """A UUIDv7 (RFC 9562): millisecond time prefix (now, or `ms`), so ids sort by creation time."""
     ms = time.time_ns() // 1_000_000 if ms is None else ms
-    value = ms << 80 | int.from_bytes(os.urandom(10)) & ((1 << 80) - 1)
-    value = (value & ~(0xF << 76)) | (0x7 << 76)
-    value = (value & ~(0x3 << 62)) | (0x2 << 62)
+    value = ms << 80 | (_random.getrandbits(80) & _RANDOM_MASK) | _VERSION_VARIANT
     text = f"{value:032x}"
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
@@ -112,6 +122,65 @@ class Event:
 EVENT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Event))
 _FIELDS = frozenset(EVENT_KEYS)
 _OPTIONAL = ("session_id", "dest_path", "size", "mode", "mtime", "sha256")
+
+# The compact record: one per event, the same bytes in the journal and in the SQLite store. A msgpack
+# array whose first element is its version; version 1's fields are these, in this order, with the paths
+# as their raw bytes (a name that is not UTF-8 survives exactly). A later version adds fields at the end,
+# so every release can read every earlier record.
+RECORD_V1 = EVENT_KEYS
+_PATHS = (EVENT_KEYS.index("path"), EVENT_KEYS.index("dest_path"), EVENT_KEYS.index("root"))
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def event_record(e: Event) -> list[Any]:
+    dest = e.dest_path
+    return [
+        1,
+        e.id,
+        e.seq,
+        e.ts,
+        e.tenant_id,
+        e.user_id,
+        e.session_id,
+        e.pod,
+        e.action,
+        os.fsencode(e.path),
+        None if dest is None else os.fsencode(dest),
+        os.fsencode(e.root),
+        e.type,
+        e.size,
+        e.mode,
+        e.mtime,
+        e.sha256,
+        e.origin,
+    ]
+
+
+def encode_event(e: Event) -> bytes:
+    return _encoder.encode(event_record(e))
+
+
+def encode_events(events: Iterable[Event]) -> bytes:
+    return _encoder.encode([event_record(e) for e in events])
+
+
+def _from_record(row: list[Any]) -> Event:
+    if not row or row[0] != 1:
+        raise ValueError(f"unknown event record version {row[0] if row else None!r}")
+    values = row[1 : 1 + len(RECORD_V1)]
+    for i in _PATHS:
+        if isinstance(values[i], bytes):
+            values[i] = os.fsdecode(values[i])
+    return Event(*values)
+
+
+def decode_event(body: bytes) -> Event:
+    return _from_record(_decoder.decode(body))
+
+
+def decode_events(body: bytes) -> list[Event]:
+    return [_from_record(row) for row in _decoder.decode(body)]
 
 
 @dataclass(slots=True, frozen=True)

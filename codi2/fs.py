@@ -12,6 +12,7 @@ import errno
 import hashlib
 import os
 import stat
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
@@ -24,6 +25,9 @@ O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTT
 # (ELOOP: a component is now a symlink, which the tree never follows).
 ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
 HASH_CHUNK = 1 << 20
+# File timestamps tick coarsely: a write in the same tick right after the hash would leave the stat as it
+# was. A hash taken within this long of the file's ctime is not trusted to skip the next one ("racy").
+RACY_NS = 2_000_000_000
 
 
 @dataclass(slots=True)
@@ -110,17 +114,27 @@ class DirCache:
         self._open: OrderedDict[tuple[int, bytes], int] = OrderedDict()
 
     def get(self, root: int, rel: bytes) -> int:
-        """The descriptor of directory `rel` (borrowed: valid until `close`). Raises OSError."""
+        """The descriptor of directory `rel` (borrowed: valid until the next `get` or `close`), opened
+        from the nearest cached ancestor one component at a time. Raises OSError."""
         key = (root, rel)
         fd = self._open.get(key)
         if fd is not None:
             self._open.move_to_end(key)
             return fd
-        if not rel:
-            fd = os.dup(self._roots[root])
-        else:
-            parent, name = split(rel)
-            fd = os.open(name, O_DIR, dir_fd=self.get(root, parent))
+        missing = []  # the components below the nearest ancestor already open
+        ancestor = rel
+        while ancestor and (root, ancestor) not in self._open:
+            ancestor, name = split(ancestor)
+            missing.append(name)
+        fd = os.dup(self._open[(root, ancestor)] if ancestor or (root, b"") in self._open else self._roots[root])
+        try:
+            for name in reversed(missing):
+                child = os.open(name, O_DIR, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
         self._open[key] = fd
         if len(self._open) > self.MAX_OPEN:
             _, oldest = self._open.popitem(last=False)
@@ -176,6 +190,8 @@ def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> 
             after = facts_of(os.fstat(fd))
             if after.same_stat(facts):
                 facts.sha256 = digest.hexdigest()
+                if time.time_ns() - (facts.ctime_ns or 0) < RACY_NS:
+                    facts.ctime_ns = None  # the next look hashes again, whatever the stat says
                 return facts
             facts = after
             os.lseek(fd, 0, os.SEEK_SET)

@@ -9,8 +9,8 @@ Tables:
 - `files`: every entry the trail says exists, with the stat facts and sha256 last seen. The key is the
   path relative to its root with `/` written as `\\x00`, so key order is depth-first order (a directory,
   then everything below it, then its next sibling) and a subtree is one key range.
-- `outbox`: batches not yet acknowledged by the store, in commit order. `body` is a msgpack map naming
-  its fields, so a record written by an older release decodes after the event gains a field.
+- `outbox`: batches not yet acknowledged by the store, in commit order; `body` holds the events'
+  compact records (`codi2.events.encode_events`), each versioned so any later release reads it.
 - `meta`: format version, stream id, the next event sequence number, and `needs_rebuild` when the index
   may be ahead of the trail (a lost record) and must be derived again from the store.
 
@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 import structlog
 
-from codi2.events import EVENT_KEYS, Event, uuid7
+from codi2.events import Event, decode_events, encode_events, uuid7
 from codi2.fs import Facts
 
 log = structlog.get_logger("codi2.journal")
@@ -103,36 +103,6 @@ def _facts(row: tuple[Any, ...]) -> Facts:
 
 def _values(f: Facts) -> tuple[Any, ...]:
     return (f.type, f.size, f.mode, f.mtime_ns, f.ctime_ns, f.ino, f.dev, f.nlink, f.sha256)
-
-
-PATH_FIELDS = frozenset({"path", "dest_path", "root"})
-
-
-def _raw(name: str, value: Any) -> Any:
-    """Paths are stored as their bytes: a name that is not UTF-8 survives exactly."""
-    return os.fsencode(value) if name in PATH_FIELDS and value is not None else value
-
-
-def encode_events(events: Iterable[Event]) -> bytes:
-    return msgspec.msgpack.encode(
-        {"k": EVENT_KEYS, "e": [[_raw(k, getattr(e, k)) for k in EVENT_KEYS] for e in events]}
-    )
-
-
-def decode_events(body: bytes) -> list[Event]:
-    """Tolerant of fields added or removed since the record was written: unknown keys are dropped and
-    missing ones take the event's defaults (an absent optional field is None)."""
-    data = msgspec.msgpack.decode(body)
-    names = data["k"]
-    out = []
-    for values in data["e"]:
-        row = {
-            k: os.fsdecode(v) if isinstance(v, bytes) else v
-            for k, v in zip(names, values, strict=True)
-            if k in EVENT_KEYS
-        }
-        out.append(Event.from_fields(row))
-    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,11 +284,11 @@ class Journal:
             (dst, len(src) + 1, root, src, low, high),
         )
 
-    def linked(self, dev: int, ino: int) -> list[tuple[str, bytes]]:
-        """Every indexed name of a hard-linked inode."""
-        return self._db.execute(
-            "SELECT root, key FROM files WHERE dev = ? AND ino = ? AND nlink > 1", (dev, ino)
-        ).fetchall()
+    def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
+        """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
+        `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
+        where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
+        return [tuple(r) for r in self._db.execute(f"SELECT root, key FROM files WHERE {where}", (dev, ino))]  # type: ignore[misc]
 
     def replace_index(self, rows: Iterable[tuple[str, bytes, Facts]]) -> None:
         """The whole index from a rebuild (inside a transaction)."""
@@ -330,18 +300,19 @@ class Journal:
 
     # Outbox --------------------------------------------------------------------------------------
 
-    def append(self, events: list[Event], batch_id: str | None = None) -> int:
-        """Add a batch to the outbox (inside a transaction); returns its size in bytes."""
+    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch:
+        """Add a batch to the outbox (inside a transaction)."""
         body = encode_events(events)
-        self._db.execute(
+        batch_id = batch_id or uuid7()
+        cursor = self._db.execute(
             "INSERT INTO outbox (batch_id, events, crc, body) VALUES (?, ?, ?, ?)",
-            (batch_id or uuid7(), len(events), zlib.crc32(body), body),
+            (batch_id, len(events), zlib.crc32(body), body),
         )
         with self._lock:
             self.outbox_batches += 1
             self.outbox_events += len(events)
             self.outbox_bytes += len(body)
-        return len(body)
+        return OutboxBatch(cursor.lastrowid or 0, batch_id, tuple(events), len(body))
 
     def acknowledged(self, batch: OutboxBatch) -> None:
         """The shipper deleted this batch from the outbox (its own connection): keep the figures in step."""

@@ -66,8 +66,9 @@ def present(state_dir: Path) -> bool:
     return (state_dir / "spool").is_dir() or (state_dir / "index.db").exists()
 
 
-def migrate(state_dir: Path, journal: Journal) -> Migrated:
-    """Copy the old backlog and index into `journal` in one transaction, then remove the old files."""
+def migrate(state_dir: Path, journal: Journal, *, remove: bool = True) -> Migrated:
+    """Copy the old backlog and index into `journal` in one transaction, then (with `remove`) remove the
+    old files."""
     position, rows, readable = _read_index(state_dir / "index.db")
     batches, corrupt_before, corrupt = _read_spool(state_dir / "spool", position)
     needs_rebuild = not readable or corrupt_before > 0
@@ -79,11 +80,12 @@ def migrate(state_dir: Path, journal: Journal) -> Migrated:
             journal.mark_initialized()
         if needs_rebuild:
             journal.set_needs_rebuild(True)
-    for name in ("spool", "barrier"):
-        shutil.rmtree(state_dir / name, ignore_errors=True)
-    for suffix in ("", "-wal", "-shm"):
-        with contextlib.suppress(FileNotFoundError):
-            (state_dir / f"index.db{suffix}").unlink()
+    if remove:
+        for name in ("spool", "barrier"):
+            shutil.rmtree(state_dir / name, ignore_errors=True)
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                (state_dir / f"index.db{suffix}").unlink()
     result = Migrated(len(batches), sum(len(e) for _, e in batches), corrupt, len(rows), readable, needs_rebuild)
     log.info("legacy_state_migrated", **vars(result))
     return result

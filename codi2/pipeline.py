@@ -21,6 +21,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from typing import Any
 import structlog
 
 from codi2 import legacy
+from codi2.config import STATE_DIR_NAME
 from codi2.events import Action, Batch, Event, EventQuery, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
 from codi2.ignore import IgnoreRules
@@ -54,6 +56,7 @@ RETRY_MAX_S = 5.0
 JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
 SHIP_CHUNK = 16
+HANDOFF_MAX = 32  # batches kept in memory for the shipper
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +187,7 @@ class Pipeline:
         sink: Sink,
         metrics: Metrics,
         max_events: int,
+        max_batch_bytes: int,
         max_delay_ms: int,
         max_bytes: int,
         hash_max_bytes: int,
@@ -198,6 +202,7 @@ class Pipeline:
         self._sink = sink
         self._metrics = metrics
         self._max_events = max_events
+        self._max_batch_bytes = max_batch_bytes
         self._max_delay = max_delay_ms / 1000
         self.max_bytes = max_bytes
         self._hash_max = hash_max_bytes
@@ -223,6 +228,7 @@ class Pipeline:
         self._stopping = False
         self._stop_deadline = 0.0
         self._ship_wake = threading.Condition()
+        self._handoff: deque[OutboxBatch] = deque()
         self._ship_stop = False
         self._rebuild_requested = False
         self._journal_thread: threading.Thread | None = None
@@ -239,12 +245,17 @@ class Pipeline:
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
-        if fresh and legacy.present(self._state_dir):
-            migrated = legacy.migrate(self._state_dir, self.journal)
-            self.corrupt_records += migrated.corrupt_records
-            self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
-            if migrated.corrupt_records and migrated.needs_rebuild:
-                self.note_gap("spool_corrupt", migrated.corrupt_records)
+        # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
+        # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
+        old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
+        for place in dict.fromkeys([self._state_dir, old_default]):
+            if fresh and legacy.present(place):
+                migrated = legacy.migrate(place, self.journal, remove=place == self._state_dir)
+                self.corrupt_records += migrated.corrupt_records
+                self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
+                if migrated.corrupt_records and migrated.needs_rebuild:
+                    self.note_gap("spool_corrupt", migrated.corrupt_records)
+                break
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
             self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
@@ -342,7 +353,7 @@ class Pipeline:
         """One turn: take hints, flush when due. False once stopped and everything is committed."""
         with self._lock:
             timeout = self._wait_time()
-            if not self._intake and not self._stopping and timeout > 0:
+            if not self._intake and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
             stopping = self._stopping
@@ -369,20 +380,23 @@ class Pipeline:
             self._rebuild()
             return True
         if self._outbox_full():
-            return not stopping or now <= self._stop_deadline
+            self._retry_at = now + 0.5  # the shipper has to make room first
+            return True
         due = self._deadline is not None and now >= self._deadline
         if (self._window and (due or stopping or len(self._window) >= self._max_events)) or self._gap_pending():
             self._flush()
         return not (stopping and not self._window and not self._intake)
 
     def _wait_time(self) -> float:
+        """How long the journal thread may sleep: until the window is due, or a back-off has passed."""
         now = time.monotonic()
-        waits = [1.0]
-        if self._deadline is not None:
-            waits.append(self._deadline - now)
         if self._retry_at > now:
-            waits.append(self._retry_at - now)
-        return max(0.0, min(waits))
+            return min(self._retry_at - now, 1.0)
+        if self._stopping:
+            return 0.0 if self._window else 0.05
+        if self._deadline is not None:
+            return max(0.0, min(self._deadline - now, 1.0))
+        return 1.0
 
     def _gap_pending(self) -> bool:
         return bool(self._gap_reasons)
@@ -398,6 +412,7 @@ class Pipeline:
             )
         elif not full and health.state == "full":
             self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
+            self.note_gap("spool_full", self.pending_hints())  # these waited, coalescing, while it was full
         return full
 
     def _flush(self) -> None:
@@ -410,6 +425,7 @@ class Pipeline:
         current = 0
         try:
             journal.begin()
+            rec.prefetch(items)
             self._gap_events()
             for current, item in enumerate(items):
                 origin: Origin = "live"
@@ -419,7 +435,7 @@ class Pipeline:
                     rec.silent = self._silent_baseline and origin == "baseline"
                     self._metrics.rescans.labels(origin=origin).inc()
                 for _ in rec.apply(item, origin):
-                    if len(rec.events) >= self._max_events:
+                    if len(rec.events) >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
                         self._commit_batch()
                         committed_through = current
                         journal.begin()
@@ -433,6 +449,7 @@ class Pipeline:
             journal.rollback()
             self._initial_in_txn = 0
             rec.events.clear()
+            rec.event_bytes = 0
             if not _environmental(exc):
                 # A bug met by one change must not hold back every later one: set that change aside.
                 log.exception("change_failed", hint=repr(items[current]))
@@ -445,16 +462,18 @@ class Pipeline:
             return
         finally:
             rec.silent = False
+            rec.forget()
             rec.cache.close()
-        self._journal_ok()
+        self._journal_ok(len(items))
 
     def _commit_batch(self) -> None:
         journal, rec = self.journal, self._reconciler
         assert journal is not None and rec is not None
         events = rec.events
-        if events:
-            journal.append(events)
+        appended = journal.append(events) if events else None
         journal.commit()
+        if appended is not None:
+            self._hand_to_shipper(appended)
         self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
         self._initial_in_txn = 0
         if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
@@ -466,9 +485,7 @@ class Pipeline:
                 self.gaps += 1
                 self._metrics.gaps.inc()
         rec.events = []
-        if events:
-            with self._ship_wake:
-                self._ship_wake.notify_all()
+        rec.event_bytes = 0
 
     def _gap_events(self) -> None:
         rec = self._reconciler
@@ -506,12 +523,12 @@ class Pipeline:
         self._retry_at = time.monotonic() + self._journal_delay
         self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
 
-    def _journal_ok(self) -> None:
+    def _journal_ok(self, changes: int) -> None:
         health = self.journal_health
         if health.state == "error":
             log.info("journal_recovered", after_failures=health.consecutive_failures)
             self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
-            self.note_gap("journal_error", health.consecutive_failures)
+            self.note_gap("journal_error", changes)  # these waited, coalescing, while writes failed
         self._journal_delay = 0.5
 
     # Index rebuild -------------------------------------------------------------------------------
@@ -622,6 +639,24 @@ class Pipeline:
 
     # Shipper thread ------------------------------------------------------------------------------
 
+    def _hand_to_shipper(self, batch: OutboxBatch) -> None:
+        """A batch just committed, in memory: the shipper takes it from here instead of reading it back."""
+        with self._ship_wake:
+            self._handoff.append(batch)
+            if len(self._handoff) > HANDOFF_MAX:  # the store is behind: those are read back later
+                self._handoff.popleft()
+            self._ship_wake.notify_all()
+
+    def _from_handoff(self, after: int) -> list[OutboxBatch]:
+        """The batches right after `after` that are still in memory, in order (none if there is a gap)."""
+        with self._ship_wake:
+            while self._handoff and self._handoff[0].n <= after:
+                self._handoff.popleft()
+            out: list[OutboxBatch] = []
+            while self._handoff and self._handoff[0].n == after + 1 + len(out) and len(out) < SHIP_CHUNK:
+                out.append(self._handoff.popleft())
+            return out
+
     def _ship_loop(self) -> None:
         journal = self.journal
         assert journal is not None
@@ -630,7 +665,7 @@ class Pipeline:
         try:
             while True:
                 try:
-                    batches = reader.next_batches(after, SHIP_CHUNK)
+                    batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
                 except Exception as exc:
                     log.warning("outbox_read_failed", error=str(exc))
                     batches = []

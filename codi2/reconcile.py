@@ -142,7 +142,46 @@ class Reconciler:
         self._make = make_event
         self.silent = silent  # record the state without events (`initial_scan = "silent"`)
         self.events: list[Event] = []
+        self.event_bytes = 0  # a rough size of `events`, for the batch byte budget
         self.cache = DirCache(root_fds)
+        self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
+
+    def prefetch(self, hints: list[Hint]) -> None:
+        """Read the index rows of the window's paths in a few queries instead of one each."""
+        wanted: dict[str, list[bytes]] = {}
+        for hint in hints:
+            if isinstance(hint, Touch) and hint.path:
+                wanted.setdefault(self._names[hint.root], []).append(key_of(hint.path))
+        for root, keys in wanted.items():
+            found = self._j.get_many(root, keys)
+            for key in keys:
+                self._known[(root, key)] = found.get(key)
+
+    def forget(self) -> None:
+        self._known.clear()
+
+    # The index, through the read-ahead ------------------------------------------------------------
+
+    def _get(self, root: str, key: bytes) -> Facts | None:
+        k = (root, key)
+        if k in self._known:
+            return self._known.pop(k)
+        return self._j.get(root, key)
+
+    def _put(self, root: str, key: bytes, facts: Facts) -> None:
+        self._known.pop((root, key), None)
+        self._j.put(root, key, facts)
+
+    def _drop_tree(self, root: str, key: bytes, *, is_dir: bool = True) -> None:
+        if is_dir:
+            self._known.clear()
+        else:
+            self._known.pop((root, key), None)
+        self._j.drop_tree(root, key)
+
+    def _move_tree(self, root: str, src: bytes, dst: bytes) -> None:
+        self._known.clear()
+        self._j.move_tree(root, src, dst)
 
     # Entry points ---------------------------------------------------------------------------------
 
@@ -160,7 +199,7 @@ class Reconciler:
         if not rel or self._ignored(root, rel):
             return
         key = key_of(rel)
-        known = self._j.get(self._names[root], key)
+        known = self._get(self._names[root], key)
         disk = self._disk(root, rel, known)
         if disk is UNKNOWN:
             return
@@ -173,10 +212,16 @@ class Reconciler:
         yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
             # A write through one name of a hard-linked file changes every name: inotify only told us one.
-            for other_root, other_key in self._j.linked(disk.dev or 0, disk.ino or 0):
-                index = self._names.index(other_root)
-                if (index, other_key) != (root, key):
-                    yield from self.touch(index, rel_of(other_key), origin, links=False)
+            others = [n for n in self._j.linked(disk.dev or 0, disk.ino or 0) if n != (self._names[root], key)]
+            if len(others) < (disk.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
+                others = [
+                    n
+                    for n in self._j.linked(disk.dev or 0, disk.ino or 0, all_rows=True)
+                    if n != (self._names[root], key)
+                ]
+            for other_root, other_key in others:
+                if other_root in self._names:
+                    yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
 
     def move(self, hint: Move, origin: Origin) -> Iterator[None]:
         """A rename the kernel reported. It becomes one `moved` event when the index holds what moved
@@ -189,7 +234,7 @@ class Reconciler:
             yield from self.touch(root, hint.dst, origin)
             return
         src_key, dst_key = key_of(hint.src), key_of(hint.dst)
-        known = self._j.get(name, src_key)
+        known = self._get(name, src_key)
         below = hint.is_dir and bool(self._j.below(name, src_key, b"", 1))
         disk = self._disk(root, hint.dst, known) if known is not None or below else None
         if disk is UNKNOWN or (known is None and not below):
@@ -206,8 +251,8 @@ class Reconciler:
             yield from self.touch(root, hint.src, origin)
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
             return
-        self._j.move_tree(name, src_key, dst_key)
-        self._j.put(name, dst_key, facts)
+        self._move_tree(name, src_key, dst_key)
+        self._put(name, dst_key, facts)
         yield from self._emit("moved", root, hint.src, hint.dst, facts, origin)
         if disk is not None:  # when it has moved on, the hints of its next move or removal settle it
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
@@ -215,10 +260,10 @@ class Reconciler:
     def _look_again(self, root: int, rel: bytes, is_dir: bool, origin: Origin) -> Iterator[None]:
         """After a rename, the new name's own state, and for a directory its whole tree: changes hinted
         under the old name before the rename was read, and what the ignore rules say at the new place."""
-        yield from self.touch(root, rel, origin)
-        known = self._j.get(self._names[root], key_of(rel))
-        if is_dir and known is not None and known.type == "dir":
-            yield from self._walk(root, rel, origin, recursive=True)
+        if is_dir:
+            yield from self.rescan(root, rel, True, origin)
+        else:
+            yield from self.touch(root, rel, origin)
 
     @staticmethod
     def _trusted(hint: Move, known: Facts, disk: Facts | None) -> bool:
@@ -237,7 +282,7 @@ class Reconciler:
                 yield from self.touch(root, rel, origin)
                 return
             key = key_of(rel)
-            known = self._j.get(self._names[root], key)
+            known = self._get(self._names[root], key)
             disk = self._disk(root, rel, known)
             if disk is UNKNOWN:
                 return
@@ -274,16 +319,16 @@ class Reconciler:
             yield from self._delete(root, rel, key, known, origin)
             known = None
         if known is None:
-            self._j.put(name, key, disk)
+            self._put(name, key, disk)
             yield from self._emit("created", root, rel, None, disk, origin)
             if disk.type == "dir" and descend:
                 yield from self._walk(root, rel, origin, recursive=True)
             return
         if content_changed(known, disk):
-            self._j.put(name, key, disk)
+            self._put(name, key, disk)
             yield from self._emit("updated", root, rel, None, disk, origin)
         elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
-            self._j.put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
+            self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
         if disk.type == "dir" and descend and not same_entity(known, disk):
             yield from self._walk(root, rel, origin, recursive=True)
 
@@ -292,9 +337,9 @@ class Reconciler:
         name = self._names[root]
         if known.type == "dir":
             for sub_key, sub_type in list(self._j.below_reversed(name, key)):
-                self._j.drop_tree(name, sub_key)
+                self._drop_tree(name, sub_key, is_dir=sub_type == "dir")
                 yield from self._emit("deleted", root, rel_of(sub_key), None, _bare(sub_type), origin)
-        self._j.drop_tree(name, key)
+        self._drop_tree(name, key, is_dir=known.type == "dir")
         yield from self._emit("deleted", root, rel, None, known, origin)
 
     # Walks ------------------------------------------------------------------------------------------
@@ -411,6 +456,7 @@ class Reconciler:
         if self.silent:
             return
         self.events.append(self._make(action, root, rel, dest, facts, origin))
+        self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
         yield
 
 

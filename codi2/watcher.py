@@ -280,7 +280,7 @@ class Watcher:
     def start(self) -> None:
         """Place every watch, then start reading. Raises OSError naming a root that cannot be watched."""
         for root in self._roots:
-            _check_root(root)
+            check_root(root)
         ifd = inotify_init()
         if ifd < 0:
             raise OSError(errno.EMFILE, "cannot create an inotify instance: raise fs.inotify.max_user_instances")
@@ -604,6 +604,11 @@ class Watcher:
 
     def _attach_at(self, parent: Node, pfd: int, name: bytes, *, quiet: bool = False) -> Node | None:
         existing = parent.children.get(name)
+        if existing is not None and existing.wd is None:  # an unwatched directory: this is its retry
+            self._detach(existing)
+            self._unwatched.discard(existing)
+            quiet = True
+            existing = None
         try:
             fd = os.open(name, O_DIR, dir_fd=pfd)
         except OSError as exc:
@@ -710,7 +715,6 @@ class Watcher:
             return list_dir(fd)
         except OSError as exc:
             log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
-            self._suspect(node)
             return []
 
     # Tree changes ----------------------------------------------------------------------------------
@@ -906,10 +910,7 @@ class Watcher:
         """Try again to watch a directory that could not be watched before."""
         parent = node.parent
         assert parent is not None
-        self._detach(node)
-        self._unwatched.discard(node)
-        self._unwatched_dirty = True
-        placed = self._attach_at(parent, parent_fd, node.name, quiet=True)
+        placed = self._attach_at(parent, parent_fd, node.name)
         if placed is not None and placed.wd is not None:
             log.info("directory_watched", path=os.fsdecode(placed.locate(self._gen) or b""))
         return placed
@@ -974,7 +975,7 @@ class Watcher:
             self.state.unwatched = unwatched
 
 
-def _check_root(root: bytes) -> None:
+def check_root(root: bytes) -> None:
     """A root must be a real directory: one line naming it otherwise."""
     try:
         st = os.lstat(root)

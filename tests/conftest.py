@@ -119,7 +119,7 @@ class DaemonProcess:
             raise AssertionError(f"daemon exited early; logs: {self.logs[-20:]}")
         if settle:  # ready means watched; most tests also want the start-up diff behind them
             try:
-                wait_for(lambda: self.status()["initial_scan"] == "done")
+                wait_for(lambda: (s := self.status())["initial_scan"] == "done" and s["spool"]["events"] == 0)
             except AssertionError:
                 raise AssertionError(f"start-up diff never done: {self.status()}; logs {self.logs[-20:]}") from None
 

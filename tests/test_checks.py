@@ -69,7 +69,7 @@ def test_fdb_store_passes_every_step_through_conflicts_and_unknown_results(
         result = _run("--config", str(config), env=env)
         assert result.returncode == 0, result.stdout + result.stderr
         names = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("PASS")]
-        assert names == ["config", "libfdb_c", "cluster_file", "database", "probe"]
+        assert names == ["config", "libfdb_c", "tls", "cluster_file", "database", "probe"]
     assert fakefdb.counters(data)["faults"]["1020"] and fakefdb.counters(data)["faults"]["1021"]
     db = fdb_api.open(str(cluster))  # the same data file, read in this process
     assert db.get_range_startswith(FdbSink(db, tenant_id=None).key(PROBE_TENANT, "probe")) == []

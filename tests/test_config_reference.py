@@ -84,7 +84,7 @@ def test_types_and_defaults_are_written_as_toml_values() -> None:
     assert rows["spool.max_bytes"].default == "`1_073_741_824`"
     assert rows["storage.backend"].default == "unset"
     assert rows["pod"].default == "computed at start-up: `gethostname()`"
-    assert rows["foundationdb.api_version"].type == "integer (≥ 510, ≤ 800)"
+    assert rows["foundationdb.transaction_timeout_ms"].type == "integer (≥ 100, ≤ 60_000)"
     assert rows["logging.format"].type == '`"json"` or `"console"`'
 
 

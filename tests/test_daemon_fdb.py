@@ -120,9 +120,14 @@ def test_an_unnamed_error_code_is_shown_and_the_batch_kept_across_a_kill(
     for i in range(5):
         (workspace / f"f{i}.txt").write_text("f")
     wait_for(lambda: "codi2_spool_events 5.0" in daemon.get("/metrics")[1])
-    status, body = daemon.get("/status")
-    assert status == 200
-    store = json.loads(body)["store"]
+
+    def failed() -> dict | None:  # the shipper's first try may come after the journal's commit is seen
+        status, body = daemon.get("/status")
+        assert status == 200
+        store = json.loads(body)["store"]
+        return store if store["state"] != "unknown" else None
+
+    store = wait_for(failed)
     assert store["state"] == "degraded" and store["error_code"] == "fdb_4242"
     assert store["error"] == "fdb: Unknown error (4242)"  # the fake's description, decoded
     assert 'codi2_store_errors_total{error="fdb_4242"}' in daemon.get("/metrics")[1]

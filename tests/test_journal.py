@@ -173,3 +173,28 @@ def test_daemon_upgraded_over_a_legacy_backlog_ships_it_and_converges(legacy_sta
     assert {f"d{i // 100}/f{i}.txt" for i in range(300)} <= set(created)
     assert max(created.values()) == 1
     assert fold(events) == disk_state(ws)
+
+
+def test_a_sidecar_with_its_own_state_dir_takes_over_the_workspace_s_old_state(
+    legacy_state: Path, tmp_path: Path
+) -> None:
+    """0.1 kept its state in `<workspace>/.codi2`; a sidecar keeps it elsewhere. Its first start carries the
+    old backlog and index over (no baseline recorded twice) and leaves the old files to the user."""
+    from conftest import DaemonProcess
+
+    ws = legacy_state / "workspace"
+    db = legacy_state / "audit.db"
+    config = write_config(tmp_path / "codi2.toml", ws, db, f'[state]\ndir = "{tmp_path / "state"}"')
+    daemon = DaemonProcess(config, db)
+    try:
+        wait_for(lambda: daemon.status()["spool"]["events"] == 0)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+    events = read_events(db)
+    created = Counter(e.path for e in events if e.action == "created" and e.origin != "offline")
+    assert {f"d{i // 100}/f{i}.txt" for i in range(300)} <= set(created) and max(created.values()) == 1
+    assert not [e for e in events if e.origin == "baseline"]  # the old index said what the trail holds
+    assert (ws / ".codi2" / "index.db").exists()  # not ours to delete any more
+    old_state = {k: v for k, v in disk_state(ws, ignores=(".git", "node_modules", "target", "dist")).items()}
+    assert fold(events) == old_state

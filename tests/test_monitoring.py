@@ -1,9 +1,12 @@
 """packaging/monitoring/: the alert rules pass `promtool check rules` and their unit tests, every alert has
 its runbook section, the generated dashboard and PrometheusRule match their sources, the PodMonitor finds
-the pods `codi2 provision` makes, and every PromQL expression names only metrics a running daemon exports."""
+the pods `codi2 provision` makes, every PromQL expression names only metrics a running daemon exports, and
+every log event, `/status` field and gap cause the runbook quotes is one the code has."""
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib.util
 import json
 import os
@@ -21,10 +24,14 @@ import yaml
 from conftest import DaemonProcess, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
+from codi2.config_reference import tables
+from codi2.events import Event
+from codi2.metrics import DROP_REASONS
 from codi2.provisioning.render import render
 from codi2.provisioning.spec import WorkspaceSpec
 
 REPO = Path(__file__).resolve().parent.parent
+CODE = REPO / "codi2"
 MONITORING = REPO / "packaging" / "monitoring"
 RULES = MONITORING / "codi2.rules.yml"
 RULE_TESTS = MONITORING / "codi2.rules.test.yml"
@@ -33,11 +40,17 @@ IDENTITY = ("tenant", "user", "pod")
 
 # Series Prometheus makes itself rather than scraping them.
 MADE_BY_PROMETHEUS = {"up"}
-# Used by the rules and the dashboard, not exported by the daemon yet (asked for in issue 14's report).
 # What Grafana substitutes before a query reaches Prometheus.
 GRAFANA_INTERVALS = {"$__rate_interval": "5m", "$__range": "6h"}
 # The samples of a family, which /metrics lists by name even before a labelled family has a sample.
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
+# What the runbook quotes in backticks: a snake_case name (a log event, a metric, possibly with its label in
+# braces, a key, a label value), and a dotted `/status` field such as `journal.state`.
+QUOTED_NAME = re.compile(r"`([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?:\{[a-z_]*\})?`")
+QUOTED_FIELD = re.compile(r"`([a-z][a-z_]*(?:\.[a-z_]+)+)`")
+# Names the runbook quotes that belong to other programs: Prometheus' scrape configuration, sysctls.
+NOT_OURS = {"kubernetes_sd_configs", "fs.inotify.max_queued_events", "fs.inotify.max_user_watches"}
+LOG_LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 
 
 def _promtool() -> str:
@@ -79,6 +92,56 @@ def _expressions() -> dict[str, str]:
     return found
 
 
+def _code() -> list[ast.AST]:
+    return [ast.parse(path.read_text(), str(path)) for path in sorted(CODE.rglob("*.py"))]
+
+
+def _log_events() -> set[str]:
+    """The events codi2 logs: the first argument of every `log.<level>("name", ...)` in codi2/."""
+    return {
+        node.args[0].value
+        for tree in _code()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Attribute)
+        and isinstance(node.func.value, ast.Name)
+        and node.func.value.id == "log"
+        and node.func.attr in LOG_LEVELS
+        and node.args
+        and isinstance(node.args[0], ast.Constant)
+        and isinstance(node.args[0].value, str)
+    }
+
+
+def _gap_causes() -> set[str]:
+    """The causes a `gap` event can name: `note_gap("cause", ...)` and `_gap_reasons["cause"]` in codi2/."""
+    causes = set()
+    for tree in _code():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "note_gap" and node.args:
+                cause = node.args[0]
+            elif isinstance(node, ast.Subscript) and getattr(node.value, "attr", None) == "_gap_reasons":
+                cause = node.slice
+            else:
+                continue
+            if isinstance(cause, ast.Constant) and isinstance(cause.value, str):
+                causes.add(cause.value)
+    return causes
+
+
+def _runbook_section(title: str) -> str:
+    sections = re.split(r"^## ", RUNBOOK.read_text(), flags=re.MULTILINE)[1:]
+    (section,) = [s for s in sections if s.split("\n", 1)[0] == title]
+    return section
+
+
+def _keys(tree: Any) -> set[str]:
+    """Every key of a JSON document, at any depth."""
+    if not isinstance(tree, dict):
+        return set()
+    return set(tree) | {key for value in tree.values() for key in _keys(value)}
+
+
 def _metric_names(expr: str) -> set[str]:
     for variable, value in GRAFANA_INTERVALS.items():
         expr = expr.replace(variable, value)
@@ -111,13 +174,17 @@ def test_promtool_unit_tests_of_the_rules_pass() -> None:
 
 
 def test_every_alert_is_unit_tested_firing_with_its_identity_and_not_firing() -> None:
-    evals = [e for test in yaml.safe_load(RULE_TESTS.read_text())["tests"] for e in test["alert_rule_test"]]
+    tests = yaml.safe_load(RULE_TESTS.read_text())["tests"]
+    evals = [e for test in tests for e in test["alert_rule_test"]]
     for alert in _alerts():
         mine = [e for e in evals if e["alertname"] == alert["alert"]]
         fired = [a for e in mine for a in e["exp_alerts"]]
         assert fired, f"{alert['alert']}: no test where it fires"
         assert all(set(IDENTITY) <= set(a["exp_labels"]) for a in fired), alert["alert"]
         assert any(not e["exp_alerts"] for e in mine), f"{alert['alert']}: no test where it must not fire"
+    healthy = tests[-1]["alert_rule_test"]  # the healthy daemon, last, fires none of them
+    assert sorted(e["alertname"] for e in healthy) == sorted(a["alert"] for a in _alerts())
+    assert not any(e["exp_alerts"] for e in healthy)
 
 
 # Rules, annotations, runbook --------------------------------------------------------------------------
@@ -150,6 +217,14 @@ def test_the_runbook_says_for_each_alert_what_it_means_why_how_to_confirm_and_wh
         paragraphs = dict(zip(parts[::2], parts[1::2], strict=True))
         assert list(paragraphs) == ["Means", "Likely causes", "Confirm", "Do"], name
         assert "`/status`" in paragraphs["Confirm"] and "logs" in paragraphs["Confirm"], name
+
+
+def test_the_gap_causes_the_runbook_explains_are_those_the_code_records() -> None:
+    """The runbook's table of gap causes (the `dest_path` of a `gap` event) matches the code, both ways."""
+    listed = set(re.findall(r"^\| `([a-z_]+)` \|", _runbook_section("Codi2TrailGap"), flags=re.MULTILINE))
+    found = _gap_causes()
+    assert {"inotify_overflow", "journal_error", "pipeline_error"} <= found  # the walk finds them
+    assert listed == found, f"runbook only: {sorted(listed - found)}; code only: {sorted(found - listed)}"
 
 
 # Generated files, scrape configuration ---------------------------------------------------------------
@@ -195,7 +270,8 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
     pod_labels = pod["metadata"]["labels"]
     assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
-    ports = {port["name"] for container in pod["spec"]["containers"] for port in container.get("ports", [])}
+    containers = [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]  # codi2 is a native sidecar
+    ports = {port["name"] for container in containers for port in container.get("ports", [])}
     assert endpoint["port"] in ports and endpoint["path"] == "/metrics"
 
     def meta(label: str) -> str:
@@ -212,18 +288,26 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """Every sample name the daemon's /metrics can carry, mapped to its metric family."""
+def scraped(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    """What a running daemon answers on /metrics and /status."""
     root = tmp_path_factory.mktemp("metrics")
     workspace = root / "workspace"
     workspace.mkdir()
     db = root / "audit.db"
     daemon = DaemonProcess(write_config(root / "codi2.toml", workspace, db), db)
     try:
-        status, text = daemon.get("/metrics")
+        code, text = daemon.get("/metrics")
+        status = daemon.status()
     finally:
         daemon.kill()
-    assert status == 200
+    assert code == 200
+    return text, status
+
+
+@pytest.fixture(scope="module")
+def exported(scraped: tuple[str, dict[str, Any]]) -> dict[str, str]:
+    """Every sample name the daemon's /metrics can carry, mapped to its metric family."""
+    text, _ = scraped
     names = {}
     for family in text_string_to_metric_families(text):
         if family.name.endswith("_created"):  # a counter's creation time, exported beside it
@@ -247,3 +331,49 @@ def test_every_codi2_metric_is_on_the_dashboard_or_in_a_rule(exported: dict[str,
     used = {exported[name] for expr in _expressions().values() for name in _metric_names(expr) if name in exported}
     unused = {family for family in exported.values() if family.startswith("codi2_")} - used
     assert not unused, f"metrics no panel or rule shows: {sorted(unused)}"
+
+
+def test_every_log_event_the_runbook_quotes_is_one_codi2_logs(
+    scraped: tuple[str, dict[str, Any]], exported: dict[str, str]
+) -> None:
+    """A snake_case name in backticks is a log event the code logs, or else a name the daemon has (a metric,
+    a /status field, an event field, a config key, a label value, a rule annotation): a renamed or removed
+    log event fails."""
+    events = _log_events()
+    assert {"codi2_ready", "inotify_queue_overflow", "journal_write_failed"} <= events  # calls over lines too
+    _, status = scraped
+    known = (
+        set(exported)
+        | set(exported.values())
+        | _keys(status)
+        | {field.name for field in dataclasses.fields(Event)}
+        | {key.name for _, _, keys in tables() for key in keys}
+        | set(DROP_REASONS)
+        | _gap_causes()
+        | {name for alert in _alerts() for name in alert["annotations"]}
+        | NOT_OURS
+    )
+    quoted = set(QUOTED_NAME.findall(RUNBOOK.read_text()))
+    assert "store_unavailable" in quoted  # the pattern finds them
+    unknown = sorted(quoted - events - known)
+    assert not unknown, (
+        f"docs/runbook.md quotes names that codi2 neither logs as an event nor has as a metric, /status field, "
+        f"event field, config key or label value (another program's name goes in NOT_OURS): {unknown}"
+    )
+
+
+def test_every_status_field_the_runbook_quotes_is_one_status_reports(scraped: tuple[str, dict[str, Any]]) -> None:
+    _, status = scraped
+    quoted = set(QUOTED_FIELD.findall(RUNBOOK.read_text())) - NOT_OURS
+    assert "store.state" in quoted  # the pattern finds them
+
+    def reported(dotted: str) -> bool:
+        node: Any = status
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    unknown = sorted(field for field in quoted if not reported(field))
+    assert not unknown, f"docs/runbook.md quotes /status fields the daemon does not report: {unknown}"

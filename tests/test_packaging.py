@@ -1,4 +1,4 @@
-"""Packaging: the single-file executable runs with the system python, the Dockerfile passes hadolint,
+"""Packaging: the single-file executable runs with the system python, codi2's Dockerfile passes hadolint,
 the Cloud Build recipe builds that Dockerfile."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from codi2 import __version__
+from codi2.provisioning.render import CODI2_UID
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -40,20 +41,21 @@ def test_make_dist_builds_a_working_single_file_executable(tmp_path: Path) -> No
 
 def test_dockerfile_passes_hadolint() -> None:
     result = subprocess.run(
-        [str(BIN / "hadolint"), str(REPO / "Dockerfile.workspace")], capture_output=True, text=True, timeout=120
+        [str(BIN / "hadolint"), str(REPO / "Dockerfile.codi2")], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_dockerfile_runs_codi2_as_non_root_with_a_health_check() -> None:
-    text = (REPO / "Dockerfile.workspace").read_text()
+def test_dockerfile_runs_codi2_as_its_own_non_root_user_with_a_health_check() -> None:
+    text = (REPO / "Dockerfile.codi2").read_text()
     assert 'ENTRYPOINT ["/usr/local/bin/codi2"]' in text
-    assert "USER 1000:1000" in text and "HEALTHCHECK" in text and "8765/livez" in text
+    assert f"USER {CODI2_UID}:{CODI2_UID}" in text and "HEALTHCHECK" in text and "8765/livez" in text
     assert "ARG FDB_VERSION=" in text and "foundationdb-clients_${FDB_VERSION}" in text
 
 
-def test_cloudbuild_builds_and_pushes_the_workspace_image() -> None:
+def test_cloudbuild_builds_and_pushes_the_codi2_image() -> None:
     build = yaml.safe_load((REPO / "packaging" / "cloudbuild.yaml").read_text())
     args = build["steps"][0]["args"]
-    assert "--file=Dockerfile.workspace" in args and "--build-arg=FDB_VERSION=${_FDB_VERSION}" in args
+    assert build["substitutions"]["_IMAGE"] == "gcr.io/${PROJECT_ID}/codi2"
+    assert "--file=Dockerfile.codi2" in args and "--build-arg=FDB_VERSION=${_FDB_VERSION}" in args
     assert build["images"] == ["${_IMAGE}:${SHORT_SHA}", "${_IMAGE}:latest"]

@@ -3,6 +3,7 @@ idempotent server-side apply against a local API double, and the checked-in mani
 
 from __future__ import annotations
 
+import base64
 import os
 import subprocess
 import sys
@@ -17,7 +18,9 @@ from k8s_double import FakeKubeServer
 from lightkube import Client
 from lightkube.config.kubeconfig import KubeConfig
 from pydantic import ValidationError
+from tls_certs import DAY, NOW, TlsFiles, issue
 
+from codi2.config import load_settings
 from codi2.provisioning.apply import Provisioner
 from codi2.provisioning.render import render, render_rbac
 from codi2.provisioning.spec import DNS_LABEL, MAX_ID, WorkspaceSpec
@@ -41,29 +44,194 @@ def test_rendered_workspace_validates_strictly_and_is_production_grade() -> None
     manifests = render(spec(session_id="s-1", storage_class="standard-rwo", labels={"team": "blue"}))
     validate(manifests)
     kinds = [m["kind"] for m in manifests]
-    assert kinds == ["Namespace", "PersistentVolumeClaim", "ConfigMap", "ConfigMap", "Pod"]
+    assert kinds == [
+        "Namespace",
+        "PersistentVolumeClaim",
+        "PersistentVolumeClaim",
+        "ConfigMap",
+        "Secret",
+        "NetworkPolicy",
+        "Pod",
+    ]
     pod = manifests[-1]
-    container = pod["spec"]["containers"][0]
-    assert container["args"] == ["--config", "/etc/codi2/codi2.toml", "--user-id", "alice", "--tenant-id", "acme"]
-    assert {e["name"]: e["value"] for e in container["env"]} == {
+    codi2 = _container(pod, "codi2")
+    assert codi2["args"] == ["--config", "/etc/codi2/codi2.toml", "--user-id", "alice", "--tenant-id", "acme"]
+    assert {e["name"]: e["value"] for e in codi2["env"]} == {
         "USER_ID": "alice",
         "TENANT_ID": "acme",
         "SESSION_ID": "s-1",
         "FDB_CLUSTER_FILE": "/etc/foundationdb/fdb.cluster",
+        "CODI2_STATE__DIR": "/var/lib/codi2",
     }
-    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
-    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
-    startup = container["startupProbe"]
+    assert codi2["livenessProbe"]["httpGet"]["path"] == "/livez"
+    assert codi2["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    startup = codi2["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert pod["spec"]["terminationGracePeriodSeconds"] > 25  # the daemon's drain and flush
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert container["resources"]["limits"] and container["resources"]["requests"]
+    for container in _containers(pod):
+        assert container["resources"]["limits"] and container["resources"]["requests"]
     for manifest in manifests:
         assert manifest["metadata"]["labels"]["coditect.ai/user-workspace"] == "alice"
         assert manifest["metadata"]["labels"]["coditect.ai/tenant"] == "acme"
         assert manifest["metadata"]["labels"]["team"] == "blue"
-    assert manifests[3]["data"]["fdb.cluster"] == "coditect:production@10.128.0.8:4500\n"
-    assert manifests[2]["data"]["codi2.toml"] == CONFIG
+    claims = {m["metadata"]["name"]: m["spec"] for m in manifests if m["kind"] == "PersistentVolumeClaim"}
+    assert claims["user-workspace-alice"]["resources"]["requests"]["storage"] == "50Gi"
+    assert claims["codi2-state"]["resources"]["requests"]["storage"] == "2Gi"
+    assert {c["storageClassName"] for c in claims.values()} == {"standard-rwo"}
+    assert _secret_files(manifests[4]) == {"fdb.cluster": b"coditect:production@10.128.0.8:4500\n"}
+    assert manifests[3]["data"]["codi2.toml"] == CONFIG
+
+
+def _containers(pod: dict) -> list[dict]:
+    return [*pod["spec"].get("initContainers", []), *pod["spec"]["containers"]]
+
+
+def _container(pod: dict, name: str) -> dict:
+    return next(c for c in _containers(pod) if c["name"] == name)
+
+
+def _secret_files(secret: dict) -> dict[str, bytes]:
+    return {name: base64.b64decode(value) for name, value in secret["data"].items()}
+
+
+def _effective(pod: dict, container: dict, key: str) -> object:
+    """A security setting as the kubelet applies it: the container's, else the pod's."""
+    return container.get("securityContext", {}).get(key, pod["spec"]["securityContext"].get(key))
+
+
+def _volume_of(container: dict, path: str) -> str:
+    """The volume a container sees `path` through (the mount with the longest matching mountPath)."""
+    mounts = [m for m in container["volumeMounts"] if path == m["mountPath"] or path.startswith(m["mountPath"] + "/")]
+    assert mounts, f"{path} is on no volume of {container['name']}"
+    return max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+
+
+def _tls_spec(directory: Path, **kw: object) -> WorkspaceSpec:
+    tls = issue(directory)
+    return spec(fdb_tls_cert=tls.cert.read_text(), fdb_tls_key=tls.key.read_text(), fdb_tls_ca=tls.ca.read_text(), **kw)
+
+
+def test_sidecar_keeps_the_store_credentials_and_codi2_state_out_of_the_users_container(tmp_path: Path) -> None:
+    """What the issue demands of the pod, read off the rendered objects rather than restated from the
+    renderer: every volume that can reach the store's Secret or codi2's state dir is mounted into codi2
+    alone, and the user's container runs its image's own command under another uid."""
+    manifests = render(_tls_spec(tmp_path, session_id="s-1"))
+    validate(manifests)
+    pod = next(m for m in manifests if m["kind"] == "Pod")
+    secret = next(m for m in manifests if m["kind"] == "Secret")
+    codi2 = _container(pod, "codi2")
+    user = _container(pod, "workspace")
+    assert [c["name"] for c in pod["spec"]["initContainers"]] == ["codi2"]
+    assert codi2["restartPolicy"] == "Always"  # a native sidecar: up before the user's container, stops after it
+    assert [c["name"] for c in pod["spec"]["containers"]] == ["workspace"]
+    assert "command" not in user and "args" not in user  # the workspace image's own command
+
+    env = {e["name"]: e["value"] for e in codi2["env"]}
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    claim_of = {
+        name: v["persistentVolumeClaim"]["claimName"] for name, v in volumes.items() if "persistentVolumeClaim" in v
+    }
+    private = {
+        _volume_of(codi2, env["FDB_CLUSTER_FILE"]),
+        _volume_of(codi2, env["CODI2_STATE__DIR"]),
+        *(name for name, v in volumes.items() if v.get("secret", {}).get("secretName") == secret["metadata"]["name"]),
+    }
+    # A claim mounted anywhere, with any subPath, gives the whole claim: compare claims, not volume names.
+    private_claims = {claim_of[name] for name in private if name in claim_of}
+    assert private_claims == {"codi2-state"}
+    for container in _containers(pod):
+        if container is codi2:
+            continue
+        mounted = {m["name"] for m in container.get("volumeMounts", [])}
+        assert not mounted & private, container["name"]
+        assert not {claim_of[name] for name in mounted if name in claim_of} & private_claims, container["name"]
+        assert "envFrom" not in container
+        assert not any("valueFrom" in e for e in container.get("env", []))
+    assert {m["name"] for m in user["volumeMounts"]} == {"workspace"}
+
+    workspace_mount = next(m for m in codi2["volumeMounts"] if m["mountPath"] == "/workspace")
+    assert workspace_mount["readOnly"] is True
+    assert _volume_of(user, "/workspace") == workspace_mount["name"]
+
+    assert _effective(pod, codi2, "runAsUser") != _effective(pod, user, "runAsUser")
+    assert _effective(pod, codi2, "runAsNonRoot") is True and _effective(pod, user, "runAsNonRoot") is True
+    assert pod["spec"]["automountServiceAccountToken"] is False
+    assert not pod["spec"].get("shareProcessNamespace")
+    assert _effective(pod, codi2, "readOnlyRootFilesystem") is True
+    assert _effective(pod, codi2, "allowPrivilegeEscalation") is False
+    assert _effective(pod, codi2, "capabilities") == {"drop": ["ALL"]}
+    assert _effective(pod, codi2, "seccompProfile") == {"type": "RuntimeDefault"}
+    assert "privileged" not in codi2["securityContext"]
+
+    assert codi2["ports"] == [{"name": "health", "containerPort": 8765, "protocol": "TCP"}]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert codi2[probe]["httpGet"]["port"] == "health"
+        assert not any(probe in c for c in _containers(pod) if c is not codi2)
+
+
+def test_tls_material_is_in_the_secret_where_codi2_reads_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    manifests = render(_tls_spec(tmp_path))
+    validate(manifests)
+    files = _secret_files(next(m for m in manifests if m["kind"] == "Secret"))
+    assert files == {
+        "fdb.cluster": b"coditect:production@10.128.0.8:4500\n",
+        "tls.crt": (tmp_path / "tls.crt").read_bytes(),
+        "tls.key": (tmp_path / "tls.key").read_bytes(),
+        "ca.crt": (tmp_path / "ca.crt").read_bytes(),
+    }
+    pod = manifests[-1]
+    codi2 = _container(pod, "codi2")
+    for variable in codi2["env"]:  # as the kubelet sets them: codi2's config reads the Secret's files
+        monkeypatch.setenv(variable["name"], variable["value"])
+    fdb = load_settings(None).foundationdb
+    secret_volume = _volume_of(codi2, "/etc/foundationdb/fdb.cluster")
+    for path in (fdb.tls_cert_file, fdb.tls_key_file, fdb.tls_ca_file):
+        assert path is not None and path.name in files
+        assert _volume_of(codi2, str(path)) == secret_volume
+
+
+def test_network_policy_admits_the_health_port_only_from_the_configured_namespaces() -> None:
+    manifests = render(spec(platform_namespaces=["platform"], monitoring_namespaces=["prom", "gmp-system"]))
+    validate(manifests)
+    pod = next(m for m in manifests if m["kind"] == "Pod")
+    (policy,) = [m for m in manifests if m["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == pod["metadata"]["namespace"]
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 8765}]
+    (peer,) = rule["from"]
+    assert peer == {
+        "namespaceSelector": {
+            "matchExpressions": [
+                {"key": "kubernetes.io/metadata.name", "operator": "In", "values": ["platform", "prom", "gmp-system"]}
+            ]
+        }
+    }
+    with pytest.raises(ValidationError, match="not a Kubernetes namespace name"):
+        spec(monitoring_namespaces=["Monitoring"])
+
+
+def test_entrypoint_layout_is_one_container_running_codi2() -> None:
+    """Kept for local use: codi2 is the container's command and keeps its state in /workspace/.codi2, so
+    anything else run in that container can read the store's material (docs/security.md)."""
+    manifests = render(spec(layout="entrypoint"))
+    validate(manifests)
+    assert "codi2-state" not in [m["metadata"]["name"] for m in manifests]
+    pod = manifests[-1]
+    assert "initContainers" not in pod["spec"]
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == ["/usr/local/bin/codi2"]
+    assert container["image"] == "gcr.io/serene-voltage-464305-n2/t2-workspace-pod:latest"
+    assert "CODI2_STATE__DIR" not in {e["name"] for e in container["env"]}
+    assert {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]} == {
+        "/workspace": False,
+        "/etc/codi2": True,
+        "/etc/foundationdb": True,
+    }
+    assert pod["spec"]["automountServiceAccountToken"] is False
 
 
 def test_rbac_validates() -> None:
@@ -104,21 +272,23 @@ def test_apply_is_server_side_apply_and_idempotent() -> None:
     with FakeKubeServer() as server:
         provisioner = Provisioner(_client(server), progress=lines.append)
         provisioner.apply(manifests)
-        assert server.kube.changes == 5
+        assert server.kube.changes == 7
         patches = [r for r in server.kube.requests if r.method == "PATCH"]
         assert [r.path for r in patches] == [
             "/api/v1/namespaces/user-alice",
             "/api/v1/namespaces/user-alice/persistentvolumeclaims/user-workspace-alice",
+            "/api/v1/namespaces/user-alice/persistentvolumeclaims/codi2-state",
             "/api/v1/namespaces/user-alice/configmaps/codi2-config",
-            "/api/v1/namespaces/user-alice/configmaps/fdb-cluster-config",
+            "/api/v1/namespaces/user-alice/secrets/codi2-fdb",
+            "/apis/networking.k8s.io/v1/namespaces/user-alice/networkpolicies/codi2-health",
             "/api/v1/namespaces/user-alice/pods/workspace",
         ]
         assert all(r.content_type == "application/apply-patch+yaml" for r in patches)
         assert all(r.query.get("fieldManager") == ["codi2"] and r.query.get("force") == ["true"] for r in patches)
         provisioner.apply(manifests)
-        assert server.kube.changes == 5  # the second apply changed nothing
+        assert server.kube.changes == 7  # the second apply changed nothing
         provisioner.apply(render(spec(image="registry.example/workspace:2")))
-        assert server.kube.changes == 6  # a changed spec changes exactly the pod
+        assert server.kube.changes == 8  # a changed spec changes exactly the pod
         provisioner.wait_ready("user-alice", "workspace", timeout_s=30)
     assert "applied Pod/workspace in user-alice" in lines
     states = [line.rsplit(" (", 1)[0] for line in lines if line.startswith("pod ")]
@@ -172,16 +342,48 @@ def test_cli_apply_and_delete_through_kubeconfig(tmp_path: Path) -> None:
         assert server.kube.objects == {}
 
 
-def test_cli_render_output_and_errors() -> None:
-    rendered = _cli("render", "--user-id", "carol", "--tenant-id", "acme", "--storage", "20Gi")
-    assert rendered.returncode == 0
+def _tls_flags(tls: TlsFiles) -> tuple[str, ...]:
+    return ("--fdb-tls-cert", str(tls.cert), "--fdb-tls-key", str(tls.key), "--fdb-tls-ca", str(tls.ca))
+
+
+def test_cli_render_output_and_errors(tmp_path: Path) -> None:
+    rendered = _cli(
+        "render",
+        *("--user-id", "carol", "--tenant-id", "acme", "--storage", "20Gi", "--state-storage", "5Gi"),
+        *("--codi2-image", "registry.example/codi2:7", "--platform-namespace", "ide"),
+        *("--monitoring-namespace", "prom", "--monitoring-namespace", "gmp-system"),
+    )
+    assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
     validate(docs)
-    assert docs[1]["spec"]["resources"]["requests"]["storage"] == "20Gi"
-    bad = _cli("render", "--user-id", "Carol.Smith", "--tenant-id", "acme")
-    assert bad.returncode == 2
-    assert bad.stderr.startswith("codi2: --user-id: 'Carol.Smith' cannot be part of a Kubernetes name")
-    assert bad.stderr.count("\n") == 1
+    assert [d["spec"]["resources"]["requests"]["storage"] for d in docs[1:3]] == ["20Gi", "5Gi"]
+    assert docs[-1]["spec"]["initContainers"][0]["image"] == "registry.example/codi2:7"
+    (rule,) = docs[-2]["spec"]["ingress"]
+    assert rule["from"][0]["namespaceSelector"]["matchExpressions"][0]["values"] == ["ide", "prom", "gmp-system"]
+    local = list(
+        yaml.safe_load_all(_cli("render", "--user-id", "carol", "--tenant-id", "a", "--layout", "entrypoint").stdout)
+    )
+    assert "initContainers" not in local[-1]["spec"]
+    tls = issue(tmp_path / "tls")
+    expired = issue(tmp_path / "expired", not_before=NOW - 30 * DAY, not_after=NOW - DAY)
+    secure = _cli("render", "--user-id", "carol", "--tenant-id", "a", *_tls_flags(tls))
+    assert secure.returncode == 0, secure.stderr
+    secret = next(d for d in yaml.safe_load_all(secure.stdout) if d["kind"] == "Secret")
+    assert set(secret["data"]) == {"fdb.cluster", "tls.crt", "tls.key", "ca.crt"}
+    for args, message in (
+        (("--user-id", "Carol.Smith"), "codi2: --user-id: 'Carol.Smith' cannot be part of a Kubernetes name"),
+        (("--user-id", "carol", "--platform-namespace", "IDE"), "codi2: --platform-namespace: 'IDE' is not a"),
+        (("--user-id", "carol", "--state-storage", "lots"), "codi2: --state-storage: 'lots' is not a Kubernetes"),
+        (("--user-id", "carol", *_tls_flags(expired)), f"codi2: certificate {expired.cert}: CN=codi2 expired on"),
+        (
+            ("--user-id", "carol", "--fdb-tls-cert", str(tls.cert)),
+            "codi2: --fdb-tls-cert and --fdb-tls-key go together",
+        ),
+    ):
+        bad = _cli("render", "--tenant-id", "acme", *args)
+        assert bad.returncode == 2
+        assert bad.stderr.startswith(message), bad.stderr
+        assert bad.stderr.count("\n") == 1
 
 
 def test_checked_in_manifests_match_the_renderer(tmp_path: Path) -> None:

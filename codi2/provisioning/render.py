@@ -1,21 +1,45 @@
-"""A WorkspaceSpec → the Kubernetes objects of one user's workspace, as plain manifests."""
+"""A WorkspaceSpec → the Kubernetes objects of one user's workspace, as plain manifests.
+
+The sidecar layout (docs/security.md): the user's container runs the workspace image's own command and
+mounts only `/workspace`; codi2 runs beside it as a native sidecar (an init container with `restartPolicy:
+Always`: up before the user's container starts, stopped after it exits) under its own uid, with `/workspace`
+read-only, its state on a claim of its own and the store's material from a Secret, none of which the user's
+container mounts.
+"""
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import yaml
 
-from codi2.provisioning.spec import WorkspaceSpec
+from codi2.provisioning.spec import Resources, WorkspaceSpec
 
 HEALTH_PORT = 8765
+WORKSPACE_DIR = "/workspace"
 CONFIG_DIR = "/etc/codi2"
 FDB_DIR = "/etc/foundationdb"
+STATE_DIR = "/var/lib/codi2"
+CONFIG_MAP = "codi2-config"
+FDB_SECRET = "codi2-fdb"
+STATE_CLAIM = "codi2-state"
+NETWORK_POLICY = "codi2-health"
 # Long enough for the start-up walk of a big workspace (readiness waits for it): 60 x 5 s.
 STARTUP_PERIOD_S, STARTUP_FAILURES = 5, 60
-# codi2 drains inotify (5 s) and flushes to the store (20 s) after SIGTERM; the rest is margin.
-GRACE_PERIOD_S = 45
-RUN_AS = 1000
+# Pod termination stops the user's container first and codi2 after it; codi2 then drains inotify (5 s) and
+# flushes to the store (20 s). The rest is the user's container's own shutdown and margin.
+GRACE_PERIOD_S = 60
+USER_UID = 1000  # the workspace image's user; also the pod's fsGroup, so both containers can read /workspace
+CODI2_UID = 10001  # codi2's own: the user's processes cannot signal or trace it, nor spend its inotify watches
+SECRET_MODE = 0o440  # root-owned, readable by the fsGroup: only a container that mounts the Secret sees it
+NO_PRIVILEGE = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+# Spec field → file in the codi2-fdb Secret → the [foundationdb] key codi2 reads it from (as env).
+TLS_FILES = (
+    ("fdb_tls_cert", "tls.crt", "CODI2_FOUNDATIONDB__TLS_CERT_FILE"),
+    ("fdb_tls_key", "tls.key", "CODI2_FOUNDATIONDB__TLS_KEY_FILE"),
+    ("fdb_tls_ca", "ca.crt", "CODI2_FOUNDATIONDB__TLS_CA_FILE"),
+)
 PROVISIONER = "codi2-provisioner"
 PROVISIONER_NAMESPACE = "coditect-app"
 
@@ -41,36 +65,76 @@ def _meta(name: str, spec: WorkspaceSpec, namespace: str | None = None) -> dict[
 
 
 def render(spec: WorkspaceSpec) -> list[Manifest]:
-    """Namespace, volume claim, the two config maps and the workspace pod, in the order to apply them."""
+    """Namespace, volume claims, config map, store Secret, network policy and the workspace pod, in the
+    order to apply them."""
     ns = spec.namespace
-    claim: dict[str, Any] = {
-        "accessModes": ["ReadWriteOnce"],
-        "resources": {"requests": {"storage": spec.storage_size}},
-    }
-    if spec.storage_class:
-        claim["storageClassName"] = spec.storage_class
+    claims = [_claim(spec, spec.claim_name, spec.storage_size)]
+    if spec.layout == "sidecar":
+        claims.append(_claim(spec, STATE_CLAIM, spec.state_storage_size))
+    store_files = {"fdb.cluster": spec.cluster_string().strip() + "\n"}
+    store_files.update({name: getattr(spec, field) for field, name, _ in TLS_FILES if getattr(spec, field)})
     return [
         {"apiVersion": "v1", "kind": "Namespace", "metadata": _meta(ns, spec)},
-        {
-            "apiVersion": "v1",
-            "kind": "PersistentVolumeClaim",
-            "metadata": _meta(spec.claim_name, spec, ns),
-            "spec": claim,
-        },
+        *claims,
         {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": _meta("codi2-config", spec, ns),
+            "metadata": _meta(CONFIG_MAP, spec, ns),
             "data": {"codi2.toml": spec.codi2_config},
         },
         {
             "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": _meta("fdb-cluster-config", spec, ns),
-            "data": {"fdb.cluster": spec.cluster_string().strip() + "\n"},
+            "kind": "Secret",
+            "metadata": _meta(FDB_SECRET, spec, ns),
+            "type": "Opaque",
+            "data": {name: base64.b64encode(text.encode()).decode() for name, text in store_files.items()},
         },
+        _network_policy(spec),
         _pod(spec),
     ]
+
+
+def _claim(spec: WorkspaceSpec, name: str, size: str) -> Manifest:
+    claim: dict[str, Any] = {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": size}}}
+    if spec.storage_class:
+        claim["storageClassName"] = spec.storage_class
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": _meta(name, spec, spec.namespace),
+        "spec": claim,
+    }
+
+
+def _network_policy(spec: WorkspaceSpec) -> Manifest:
+    """The health port admits only the platform's and the monitoring namespaces. Once a policy selects the
+    pod, every other ingress to it is denied: the platform adds its own policy for the IDE's ports."""
+    namespaces = [*spec.platform_namespaces, *spec.monitoring_namespaces]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _meta(NETWORK_POLICY, spec, spec.namespace),
+        "spec": {
+            "podSelector": {
+                "matchLabels": {"app.kubernetes.io/name": "workspace", "coditect.ai/user-workspace": spec.user_id}
+            },
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [
+                        {
+                            "namespaceSelector": {
+                                "matchExpressions": [
+                                    {"key": "kubernetes.io/metadata.name", "operator": "In", "values": namespaces}
+                                ]
+                            }
+                        }
+                    ],
+                    "ports": [{"protocol": "TCP", "port": HEALTH_PORT}],
+                }
+            ],
+        },
+    }
 
 
 def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
@@ -82,7 +146,31 @@ def _probe(path: str, period: int, failures: int) -> dict[str, Any]:
     }
 
 
-def _pod(spec: WorkspaceSpec) -> Manifest:
+def _resources(r: Resources) -> dict[str, Any]:
+    return {
+        "requests": {"cpu": r.cpu_request, "memory": r.memory_request},
+        "limits": {"cpu": r.cpu_limit, "memory": r.memory_limit},
+    }
+
+
+def _mount(name: str, path: str, read_only: bool = False) -> dict[str, Any]:
+    mount: dict[str, Any] = {"name": name, "mountPath": path}
+    if read_only:
+        mount["readOnly"] = True
+    return mount
+
+
+def _codi2(
+    spec: WorkspaceSpec,
+    *,
+    name: str,
+    image: str,
+    resources: Resources,
+    security: dict[str, Any],
+    mounts: list[dict[str, Any]],
+    sidecar: bool,
+) -> dict[str, Any]:
+    """The codi2 container: its command, identity, health port and probes."""
     env = [
         {"name": "USER_ID", "value": spec.user_id},
         {"name": "TENANT_ID", "value": spec.tenant_id},
@@ -90,58 +178,100 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
     ]
     if spec.session_id:
         env.insert(2, {"name": "SESSION_ID", "value": spec.session_id})
-    r = spec.resources
-    container = {
-        "name": "workspace",
-        "image": spec.image,
-        "command": ["/usr/local/bin/codi2"],
-        "args": ["--config", f"{CONFIG_DIR}/codi2.toml", "--user-id", spec.user_id, "--tenant-id", spec.tenant_id],
-        "env": env,
-        "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
-        "startupProbe": _probe("/readyz", STARTUP_PERIOD_S, STARTUP_FAILURES),
-        "livenessProbe": _probe("/livez", 10, 3),
-        "readinessProbe": _probe("/readyz", 5, 3),
-        "resources": {
-            "requests": {"cpu": r.cpu_request, "memory": r.memory_request},
-            "limits": {"cpu": r.cpu_limit, "memory": r.memory_limit},
-        },
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "runAsNonRoot": True,
-        },
-        "volumeMounts": [
-            {"name": "workspace", "mountPath": "/workspace"},
-            {"name": "codi2-config", "mountPath": CONFIG_DIR, "readOnly": True},
-            {"name": "fdb-cluster-config", "mountPath": FDB_DIR, "readOnly": True},
-        ],
-    }
+    env += [{"name": var, "value": f"{FDB_DIR}/{file}"} for field, file, var in TLS_FILES if getattr(spec, field)]
+    container: dict[str, Any] = {"name": name, "image": image}
+    if sidecar:
+        container["restartPolicy"] = "Always"  # a native sidecar: up before the user's container, stops after it
+        env.append({"name": "CODI2_STATE__DIR", "value": STATE_DIR})
+    container.update(
+        {
+            "command": ["/usr/local/bin/codi2"],
+            "args": ["--config", f"{CONFIG_DIR}/codi2.toml", "--user-id", spec.user_id, "--tenant-id", spec.tenant_id],
+            "env": env,
+            "ports": [{"name": "health", "containerPort": HEALTH_PORT, "protocol": "TCP"}],
+            "startupProbe": _probe("/readyz", STARTUP_PERIOD_S, STARTUP_FAILURES),
+            "livenessProbe": _probe("/livez", 10, 3),
+            "readinessProbe": _probe("/readyz", 5, 3),
+            "resources": _resources(resources),
+            "securityContext": security,
+            "volumeMounts": mounts,
+        }
+    )
+    return container
+
+
+def _pod(spec: WorkspaceSpec) -> Manifest:
+    workspace = {"name": "workspace", "persistentVolumeClaim": {"claimName": spec.claim_name}}
+    config = {"name": CONFIG_MAP, "configMap": {"name": CONFIG_MAP}}
+    store = {"name": FDB_SECRET, "secret": {"secretName": FDB_SECRET, "defaultMode": SECRET_MODE}}
+    config_mount = _mount(CONFIG_MAP, CONFIG_DIR, read_only=True)
+    store_mount = _mount(FDB_SECRET, FDB_DIR, read_only=True)
+    if spec.layout == "entrypoint":
+        # One container whose command is codi2: whatever else runs in it holds the store's material and can
+        # rewrite codi2's state in /workspace/.codi2 (docs/security.md). For local use.
+        volumes = [workspace, config, store]
+        containers: dict[str, Any] = {
+            "containers": [
+                _codi2(
+                    spec,
+                    name="workspace",
+                    image=spec.image,
+                    resources=spec.resources,
+                    security=NO_PRIVILEGE,
+                    mounts=[_mount("workspace", WORKSPACE_DIR), config_mount, store_mount],
+                    sidecar=False,
+                )
+            ]
+        }
+    else:
+        state = {"name": STATE_CLAIM, "persistentVolumeClaim": {"claimName": STATE_CLAIM}}
+        volumes = [workspace, state, config, store]
+        codi2 = _codi2(
+            spec,
+            name="codi2",
+            image=spec.codi2_image,
+            resources=spec.codi2_resources,
+            security={**NO_PRIVILEGE, "runAsUser": CODI2_UID, "runAsGroup": CODI2_UID, "readOnlyRootFilesystem": True},
+            mounts=[
+                _mount("workspace", WORKSPACE_DIR, read_only=True),
+                _mount(STATE_CLAIM, STATE_DIR),
+                config_mount,
+                store_mount,
+            ],
+            sidecar=True,
+        )
+        user = {
+            "name": "workspace",
+            "image": spec.image,
+            "resources": _resources(spec.resources),
+            "securityContext": NO_PRIVILEGE,
+            "volumeMounts": [_mount("workspace", WORKSPACE_DIR)],
+        }
+        containers = {"initContainers": [codi2], "containers": [user]}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": _meta("workspace", spec, spec.namespace),
         "spec": {
             "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+            "automountServiceAccountToken": False,
             "securityContext": {
-                "runAsUser": RUN_AS,
-                "runAsGroup": RUN_AS,
-                "fsGroup": RUN_AS,
+                "runAsUser": USER_UID,
+                "runAsGroup": USER_UID,
+                "fsGroup": USER_UID,
                 "runAsNonRoot": True,
                 "seccompProfile": {"type": "RuntimeDefault"},
             },
-            "containers": [container],
-            "volumes": [
-                {"name": "workspace", "persistentVolumeClaim": {"claimName": spec.claim_name}},
-                {"name": "codi2-config", "configMap": {"name": "codi2-config"}},
-                {"name": "fdb-cluster-config", "configMap": {"name": "fdb-cluster-config"}},
-            ],
+            **containers,
+            "volumes": volumes,
         },
     }
 
 
 def render_rbac() -> list[Manifest]:
     """What `codi2 provision apply` needs. Namespaces are cluster-scoped, so this is a ClusterRole: a
-    namespaced Role cannot grant creating them."""
+    namespaced Role cannot grant creating them. Secrets can be written but not read: server-side apply
+    and delete need no `get`, and a provisioner that can read every Secret in the cluster is a target."""
     meta = {"labels": {"app.kubernetes.io/name": PROVISIONER, "app.kubernetes.io/managed-by": "codi2"}}
     return [
         {
@@ -160,6 +290,12 @@ def render_rbac() -> list[Manifest]:
                     "resources": ["persistentvolumeclaims", "configmaps", "pods"],
                     "verbs": ["get", "list", "watch", "create", "patch", "delete"],
                 },
+                {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create", "patch", "delete"]},
+                {
+                    "apiGroups": ["networking.k8s.io"],
+                    "resources": ["networkpolicies"],
+                    "verbs": ["create", "patch", "delete"],
+                },
             ],
         },
         {
@@ -173,7 +309,11 @@ def render_rbac() -> list[Manifest]:
 
 
 class _Dumper(yaml.SafeDumper):
-    """Multi-line strings (the embedded codi2.toml) as literal blocks, readable in the manifest."""
+    """Multi-line strings (the embedded codi2.toml) as literal blocks, and no anchors or aliases where two
+    fields share a value: manifests are read by people."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:

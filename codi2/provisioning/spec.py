@@ -1,5 +1,9 @@
 """What one user's workspace is made of, validated before anything is rendered.
 
+Two layouts: `sidecar` (the default) runs codi2 in its own container beside the user's, so the user's code
+never holds the store's credentials or codi2's state; `entrypoint` is the single container whose command
+is codi2, kept for local use (docs/security.md says what it exposes).
+
 Ids become parts of Kubernetes names (`user-<id>`, `user-workspace-<id>`), so an id must already be a
 DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit. Anything
 else is refused with the rule it breaks; ids are never lowercased or mangled, since two users must never
@@ -10,7 +14,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -35,6 +39,12 @@ def check_id(value: str) -> str:
     return value
 
 
+def check_namespace(value: str) -> str:
+    if len(value) > 63 or not DNS_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a Kubernetes namespace name (a DNS-1123 label of at most 63 characters)")
+    return value
+
+
 def check_quantity(value: str) -> str:
     if not QUANTITY.match(value):
         raise ValueError(f"{value!r} is not a Kubernetes quantity (e.g. 50Gi, 500m, 2)")
@@ -52,6 +62,7 @@ def check_labels(value: dict[str, str]) -> dict[str, str]:
 
 Id = Annotated[str, AfterValidator(check_id)]
 Quantity = Annotated[str, AfterValidator(check_quantity)]
+Namespaces = list[Annotated[str, AfterValidator(check_namespace)]]
 
 
 class Resources(BaseModel):
@@ -63,6 +74,9 @@ class Resources(BaseModel):
     memory_limit: Quantity = "4Gi"
 
 
+CODI2_RESOURCES = Resources(cpu_request="100m", memory_request="128Mi", cpu_limit="1", memory_limit="512Mi")
+
+
 class WorkspaceSpec(BaseModel):
     """Everything `render` needs; `session_id` is optional, like `SESSION_ID` for the daemon."""
 
@@ -71,12 +85,22 @@ class WorkspaceSpec(BaseModel):
     user_id: Id
     tenant_id: Id
     session_id: Annotated[str, AfterValidator(check_id)] | None = None
+    layout: Literal["sidecar", "entrypoint"] = "sidecar"
     image: str = Field(default="gcr.io/serene-voltage-464305-n2/t2-workspace-pod:latest", min_length=1)
+    codi2_image: str = Field(default="gcr.io/serene-voltage-464305-n2/codi2:latest", min_length=1)
     storage_size: Quantity = "50Gi"
+    state_storage_size: Quantity = "2Gi"
     storage_class: str | None = None
     resources: Resources = Resources()
+    codi2_resources: Resources = CODI2_RESOURCES
+    platform_namespaces: Namespaces = Field(default_factory=lambda: ["coditect-app"], min_length=1)
+    monitoring_namespaces: Namespaces = Field(default_factory=lambda: ["monitoring"])
     codi2_config: str = Field(min_length=1, description="codi2.toml text for the codi2-config map")
     fdb_cluster_string: str | None = None
+    # The client's TLS material (PEM), put into the codi2-fdb Secret beside the cluster file.
+    fdb_tls_cert: str | None = None
+    fdb_tls_key: str | None = None
+    fdb_tls_ca: str | None = None
     labels: Annotated[dict[str, str], AfterValidator(check_labels)] = Field(default_factory=dict)
 
     @property

@@ -31,6 +31,7 @@ import fdb.tuple as fdbtuple
 from codi2.config import Settings
 from codi2.events import Batch, Event, EventQuery
 from codi2.sinks import Cursor, StoreError
+from codi2.tls import set_network_options as set_tls_options
 
 VALUE_FORMAT = 1
 CHUNKED = fdbtuple.pack((2,))  # the audit value of an event too long for one value: it is in `audit_chunks`
@@ -140,6 +141,7 @@ def open_fdb_sink(settings: Settings, *, writer: bool) -> FdbSink:
     """The daemon's sink (`writer`: scoped to its own tenant) or a reader's, on the configured cluster."""
     fdb_settings = settings.foundationdb
     api = load_fdb(fdb_settings.api_version)
+    set_tls_options(api.options, fdb_settings)  # before api.open, which starts the client's network
     cluster_file = resolve_cluster_file(settings)
     try:
         db = api.open(str(cluster_file))

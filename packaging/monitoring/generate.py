@@ -48,7 +48,7 @@ def _query(expr: str, legend: str = POD_LEGEND, ref: str = "A") -> Dataquery:
 
 
 def _timeseries(title: str, unit: str, description: str, *queries: tuple[str, str]) -> Timeseries:
-    panel = Timeseries().title(title).description(description).datasource(DATASOURCE).unit(unit).span(8).height(8)
+    panel = Timeseries().title(title).description(description).datasource(DATASOURCE).unit(unit).height(8)
     for ref, (expr, legend) in zip("ABCDEFGH", queries, strict=False):  # Grafana's query ids
         panel = panel.with_target(_query(expr, legend, ref))
     return panel
@@ -56,7 +56,7 @@ def _timeseries(title: str, unit: str, description: str, *queries: tuple[str, st
 
 def _stat(title: str, description: str, expr: str) -> Stat:
     query = Dataquery().expr(expr).ref_id("A").instant()
-    return Stat().title(title).description(description).datasource(DATASOURCE).span(4).height(4).with_target(query)
+    return Stat().title(title).description(description).datasource(DATASOURCE).height(4).with_target(query)
 
 
 def _variable(name: str, label: str, selector: str) -> QueryVariable:
@@ -92,7 +92,6 @@ def _store_state() -> StateTimeline:
         .title("Store state")
         .description("Degraded: batch commits failing (retried, nothing lost). Blocked: a batch that can never commit.")
         .datasource(DATASOURCE)
-        .span(8)
         .height(8)
         .mappings([ValueMap({v: ValueMappingResult(text=t, color=c) for v, (t, c) in states.items()})])
         .with_target(_query(expr))
@@ -133,7 +132,7 @@ def _rows() -> dict[str, list[Stat | Timeseries | StateTimeline]]:
             _timeseries(
                 "Events per second by action",
                 "ops",
-                "Audit events produced from file changes (a `gap` is a marker where events were lost).",
+                "Audit events produced from file changes (a `gap` marks where the history of changes was lost).",
                 (f"sum by (action) (rate(codi2_events_observed_total{{{SEL}}}[{RATE}]))", "{{action}}"),
             ),
             _timeseries(
@@ -171,11 +170,21 @@ def _rows() -> dict[str, list[Stat | Timeseries | StateTimeline]]:
                 ),
             ),
         ],
-        "Spool": [
+        "Journal and spool": [
+            _timeseries(
+                "Journal write errors",
+                "ops",
+                "Failed journal writes per second, by error (Codi2JournalFailing): the changes are held in memory"
+                " and retried until a write succeeds.",
+                (
+                    f"sum by ({BY_POD}, error) (rate(codi2_journal_errors_total{{{SEL}}}[{RATE}]))",
+                    "{{error}} " + POD_LEGEND,
+                ),
+            ),
             _timeseries(
                 "Spool bytes against its limit",
                 "bytes",
-                "Bytes of uncommitted batches, and [spool] max_bytes, where the watcher is slowed"
+                "Bytes of uncommitted batches, and [spool] max_bytes, where journaling pauses"
                 " (Codi2SpoolNearlyFull at 80%).",
                 (f"max by ({BY_POD}) (codi2_spool_bytes{{{SEL}}})", POD_LEGEND),
                 (f"max by ({BY_POD}) (codi2_spool_max_bytes{{{SEL}}})", "limit " + POD_LEGEND),
@@ -183,14 +192,15 @@ def _rows() -> dict[str, list[Stat | Timeseries | StateTimeline]]:
             _timeseries(
                 "Waiting events",
                 "short",
-                "Events in the spool not yet committed, and changes read from inotify not yet batched.",
+                "Events in the spool not yet committed, and changes reported by the watcher not yet journaled.",
                 (f"max by ({BY_POD}) (codi2_spool_events{{{SEL}}})", "spool " + POD_LEGEND),
                 (f"max by ({BY_POD}) (codi2_pipeline_queue_events{{{SEL}}})", "queue " + POD_LEGEND),
             ),
             _timeseries(
                 "Corrupt spool records",
                 "short",
-                "Torn or corrupt spool records found at the last start (cut off; the daemon started anyway).",
+                "Spool batches found corrupt and lost (a `gap` event marks each place), in the journal or in an older"
+                " codi2's spool being migrated.",
                 (f"max by ({BY_POD}) (codi2_spool_corrupt_records_total{{{SEL}}})", POD_LEGEND),
             ),
         ],
@@ -253,8 +263,8 @@ def dashboard() -> DashboardBuilder:
     ids = itertools.count(1)  # Grafana needs a unique id per panel (links, "view panel")
     for title, panels in _rows().items():
         builder = builder.with_row(Row(title).id(next(ids)))
-        for panel in panels:
-            builder = builder.with_panel(panel.id(next(ids)))
+        for panel in panels:  # the panels of a row share its 24 columns
+            builder = builder.with_panel(panel.id(next(ids)).span(24 // len(panels)))
     return builder
 
 
