@@ -17,13 +17,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-import shtab
-
 from codi2 import __version__
 from codi2.config import ConfigError, Settings, load_settings
 from codi2.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+FILE, DIRECTORY = "file", "directory"  # what an option's value completes with (shtab, in `_completion`)
 FOLLOW_POLL_S = 0.5
 SUBCOMMANDS = {"run", "events", "config", "test", "provision", "completion"}
 
@@ -44,7 +43,7 @@ def _config_arg(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CODI2_CONFIG"),
         metavar="PATH",
         help="codi2.toml to load (default: $CODI2_CONFIG; without either, built-in defaults and env only)",
-    ).complete = shtab.FILE  # type: ignore[attr-defined]
+    ).complete = FILE  # type: ignore[attr-defined]
     parser.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
 
 
@@ -157,7 +156,7 @@ def _provision_parsers(sub: Any) -> None:
             default=Path("config/codi2.toml"),
             metavar="PATH",
             help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
-        ).complete = shtab.FILE  # type: ignore[attr-defined]
+        ).complete = FILE  # type: ignore[attr-defined]
         p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
         p.add_argument("--fdb-tls-cert", type=Path, metavar="PATH", help="codi2's client certificate (PEM) for TLS")
         p.add_argument("--fdb-tls-key", type=Path, metavar="PATH", help="its private key (PEM, no passphrase)")
@@ -178,7 +177,7 @@ def _provision_parsers(sub: Any) -> None:
         if name == "render":
             p.add_argument(
                 "--output-dir", type=Path, help="write one file per object here instead of stdout"
-            ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+            ).complete = DIRECTORY  # type: ignore[attr-defined]
         if name == "apply":
             p.add_argument("--wait-timeout", type=float, default=300.0, help="seconds to wait for Ready (300)")
             p.add_argument("--no-wait", action="store_true", help="return once the objects are applied")
@@ -188,9 +187,7 @@ def _provision_parsers(sub: Any) -> None:
         description="Print the ServiceAccount, ClusterRole and ClusterRoleBinding `provision apply` runs as.",
     )
     rbac.add_argument("--debug", action="store_true", help="show a traceback on unexpected errors")
-    rbac.add_argument(
-        "--output-dir", type=Path, help="write rbac.yaml here instead of stdout"
-    ).complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+    rbac.add_argument("--output-dir", type=Path, help="write rbac.yaml here instead of stdout").complete = DIRECTORY  # type: ignore[attr-defined]
 
 
 def _normalise(argv: Sequence[str]) -> list[str]:
@@ -388,7 +385,18 @@ def _config_reference() -> int:
 
 
 def _completion(args: argparse.Namespace) -> int:
-    print(shtab.complete(build_parser(), args.shell), end="")
+    import shtab  # only here: every other command starts faster without it
+
+    parser = build_parser()
+    kinds = {FILE: shtab.FILE, DIRECTORY: shtab.DIRECTORY}
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if getattr(action, "complete", None) in kinds:
+                action.complete = kinds[action.complete]  # type: ignore[attr-defined]
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    print(shtab.complete(parser, args.shell), end="")
     return EXIT_OK
 
 

@@ -80,9 +80,10 @@ def _check_api_version(value: int) -> int:
 
 class Section(BaseModel):
     """A TOML table: unknown keys are errors so typos never pass silently. The string under each field is
-    its description (pydantic reads it), and `codi2 config reference` prints it in docs/config.md."""
+    its description: `codi2 config reference` reads it from this source into docs/config.md (pydantic's
+    `use_attribute_docstrings` would parse this file at every start of the daemon)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ServerSettings(Section):
@@ -213,7 +214,6 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
-        use_attribute_docstrings=True,
     )
 
     server: ServerSettings = ServerSettings()

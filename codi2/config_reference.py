@@ -3,7 +3,11 @@ the keys the daemon accepts, with the types, defaults, environment variables and
 
 from __future__ import annotations
 
+import ast
+import inspect
+import itertools
 import json
+import textwrap
 import types
 import typing
 from dataclasses import dataclass
@@ -124,20 +128,37 @@ def _env(table: str, name: str, field: FieldInfo) -> str:
     return f"`{ENV_PREFIX}{'__'.join(p for p in (table, name) if p).upper()}`"
 
 
-def _description(field: FieldInfo, where: str) -> str:
-    if not field.description:
+def _docstrings(model: type) -> dict[str, str]:
+    """The string under each field of a settings class, read from its source."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(model))).body[0].body  # type: ignore[attr-defined]
+    found = {}
+    for field, after in itertools.pairwise(body):
+        if (
+            isinstance(field, ast.AnnAssign)
+            and isinstance(field.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            found[field.target.id] = after.value.value
+    return found
+
+
+def _description(model: type, name: str, where: str) -> str:
+    text = _docstrings(model).get(name)
+    if not text:
         raise ValueError(f"{where}: no description (write a docstring under the field in codi2/config.py)")
-    return " ".join(field.description.split())
+    return " ".join(text.split())
 
 
-def _key(table: str, name: str, field: FieldInfo) -> Key:
+def _key(model: type, table: str, name: str, field: FieldInfo) -> Key:
     return Key(
         table=table,
         name=name,
         type=_describe_type(field.annotation, field.metadata),
         default=_default(field),
         env=_env(table, name, field),
-        description=_description(field, f"{table or 'top level'}.{name}"),
+        description=_description(model, name, f"{table or 'top level'}.{name}"),
     )
 
 
@@ -148,10 +169,10 @@ def tables() -> list[tuple[str, str, list[Key]]]:
     for name, field in Settings.model_fields.items():
         model = field.annotation
         if isinstance(model, type) and issubclass(model, BaseModel):
-            keys = [_key(name, key, f) for key, f in model.model_fields.items()]
-            nested.append((name, _description(field, name), keys))
+            keys = [_key(model, name, key, f) for key, f in model.model_fields.items()]
+            nested.append((name, _description(Settings, name, name), keys))
         else:
-            top.append(_key("", name, field))
+            top.append(_key(Settings, "", name, field))
     return [("", "Identity, usually given by the pod's environment or flags.", top), *nested]
 
 

@@ -24,6 +24,7 @@ from codi2.config import Settings
 from codi2.events import rfc3339
 from codi2.health import HealthServer, build_app
 from codi2.ignore import IgnoreRules
+from codi2.journal import FILE_NAME
 from codi2.metrics import Metrics
 from codi2.pipeline import Identity, Pipeline
 from codi2.sinks import Sink, open_sink
@@ -130,9 +131,16 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots, self._private_paths())
+        local = None
+        if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
+            from codi2.sinks.sqlite import LocalStore
+
+            local = LocalStore()
         self.pipeline = Pipeline(
             roots=s.watch_roots,
             state_dir=s.state_dir,
+            journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
+            local_store=local,
             rules=rules,
             identity=self.identity,
             sink=self.sink,

@@ -13,9 +13,9 @@ import os
 import random
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import msgspec
 
@@ -36,8 +36,7 @@ _RANDOM_MASK = ((1 << 80) - 1) & ~(0xF << 76) & ~(0x3 << 62)
 def uuid7(ms: int | None = None) -> str:
     """A UUIDv7 (RFC 9562): millisecond time prefix (now, or `ms`), so ids sort by creation time."""
     ms = time.time_ns() // 1_000_000 if ms is None else ms
-    value = ms << 80 | (_random.getrandbits(80) & _RANDOM_MASK) | _VERSION_VARIANT
-    text = f"{value:032x}"
+    text = (ms << 80 | (_random.getrandbits(80) & _RANDOM_MASK) | _VERSION_VARIANT).to_bytes(16).hex()
     return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
@@ -49,6 +48,19 @@ def uuid7_ms(value: str) -> int:
 def rfc3339(epoch_seconds: float) -> str:
     """RFC 3339 UTC with microseconds, the one timestamp format of the trail."""
     return rfc3339_ns(round(epoch_seconds * 1e6) * 1000)
+
+
+_last_now: tuple[int, str] = (-1, "")
+
+
+def now_rfc3339() -> str:
+    """The time now, as `rfc3339`, formatted once per millisecond (a burst stamps thousands of events)."""
+    global _last_now
+    now = time.time_ns()
+    ms = now // 1_000_000
+    if _last_now[0] != ms:
+        _last_now = (ms, rfc3339_ns(now))
+    return _last_now[1]
 
 
 _last_second: tuple[int, str] = (-1, "")
@@ -72,9 +84,9 @@ def parse_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
-@dataclass(slots=True, frozen=True)
-class Event:
-    """One audit record. Field order is the order of keys in `codi2 events` JSON lines."""
+class Event(NamedTuple):
+    """One audit record. Field order is the order of keys in `codi2 events` JSON lines. A named tuple:
+    immutable, and built four times faster than a frozen dataclass, which counts on a burst."""
 
     id: str
     seq: int
@@ -95,7 +107,7 @@ class Event:
     origin: Origin = "live"
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in EVENT_KEYS}
+        return dict(zip(EVENT_KEYS, self, strict=True))
 
     def to_json(self) -> str:
         """Compact JSON, ASCII only, so non-UTF-8 names survive as surrogate escapes."""
@@ -114,12 +126,8 @@ class Event:
             known.setdefault(name, None)
         return cls(**known)
 
-    def encoded_size(self) -> int:
-        """Approximate stored size, used for the byte budget of a batch."""
-        return 240 + len(self.path) + len(self.dest_path or "") + len(self.root)
 
-
-EVENT_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Event))
+EVENT_KEYS: tuple[str, ...] = Event._fields
 _FIELDS = frozenset(EVENT_KEYS)
 _OPTIONAL = ("session_id", "dest_path", "size", "mode", "mtime", "sha256")
 
@@ -134,27 +142,11 @@ _decoder = msgspec.msgpack.Decoder()
 
 
 def event_record(e: Event) -> list[Any]:
-    dest = e.dest_path
-    return [
-        1,
-        e.id,
-        e.seq,
-        e.ts,
-        e.tenant_id,
-        e.user_id,
-        e.session_id,
-        e.pod,
-        e.action,
-        os.fsencode(e.path),
-        None if dest is None else os.fsencode(dest),
-        os.fsencode(e.root),
-        e.type,
-        e.size,
-        e.mode,
-        e.mtime,
-        e.sha256,
-        e.origin,
-    ]
+    record = [1, *e]
+    for i in _PATHS:
+        if record[i + 1] is not None:
+            record[i + 1] = os.fsencode(record[i + 1])
+    return record
 
 
 def encode_event(e: Event) -> bytes:

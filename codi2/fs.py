@@ -68,7 +68,8 @@ def kind_of(mode: int) -> EntryType:
 
 
 def facts_of(st: os.stat_result) -> Facts:
-    kind = kind_of(st.st_mode)
+    mode = st.st_mode
+    kind: EntryType = "file" if stat.S_ISREG(mode) else kind_of(mode)
     return Facts(
         kind,
         None if kind == "dir" else st.st_size,
@@ -162,7 +163,11 @@ def lstat_at(dir_fd: int, name: bytes) -> Facts | None:
 def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> Facts | None:
     """The entry's facts with the sha256 of a regular file, read through one descriptor (open, fstat,
     read): the hash belongs to exactly the inode the stat describes. The hash of `known` is reused when
-    the stat says nothing changed. None when absent; raises Unreadable when it may not be examined."""
+    the stat says nothing changed. None when absent; raises Unreadable when it may not be examined.
+
+    A write racing the read has its own inotify event, read after this window, so it is looked at again;
+    and a hash taken within RACY_NS of the file's ctime never lets the next look skip hashing, for a
+    write in the same timestamp tick would leave the stat unchanged."""
     try:
         fd = os.open(name, O_FILE, dir_fd=dir_fd)
     except OSError as exc:
@@ -178,24 +183,26 @@ def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> 
     try:
         st = os.fstat(fd)
         facts = facts_of(st)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > hash_max:
+        size = st.st_size
+        if not stat.S_ISREG(st.st_mode) or size > hash_max:
             return facts
         if known is not None and known.sha256 is not None and facts.same_stat(known):
             facts.sha256 = known.sha256
             return facts
-        for _ in range(3):  # a writer racing the read: hash again until the stat holds still
+        if size < HASH_CHUNK:
+            data = os.read(fd, size + 1)  # one read; a shorter answer is the end of the file
+            digest = hashlib.sha256(data)
+            if len(data) > size:
+                while chunk := os.read(fd, HASH_CHUNK):
+                    digest.update(chunk)
+        else:
             digest = hashlib.sha256()
             while chunk := os.read(fd, HASH_CHUNK):
                 digest.update(chunk)
-            after = facts_of(os.fstat(fd))
-            if after.same_stat(facts):
-                facts.sha256 = digest.hexdigest()
-                if time.time_ns() - (facts.ctime_ns or 0) < RACY_NS:
-                    facts.ctime_ns = None  # the next look hashes again, whatever the stat says
-                return facts
-            facts = after
-            os.lseek(fd, 0, os.SEEK_SET)
-        return facts  # still changing: the write's own event brings it back
+        facts.sha256 = digest.hexdigest()
+        if time.time_ns() - st.st_ctime_ns < RACY_NS:
+            facts.ctime_ns = None
+        return facts
     except OSError as exc:
         if exc.errno == errno.EACCES:
             raise Unreadable(name) from None

@@ -11,12 +11,12 @@ import pathspec
 
 
 class IgnoreRules:
-    MEMO_SIZE = 8192
+    MEMO_SIZE = 1 << 16
 
     def __init__(self, patterns: Iterable[str], roots: Iterable[Path] = (), private: Iterable[Path] = ()) -> None:
         lines = list(patterns)
         self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
-        self._memo: dict[tuple[int, bytes, bool], bool] = {}
+        self._memo: dict[tuple[bytes, bool], bool] = {}
         self._private: set[tuple[int, bytes]] = set()
         root_list = [os.fsencode(r) for r in roots]
         for p in private:
@@ -27,20 +27,34 @@ class IgnoreRules:
         # A pattern with a slash before its end is anchored to a place in the tree, so renaming a
         # directory can change what is ignored below it; bare names (".git", "*.log") cannot.
         self.path_dependent = any("/" in _pattern_body(line) for line in lines)
+        # Bare names and no negation: a path's verdict is its own name's or an ancestor's, a fast path.
+        self._by_name = not self.path_dependent and not any(line.strip().startswith("!") for line in lines)
 
     def ignored(self, root: int, rel: bytes, is_dir: bool) -> bool:
-        key = (root, rel, is_dir)
+        if (root, rel) in self._private:
+            return True
+        if not self._by_name:
+            return self._match(rel, is_dir)
+        # A path is ignored when its own name or a directory above it is, and names repeat endlessly in
+        # a burst (`src/x/f1`, `src/x/f2`): each name is matched once.
+        while True:
+            parent, _, name = rel.rpartition(b"/")
+            if self._match(name, is_dir):
+                return True
+            if not parent:
+                return False
+            rel, is_dir = parent, True
+            if (root, rel) in self._private:
+                return True
+
+    def _match(self, text: bytes, is_dir: bool) -> bool:
+        key = (text, is_dir)
         found = self._memo.get(key)
         if found is None:
-            # A written file shows up as three events (create, modify, close): match it once.
             if len(self._memo) >= self.MEMO_SIZE:
                 self._memo.clear()
-            if (root, rel) in self._private:
-                found = True
-            else:
-                text = os.fsdecode(rel)
-                found = self._spec.match_file(text + "/" if is_dir else text)
-            self._memo[key] = found
+            name = os.fsdecode(text)
+            found = self._memo[key] = self._spec.match_file(name + "/" if is_dir else name)
         return found
 
 

@@ -30,25 +30,27 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import msgspec
 import structlog
 
-from codi2.events import Event, decode_events, encode_events, uuid7
+from codi2.events import Batch, Event, decode_events, encode_events, uuid7
 from codi2.fs import Facts
 
 log = structlog.get_logger("codi2.journal")
 
 FORMAT_VERSION = 1
 FILE_NAME = "journal.db"
-BUSY_TIMEOUT_S = 30.0
+BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
+CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all over the file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS roots (id INTEGER PRIMARY KEY, path TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS files (
-    root     TEXT NOT NULL,
+    root     INTEGER NOT NULL,
     key      BLOB NOT NULL,
     type     TEXT NOT NULL,
     size     INTEGER,
@@ -72,6 +74,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 """
 FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256"
 CORRUPT_MARKERS = ("malformed", "not a database", "file is encrypted", "disk image")
+
+
+class LocalStore(Protocol):
+    """A store that lives in the journal's own file (SQLite): its tables, and how a batch goes in."""
+
+    schema: str
+
+    def insert(self, db: sqlite3.Connection, batch: Batch) -> None: ...
 
 
 class JournalCorrupt(Exception):
@@ -116,6 +126,7 @@ class OutboxBatch:
 def _connect(path: Path, *, fsync: bool) -> sqlite3.Connection:
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
     db.execute("PRAGMA journal_mode=WAL")
+    db.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
     db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
     return db
 
@@ -124,12 +135,15 @@ class Journal:
     """The journal as the pipeline's worker thread uses it: every index access and append happens in
     that one thread, inside `transaction()`."""
 
-    def __init__(self, path: Path, *, fsync: bool = True) -> None:
+    def __init__(self, path: Path, *, fsync: bool = True, store: LocalStore | None = None) -> None:
         self.path = path
+        self.store = store
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = _connect(path, fsync=fsync)
             self._db.executescript(SCHEMA)
+            if store is not None:
+                self._db.executescript(store.schema)
             found = self._meta("format")
             if found is None:
                 self._init_meta()
@@ -143,6 +157,7 @@ class Journal:
                 self._db.close()
             raise JournalCorrupt(f"{path}: {exc}") from exc
         self._lock = threading.Lock()  # the outbox figures change in the shipper's thread too
+        self._root_ids: dict[str, int] = {}
         self.outbox_batches, self.outbox_events, self.outbox_bytes = row
         self.stream_id = self._meta("stream_id") or ""
         self._next_seq = int(self._meta("next_seq") or 1)
@@ -219,8 +234,21 @@ class Journal:
 
     # Index ---------------------------------------------------------------------------------------
 
+    def _root(self, path: str, *, create: bool = False) -> int | None:
+        """The small id a root's rows carry (its path once, not in every row); None if it has none."""
+        found = self._root_ids.get(path)
+        if found is None:
+            row = self._db.execute("SELECT id FROM roots WHERE path = ?", (path,)).fetchone()
+            if row is None and create:
+                row = (self._db.execute("INSERT INTO roots (path) VALUES (?)", (path,)).lastrowid,)
+            if row is not None:
+                found = self._root_ids[path] = row[0]
+        return found
+
     def get(self, root: str, key: bytes) -> Facts | None:
-        row = self._db.execute(f"SELECT {FACT_COLUMNS} FROM files WHERE root = ? AND key = ?", (root, key)).fetchone()
+        row = self._db.execute(
+            f"SELECT {FACT_COLUMNS} FROM files WHERE root = ? AND key = ?", (self._root(root), key)
+        ).fetchone()
         return _facts(row) if row else None
 
     def get_many(self, root: str, keys: list[bytes]) -> dict[bytes, Facts]:
@@ -229,7 +257,7 @@ class Journal:
             chunk = keys[i : i + LOOKUP_CHUNK]
             marks = ",".join("?" * len(chunk))
             for key, *rest in self._db.execute(
-                f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key IN ({marks})", (root, *chunk)
+                f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key IN ({marks})", (self._root(root), *chunk)
             ):
                 out[key] = _facts(tuple(rest))
         return out
@@ -239,7 +267,7 @@ class Journal:
         low, high = subtree_bounds(key)
         rows = self._db.execute(
             f"SELECT key, {FACT_COLUMNS} FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key LIMIT ?",
-            (root, max(low, start), high, limit),
+            (self._root(root), max(low, start), high, limit),
         )
         return [(k, _facts(tuple(rest))) for k, *rest in rows]
 
@@ -247,10 +275,11 @@ class Journal:
         """(key, type) of every entry below `key`, every entry after all of its descendants."""
         low, high = subtree_bounds(key)
         before = high
+        root_id = self._root(root)
         while True:
             rows = self._db.execute(
                 "SELECT key, type FROM files WHERE root = ? AND key >= ? AND key < ? ORDER BY key DESC LIMIT 1000",
-                (root, low, before),
+                (root_id, low, before),
             ).fetchall()
             yield from rows
             if len(rows) < 1000:
@@ -259,19 +288,21 @@ class Journal:
 
     def put(self, root: str, key: bytes, facts: Facts) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (root, key, *_values(facts))
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (self._root(root, create=True), key, *_values(facts)),
         )
 
     def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
         self._db.executemany(
             "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(root, key, *_values(f)) for root, key, f in rows],
+            [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows],
         )
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)
         self._db.execute(
-            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))", (root, key, low, high)
+            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
+            (self._root(root), key, low, high),
         )
 
     def move_tree(self, root: str, src: bytes, dst: bytes) -> None:
@@ -281,14 +312,17 @@ class Journal:
         self._db.execute(
             "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB)"
             " WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (dst, len(src) + 1, root, src, low, high),
+            (dst, len(src) + 1, self._root(root), src, low, high),
         )
 
     def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
         """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
         `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
         where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
-        return [tuple(r) for r in self._db.execute(f"SELECT root, key FROM files WHERE {where}", (dev, ino))]  # type: ignore[misc]
+        rows = self._db.execute(
+            f"SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE {where}", (dev, ino)
+        )
+        return [(path, key) for path, key in rows]
 
     def replace_index(self, rows: Iterable[tuple[str, bytes, Facts]]) -> None:
         """The whole index from a rebuild (inside a transaction)."""
@@ -300,10 +334,14 @@ class Journal:
 
     # Outbox --------------------------------------------------------------------------------------
 
-    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch:
-        """Add a batch to the outbox (inside a transaction)."""
-        body = encode_events(events)
+    def append(self, events: list[Event], batch_id: str | None = None) -> OutboxBatch | None:
+        """Add a batch to the outbox (inside a transaction), or with a local store, straight to the store:
+        then it is committed when the transaction is, and there is nothing to ship."""
         batch_id = batch_id or uuid7()
+        if self.store is not None:
+            self.store.insert(self._db, Batch(batch_id, tuple(events)))
+            return None
+        body = encode_events(events)
         cursor = self._db.execute(
             "INSERT INTO outbox (batch_id, events, crc, body) VALUES (?, ?, ?, ?)",
             (batch_id, len(events), zlib.crc32(body), body),

@@ -21,7 +21,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,13 @@ import structlog
 
 from codi2 import legacy
 from codi2.config import STATE_DIR_NAME
-from codi2.events import Action, Batch, Event, EventQuery, Origin, parse_time, rfc3339, rfc3339_ns, uuid7
+from codi2.events import Action, Batch, Event, EventQuery, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
 from codi2.ignore import IgnoreRules
 from codi2.journal import (
-    FILE_NAME,
     Journal,
     JournalCorrupt,
+    LocalStore,
     OutboxBatch,
     OutboxReader,
     is_corruption,
@@ -89,6 +89,22 @@ class JournalHealth:
     consecutive_failures: int = 0
     initial_scan: str = "pending"  # pending | running | done | waiting (for an index rebuild)
     rebuilds: int = 0
+
+
+def _has_journal(path: Path) -> bool:
+    """Whether the file already holds a journal (the SQLite store of 0.1 does not: it gets one)."""
+    if not path.exists():
+        return False
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error:
+        return True  # unreadable: let opening it say so
+    try:
+        return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is not None
+    except sqlite3.Error:
+        return True
+    finally:
+        db.close()
 
 
 def _environmental(exc: BaseException) -> bool:
@@ -182,6 +198,8 @@ class Pipeline:
         *,
         roots: list[Path],
         state_dir: Path,
+        journal_path: Path,
+        local_store: LocalStore | None,
         rules: IgnoreRules,
         identity: Identity,
         sink: Sink,
@@ -197,6 +215,8 @@ class Pipeline:
         self._roots = [os.fsencode(r) for r in roots]
         self.root_names = [str(r) for r in roots]
         self._state_dir = state_dir
+        self._journal_path = journal_path
+        self._local_store = local_store  # the store lives in the journal's file: nothing to ship
         self._rules = rules
         self._identity = identity
         self._sink = sink
@@ -238,10 +258,10 @@ class Pipeline:
 
     def open(self) -> None:
         """Blocking: open (or migrate, or recover) the journal and the roots."""
-        path = self._state_dir / FILE_NAME
-        fresh = not path.exists()
+        path = self._journal_path
+        fresh = not _has_journal(path)
         try:
-            self.journal = Journal(path, fsync=self._fsync)
+            self.journal = Journal(path, fsync=self._fsync, store=self._local_store)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
@@ -266,7 +286,7 @@ class Pipeline:
         rebuild the index from the store (the trail is the truth; the index is derived from it)."""
         aside = move_aside(path)
         batches, lost = salvage_outbox(aside)
-        journal = Journal(path, fsync=self._fsync)
+        journal = Journal(path, fsync=self._fsync, store=self._local_store)
         with journal.transaction():
             for batch_id, events in batches:
                 journal.append(events, batch_id)
@@ -279,22 +299,27 @@ class Pipeline:
 
     def start(self) -> None:
         self._journal_thread = threading.Thread(target=self._journal_loop, name="codi2-journal", daemon=True)
-        self._ship_thread = threading.Thread(target=self._ship_loop, name="codi2-ship", daemon=True)
         self._journal_thread.start()
-        self._ship_thread.start()
+        if self._local_store is None:
+            self._ship_thread = threading.Thread(target=self._ship_loop, name="codi2-ship", daemon=True)
+            self._ship_thread.start()
 
     @property
     def running(self) -> bool:
-        threads = (self._journal_thread, self._ship_thread)
+        threads = (self._journal_thread, self._ship_thread if self._local_store is None else self._journal_thread)
         return all(t is not None and t.is_alive() for t in threads)
 
     def feed(self, hints: list[Hint]) -> None:
         """Thread-safe, never blocks: the watcher's hand-off."""
         with self._lock:
+            was_empty = not self._intake
             self._intake.extend(hints)
             if len(self._intake) > MAX_HINTS:
                 self._collapse_locked(len(self._intake))
-            self._lock.notify()
+            # The journal thread takes everything at once: wake it for the first hints (they start the
+            # window) and when enough wait to fill a batch, not for every hand-off in between.
+            if was_empty or len(self._intake) >= self._max_events:
+                self._lock.notify()
 
     def _collapse_locked(self, count: int) -> None:
         self._intake = [Rescan(i, b"", True) for i in range(len(self._roots))]
@@ -470,20 +495,24 @@ class Pipeline:
         journal, rec = self.journal, self._reconciler
         assert journal is not None and rec is not None
         events = rec.events
+        rec.write_index()
+        started = time.perf_counter()
         appended = journal.append(events) if events else None
         journal.commit()
         if appended is not None:
             self._hand_to_shipper(appended)
+        elif events:  # the store is the journal's own file: committed just now
+            self._committed(len(events), time.perf_counter() - started, events[0].ts)
         self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
         self._initial_in_txn = 0
         if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
             self.journal_health.initial_scan = "done"
             log.info("initial_scan_done", entries=journal.count())
-        for event in events:
-            self._metrics.events_observed.labels(action=event.action).inc()
-            if event.action == "gap":
-                self.gaps += 1
-                self._metrics.gaps.inc()
+        for action, count in Counter(e.action for e in events).items():
+            self._metrics.events_observed.labels(action=action).inc(count)
+            if action == "gap":
+                self.gaps += count
+                self._metrics.gaps.inc(count)
         rec.events = []
         rec.event_bytes = 0
 
@@ -520,6 +549,8 @@ class Pipeline:
                 state="error", error=f"{code}: {exc}", initial_scan=health.initial_scan, rebuilds=health.rebuilds
             )
         self.journal_health.consecutive_failures += 1
+        if self._local_store is not None:  # the journal's file is the store: it is the store failing
+            self._store_failed(exc, str(code))
         self._retry_at = time.monotonic() + self._journal_delay
         self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
 
@@ -620,7 +651,7 @@ class Pipeline:
         return Event(
             id=uuid7(),
             seq=journal.take_seq(),
-            ts=rfc3339(time.time()),
+            ts=now_rfc3339(),
             tenant_id=ident.tenant_id,
             user_id=ident.user_id,
             session_id=ident.session_id,
@@ -722,21 +753,23 @@ class Pipeline:
                     self._ship_wake.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
-            self._metrics.batch_commit_duration.observe(time.perf_counter() - started)
-            self._metrics.events_committed.inc(len(batch.events))
-            oldest = min((e.ts for e in batch.events), default=None)
-            if oldest is not None:
-                self._metrics.event_commit_lag.set(max(time.time() - parse_time(oldest).timestamp(), 0.0))
-            if self.store.state != "ok":
-                if self.store.state in ("degraded", "blocked"):
-                    log.info("store_recovered", after_failures=self.store.consecutive_failures)
-                self.store = StoreHealth(state="ok")
-                self._metrics.store_blocked.set(0)
-            self.store.last_commit = time.time()
+            self._committed(len(batch.events), time.perf_counter() - started, min(e.ts for e in batch.events))
             return True
 
-    def _store_failed(self, exc: Exception) -> None:
-        code = str(getattr(exc, "code", None) or type(exc).__name__)
+    def _committed(self, events: int, seconds: float, oldest: str) -> None:
+        """The store took a batch: figures for /status and the metrics."""
+        self._metrics.batch_commit_duration.observe(seconds)
+        self._metrics.events_committed.inc(events)
+        self._metrics.event_commit_lag.set(max(time.time() - parse_time(oldest).timestamp(), 0.0))
+        if self.store.state != "ok":
+            if self.store.state in ("degraded", "blocked"):
+                log.info("store_recovered", after_failures=self.store.consecutive_failures)
+            self.store = StoreHealth(state="ok")
+            self._metrics.store_blocked.set(0)
+        self.store.last_commit = time.time()
+
+    def _store_failed(self, exc: Exception, code: str | None = None) -> None:
+        code = code or str(getattr(exc, "code", None) or type(exc).__name__)
         retryable = getattr(exc, "retryable", True) is not False
         self._metrics.store_errors.labels(error=code).inc()
         state = "degraded" if retryable else "blocked"

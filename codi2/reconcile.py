@@ -145,6 +145,7 @@ class Reconciler:
         self.event_bytes = 0  # a rough size of `events`, for the batch byte budget
         self.cache = DirCache(root_fds)
         self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
+        self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
 
     def prefetch(self, hints: list[Hint]) -> None:
         """Read the index rows of the window's paths in a few queries instead of one each."""
@@ -158,21 +159,32 @@ class Reconciler:
                 self._known[(root, key)] = found.get(key)
 
     def forget(self) -> None:
+        """End of a flush: what was read ahead or left unwritten belongs to a transaction now over."""
         self._known.clear()
+        self._puts.clear()
 
-    # The index, through the read-ahead ------------------------------------------------------------
+    def write_index(self) -> None:
+        """Write the buffered index rows (before anything reads the index through SQL, and at commit)."""
+        if self._puts:
+            self._j.put_many([(root, key, facts) for (root, key), facts in self._puts.items()])
+            self._puts.clear()
+
+    # The index, through the read-ahead and the write buffer -----------------------------------------
 
     def _get(self, root: str, key: bytes) -> Facts | None:
         k = (root, key)
+        if k in self._puts:
+            return self._puts[k]
         if k in self._known:
             return self._known.pop(k)
         return self._j.get(root, key)
 
     def _put(self, root: str, key: bytes, facts: Facts) -> None:
         self._known.pop((root, key), None)
-        self._j.put(root, key, facts)
+        self._puts[(root, key)] = facts
 
     def _drop_tree(self, root: str, key: bytes, *, is_dir: bool = True) -> None:
+        self.write_index()
         if is_dir:
             self._known.clear()
         else:
@@ -180,6 +192,7 @@ class Reconciler:
         self._j.drop_tree(root, key)
 
     def _move_tree(self, root: str, src: bytes, dst: bytes) -> None:
+        self.write_index()
         self._known.clear()
         self._j.move_tree(root, src, dst)
 
@@ -196,7 +209,7 @@ class Reconciler:
     def touch(
         self, root: int, rel: bytes, origin: Origin, *, links: bool = True, created: bool = False, is_dir: bool = False
     ) -> Iterator[None]:
-        if not rel or self._ignored(root, rel):
+        if not rel:
             return
         key = key_of(rel)
         known = self._get(self._names[root], key)
@@ -209,9 +222,14 @@ class Reconciler:
             yield from self._emit("created", root, rel, None, bare, origin)
             yield from self._emit("deleted", root, rel, None, bare, origin)
             return
-        yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+        if disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):  # type: ignore[union-attr]
+            self._file(root, rel, key, known, disk, origin)  # type: ignore[arg-type]
+            yield
+        else:
+            yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         if links and isinstance(disk, Facts) and disk.type == "file" and (disk.nlink or 0) > 1:
             # A write through one name of a hard-linked file changes every name: inotify only told us one.
+            self.write_index()
             others = [n for n in self._j.linked(disk.dev or 0, disk.ino or 0) if n != (self._names[root], key)]
             if len(others) < (disk.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
                 others = [
@@ -235,6 +253,7 @@ class Reconciler:
             return
         src_key, dst_key = key_of(hint.src), key_of(hint.dst)
         known = self._get(name, src_key)
+        self.write_index()
         below = hint.is_dir and bool(self._j.below(name, src_key, b"", 1))
         disk = self._disk(root, hint.dst, known) if known is not None or below else None
         if disk is UNKNOWN or (known is None and not below):
@@ -332,10 +351,23 @@ class Reconciler:
         if disk.type == "dir" and descend and not same_entity(known, disk):
             yield from self._walk(root, rel, origin, recursive=True)
 
+    def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:
+        """`_settle` for the common case, a file or symlink that appeared or changed, without the
+        generators that a directory (a walk) or a removal (a subtree) need."""
+        if known is None:
+            self._put(self._names[root], key, disk)
+            self._record("created", root, rel, None, disk, origin)
+        elif content_changed(known, disk):
+            self._put(self._names[root], key, disk)
+            self._record("updated", root, rel, None, disk, origin)
+        elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
+            self._put(self._names[root], key, disk)  # same content, new stat: remember it so it is not hashed again
+
     def _delete(self, root: int, rel: bytes, key: bytes, known: Facts, origin: Origin) -> Iterator[None]:
         """`deleted` for everything the index holds below `rel` (deepest first), then for `rel` itself."""
         name = self._names[root]
         if known.type == "dir":
+            self.write_index()
             for sub_key, sub_type in list(self._j.below_reversed(name, key)):
                 self._drop_tree(name, sub_key, is_dir=sub_type == "dir")
                 yield from self._emit("deleted", root, rel_of(sub_key), None, _bare(sub_type), origin)
@@ -414,6 +446,7 @@ class Reconciler:
         depth = top.count(b"\x00") + 1 if top else 0
         start = subtree_bounds(top)[0]
         while True:
+            self.write_index()
             rows = self._j.below(root_name, top, start, CHUNK)
             if not rows:
                 return
@@ -453,11 +486,14 @@ class Reconciler:
     def _emit(
         self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
     ) -> Iterator[None]:
-        if self.silent:
-            return
-        self.events.append(self._make(action, root, rel, dest, facts, origin))
-        self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
+        """Record an event, then let the caller commit if the batch is full."""
+        self._record(action, root, rel, dest, facts, origin)
         yield
+
+    def _record(self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin) -> None:
+        if not self.silent:
+            self.events.append(self._make(action, root, rel, dest, facts, origin))
+            self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
 
 
 def _bare(kind: str) -> Facts:

@@ -32,11 +32,12 @@ import os
 import stat
 import struct
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import structlog
 from watchdog.observers.inotify_c import InotifyConstants as IN
@@ -64,14 +65,19 @@ WATCH_MASK = (
     | IN.IN_EXCL_UNLINK
 )
 BARRIER_MASK = IN.IN_ATTRIB | IN.IN_ONLYDIR
+# Anything but a write to a file: it may change what a name means, so it ends the run of writes.
+_NOT_A_WRITE = ~(IN.IN_MODIFY | IN.IN_CLOSE_WRITE | IN.IN_ATTRIB) | IN.IN_ISDIR
+_RESHAPES = ~IN.IN_CREATE | IN.IN_ISDIR  # all but a file created: a name may now mean something else
 BARRIER_RING = 4  # consecutive barriers touch different files, so the kernel never merges two of them
 READ_BUFFER_BYTES = 1 << 20  # drains a full default kernel queue (16,384 events) in one read
 MAX_BACKLOG_EVENTS = 1 << 18
+GATHER_EVENTS = 512
+GATHER_S = 0.002
+SMALL_READ_BYTES = 4096
 EVENT = struct.Struct("iIII")
 
 
-@dataclass(frozen=True, slots=True)
-class Touch:
+class Touch(NamedTuple):
     """This path may have changed: look at it. `created` says the kernel reported it appearing, so a
     file that is gone again by the time anyone looks is still recorded as having existed."""
 
@@ -81,8 +87,7 @@ class Touch:
     is_dir: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Move:
+class Move(NamedTuple):
     """The kernel renamed `src` to `dst` within one root. `ino` is the directory's inode when the watcher
     knew the directory, so the pipeline can tell the entry it indexed from a newer one at the same name."""
 
@@ -93,8 +98,7 @@ class Move:
     ino: int | None
 
 
-@dataclass(frozen=True, slots=True)
-class Rescan:
+class Rescan(NamedTuple):
     """Diff `path` against the index: its direct children (and whatever is new below them), or with
     `recursive` the whole tree below it."""
 
@@ -196,15 +200,20 @@ class _Backlog:
         with self._cond:
             if wait:
                 self._cond.wait_for(lambda: self._count < self._max or self._closed)
+            was_empty = not self._items
             self._items.append(item)
             self._count += size
             self.high_water = max(self.high_water, self._count)
-            self._cond.notify_all()
+            if was_empty:  # the handler only ever waits on an empty backlog
+                self._cond.notify_all()
 
     def take(self) -> list[Any] | None:
-        """Everything pending, in order; None once closed."""
+        """Everything pending, in order; None once closed. Woken by a few events, it lets a burst gather
+        for a moment first: handing events over one read at a time costs more than handling them."""
         with self._cond:
             self._cond.wait_for(lambda: self._items or self._closed)
+            if not self._closed and self._count < GATHER_EVENTS:
+                self._cond.wait(GATHER_S)
             if self._closed:
                 return None
             items = list(self._items)
@@ -262,6 +271,7 @@ class Watcher:
         self._displaced: dict[Node, int] = {}
         self._unassigned = False
         self._pending: dict[int, _PendingMove] = {}
+        self._written: set[tuple[int, bytes]] = set()  # files written in this read buffer
         self._out: list[Hint] = []
         self._backlog = _Backlog(max_backlog)
         self._reader: threading.Thread | None = None
@@ -405,6 +415,10 @@ class Watcher:
                 events = parse_events(buf)
                 if events:
                     self._backlog.put(("events", events), len(events))
+                if len(buf) < SMALL_READ_BYTES:
+                    # A writer makes events one at a time; waking for each costs more than the event.
+                    # Let a few gather in the kernel's queue (which holds 16k) before the next read.
+                    time.sleep(GATHER_S)
         except OSError as exc:
             if not self._stopping:
                 log.error("inotify_read_failed", error=str(exc))
@@ -435,6 +449,7 @@ class Watcher:
             log.exception("watcher_step_failed", step=getattr(fn, "__name__", repr(fn)))
 
     def _end_of_buffer(self) -> None:
+        self._written.clear()
         if self._pending or self._unassigned:
             # The partner of a rename may sit in the next read, and suspects wait until all is read.
             seq = self._request_barrier()
@@ -460,6 +475,17 @@ class Watcher:
             if mask & IN.IN_ATTRIB and name[:1] == b"b" and name[1:].isdigit():
                 self._on_barrier(int(name[1:]))
             return
+        if not mask & _NOT_A_WRITE:
+            # A write to a file (modify, close, attrib): a file written shows up as three events, and the
+            # first one of a read buffer already said "look here", unless the tree changed since.
+            key = (wd, name)
+            if key in self._written:
+                return
+            self._written.add(key)
+        elif mask & _RESHAPES:
+            self._written.clear()
+        else:  # a file created: its own writes that follow add nothing
+            self._written.add((wd, name))
         if mask & IN.IN_Q_OVERFLOW:
             self._on_overflow_event()
             return

@@ -6,7 +6,6 @@ every log event, `/status` field and gap cause the runbook quotes is one the cod
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import json
 import os
@@ -346,7 +345,7 @@ def test_every_log_event_the_runbook_quotes_is_one_codi2_logs(
         set(exported)
         | set(exported.values())
         | _keys(status)
-        | {field.name for field in dataclasses.fields(Event)}
+        | set(Event._fields)
         | {key.name for _, _, keys in tables() for key in keys}
         | set(DROP_REASONS)
         | _gap_causes()

@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_tenant_pos ON events (tenant_id, pos);
 CREATE INDEX IF NOT EXISTS events_tenant_ts ON events (tenant_id, ts);
-CREATE INDEX IF NOT EXISTS events_tenant_path ON events (tenant_id, path);
+DROP INDEX IF EXISTS events_tenant_path;
 """
 BUSY_TIMEOUT_S = 2.0
 
@@ -47,6 +47,13 @@ def insert(db: sqlite3.Connection, batch: Batch) -> None:
             for e in batch.events
         ],
     )
+
+
+class LocalStore:
+    """This store as the daemon's journal keeps it, in the journal's own file and transactions."""
+
+    schema = SCHEMA
+    insert = staticmethod(insert)
 
 
 def _decode(body: str | bytes) -> Event:
