@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, wait_for, write_config
 from trail_checks import (
-    StoreOutage,
+    FdbDaemon,
     converge,
     describe,
     disk_state,
@@ -45,6 +45,7 @@ from trail_checks import (
     shared_tmp,
     umount,
     write_at,
+    write_fdb_config,
 )
 
 from codi2.events import Event, parse_time
@@ -376,11 +377,14 @@ def test_c07_unwatched_directories_and_a_burst_never_hang_the_daemon(workspace: 
 
 
 # 8. A full disk under the workspace and the state dir -----------------------------------------------------
+#
+# With the SQLite backend the journal lives in the store's file, so that file goes on the small disk too;
+# with FoundationDB the journal (<state dir>/journal.db) is on it and the store is elsewhere.
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs holding the workspace and the state dir (the store stays outside, to be read)."""
+    """A 4 MiB tmpfs holding the workspace, the state dir, and `audit.db` (beside the workspace)."""
     mnt = tmp_path / "small"
     mnt.mkdir()
     reason = mount_tmpfs(mnt, "4m")
@@ -394,8 +398,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 
 
 def _small_disk_daemon(tmp_path: Path, ws: Path, **kwargs: object) -> DaemonProcess:
-    config = write_config(tmp_path / "small.toml", ws, tmp_path / "audit.db")
-    return DaemonProcess(config, tmp_path / "audit.db", **kwargs)  # type: ignore[arg-type]
+    db = ws.parent / "audit.db"
+    config = write_config(tmp_path / "small.toml", ws, db)
+    return DaemonProcess(config, db, **kwargs)  # type: ignore[arg-type]
+
+
+def _fdb_daemon(tmp_path: Path, ws: Path, lib_dir: Path, **kwargs: object) -> FdbDaemon:
+    config = write_fdb_config(tmp_path / "fdb.toml", ws, tmp_path / "fdb.cluster")
+    return FdbDaemon(config, tmp_path / "fdb.sqlite", lib_dir, **kwargs)  # type: ignore[arg-type]
 
 
 def _changes_needing_no_space(ws: Path, round_: int, count: int) -> None:
@@ -412,29 +422,41 @@ def _journal_failing(daemon: DaemonProcess) -> bool:
     return daemon.status()["journal"]["state"] == "error"
 
 
-def test_c08_disk_full_keeps_the_daemon_alive_and_the_trail_converges(small_disk: Path, tmp_path: Path) -> None:
+def _until_the_journal_fails(daemon: DaemonProcess, ws: Path) -> int:
+    """Changes on the full disk until the journal cannot take them (each round needs more than the
+    last, so the room left in SQLite's files runs out); returns the rounds made."""
+    round_ = 0
+    while not _journal_failing(daemon):
+        assert round_ < 20, f"the journal never failed on a full disk: {daemon.status()}"
+        _changes_needing_no_space(ws, round_, 300)
+        with contextlib.suppress(AssertionError):
+            wait_for(lambda: _journal_failing(daemon) or daemon.status()["pipeline"]["pending_changes"] == 0)
+        round_ += 1
+    return round_
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fdb"])
+def test_c08_disk_full_keeps_the_daemon_alive_and_the_trail_converges(
+    small_disk: Path, tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
     ws = small_disk
     (ws / "node_modules").mkdir()  # ignored: the filler lives there
     for i in range(20):
         (ws / f"before{i}.txt").write_text(f"before {i}")
-    daemon = _small_disk_daemon(tmp_path, ws)
+    if backend == "fdb":
+        daemon: DaemonProcess = _fdb_daemon(tmp_path, ws, request.getfixturevalue("fake_libfdb_c"))
+    else:
+        daemon = _small_disk_daemon(tmp_path, ws)
     try:
         converge(daemon, ws)
         filler = fill(ws / "node_modules")
-        round_ = 0
-        while not _journal_failing(daemon):  # bounded: each round needs more journal than the last
-            assert round_ < 20, f"the journal never failed on a full disk: {daemon.status()}"
-            _changes_needing_no_space(ws, round_, 300)
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda: _journal_failing(daemon) or daemon.status()["pipeline"]["pending_changes"] == 0)
-            round_ += 1
+        _until_the_journal_fails(daemon, ws)
         status = daemon.status()
         assert daemon.proc.poll() is None
         assert daemon.get("/livez")[0] == 200, daemon.get("/livez?verbose")
         assert status["status"] == "degraded" and any("journal" in r for r in status["degraded_reasons"]), status
-        metrics = daemon.get("/metrics")[1]
-        assert metric(metrics, "codi2_journal_errors_total") >= 1
-        assert not any(line.get("event") == "journal_thread_failed" for line in daemon.logs)
+        assert metric(daemon.get("/metrics")[1], "codi2_journal_errors_total") >= 1
+        assert not any(line.get("event") in ("journal_thread_failed", "shipper_failed") for line in daemon.logs)
         filler.unlink()
         converge(daemon, ws, timeout=120)
         wait_for(lambda: "journal_error" in _gaps(daemon.events()))  # recorded once journaling works again
@@ -445,26 +467,25 @@ def test_c08_disk_full_keeps_the_daemon_alive_and_the_trail_converges(small_disk
         daemon.kill()
 
 
-def test_c08_backlog_acknowledged_on_a_full_disk_keeps_the_shipper_alive(small_disk: Path, tmp_path: Path) -> None:
-    """A backlog built during an outage is shipped once the store is back while the disk is full: the
-    acknowledgement (deleting the shipped batches from the journal) needs a write, and must not kill the
-    shipper. Once space is freed the trail converges."""
+def test_c08_backlog_acknowledged_on_a_full_disk_keeps_the_shipper_alive(
+    small_disk: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """FoundationDB: a backlog built in the journal during an outage is shipped once the cluster is back
+    while the disk is full. The acknowledgement (deleting the shipped batches from the journal) needs a
+    write, and must not kill the shipper. Once space is freed the trail converges."""
     ws = small_disk
     (ws / "node_modules").mkdir()
-    daemon = _small_disk_daemon(tmp_path, ws)
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
     try:
-        outage = StoreOutage(daemon.db)
-        try:
-            for i in range(30):
-                (ws / f"during-outage{i}.txt").write_text(f"{i}")
-            wait_for(lambda: daemon.status()["spool"]["events"] >= 30)
-            filler = fill(ws / "node_modules")
-            _changes_needing_no_space(ws, 0, 300)
-        finally:
-            outage.end()
-        wait_for(lambda: {f"during-outage{i}.txt" for i in range(30)} <= ever_named(daemon.events()))
-        # The shipper committed the backlog and now removes it from the journal on a full disk.
-        wait_for(lambda: daemon.status()["spool"]["batches"] == 0 or daemon.get("/livez")[0] != 200)
+        daemon.down.touch()
+        for i in range(30):
+            (ws / f"during-outage{i}.txt").write_text(f"{i}")
+        wait_for(lambda: daemon.status()["spool"]["events"] >= 30)
+        filler = fill(ws / "node_modules")
+        _changes_needing_no_space(ws, 0, 300)
+        daemon.down.unlink()
+        # The shipper commits the backlog and then removes it from the journal on the full disk.
+        wait_for(lambda: daemon.status()["spool"]["batches"] == 0 or daemon.get("/livez")[0] != 200, timeout=120)
         failed = [line for line in daemon.logs if line.get("event") == "shipper_failed"]
         assert not failed, json.dumps(failed)[-1500:]
         assert daemon.get("/livez")[0] == 200, (daemon.get("/livez?verbose"), daemon.logs[-10:])
@@ -485,13 +506,7 @@ def test_c08_kill_and_restart_on_a_full_disk_is_no_crash_loop(small_disk: Path, 
     try:
         converge(daemon, ws)
         filler = fill(ws / "node_modules")
-        round_ = 0
-        while not _journal_failing(daemon):
-            assert round_ < 20, f"the journal never failed on a full disk: {daemon.status()}"
-            _changes_needing_no_space(ws, round_, 300)
-            with contextlib.suppress(AssertionError):
-                wait_for(lambda: _journal_failing(daemon) or daemon.status()["pipeline"]["pending_changes"] == 0)
-            round_ += 1
+        _until_the_journal_fails(daemon, ws)
         daemon.proc.send_signal(signal.SIGKILL)
         daemon.proc.wait()
         (ws / "full0" / "empty3").rename(ws / "full0" / "while-down")  # offline, the disk still full
@@ -513,18 +528,20 @@ def test_c08_kill_and_restart_on_a_full_disk_is_no_crash_loop(small_disk: Path, 
             again.kill()
 
 
-# 9 and 10. A corrupt journal after a kill -9 with the store down ---------------------------------------------
+# 9 and 10. A corrupt journal after a kill -9 with the store down -------------------------------------------
+#
+# On FoundationDB, where the journal is a file of its own (<state dir>/journal.db) holding the index and
+# the outbox of batches waiting for the store. (With SQLite the journal is the store's file.)
 
 
-def _backlog_then_kill(daemon: DaemonProcess, ws: Path, batches: int) -> StoreOutage:
-    """With the store down, `batches` separate batches wait in the journal; then kill -9."""
-    outage = StoreOutage(daemon.db)
+def _backlog_then_kill(daemon: FdbDaemon, ws: Path, batches: int) -> None:
+    """With the cluster down, `batches` separate batches wait in the journal; then kill -9."""
+    daemon.down.touch()
     for i in range(batches):
         (ws / f"queued{i}.txt").write_text(f"queued {i}")
         wait_for(lambda i=i: daemon.status()["spool"]["batches"] >= i + 1)
     daemon.proc.send_signal(signal.SIGKILL)
     daemon.proc.wait()
-    return outage
 
 
 def _checkpoint(journal: Path) -> None:
@@ -536,16 +553,17 @@ def _checkpoint(journal: Path) -> None:
 
 
 def test_c09_flipped_byte_in_the_outbox_loses_one_batch_and_the_trail_converges(
-    workspace: Path, daemon_factory: Start
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
 ) -> None:
     import sqlite3
 
     ws = workspace
-    daemon = daemon_factory()
-    (ws / "committed.txt").write_text("before the outage")
-    _wait_recorded(daemon, "committed.txt")
-    outage = _backlog_then_kill(daemon, ws, 6)
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    again: FdbDaemon | None = None
     try:
+        (ws / "committed.txt").write_text("before the outage")
+        _wait_recorded(daemon, "committed.txt")
+        _backlog_then_kill(daemon, ws, 6)
         journal = ws / ".codi2" / "journal.db"
         _checkpoint(journal)
         db = sqlite3.connect(journal)
@@ -559,29 +577,33 @@ def test_c09_flipped_byte_in_the_outbox_loses_one_batch_and_the_trail_converges(
         data[at + len(victim) // 2] ^= 0xFF
         journal.write_bytes(bytes(data))
         (ws / "while-down.txt").write_text("changed while the daemon was down")
-        again = daemon_factory(settle=False)
+        again = _fdb_daemon(tmp_path, ws, fake_libfdb_c, settle=False)  # the cluster is still down
         assert again.get("/livez")[0] == 200
+        again.down.unlink()
+        events = converge(again, ws, timeout=120)
+        assert "outbox_corrupt" in _gaps(events), describe(events)
+        assert again.status()["spool"]["corrupt_records"] >= 1
+        later = [e for e in events if e.path == f"queued{len(bodies) - 1}.txt"]
+        assert later and later[0].origin == "live"  # the batches after the damaged one shipped as recorded
+        final_check(again, ws)
     finally:
-        outage.end()
-    events = converge(again, ws, timeout=120)
-    assert "outbox_corrupt" in _gaps(events), describe(events)
-    assert again.status()["spool"]["corrupt_records"] >= 1
-    later = [e for e in events if e.path == f"queued{len(bodies) - 1}.txt"]
-    assert later and later[0].origin == "live"  # the batches after the damaged one were shipped as recorded
-    final_check(again, ws)
+        daemon.kill()
+        if again is not None:
+            again.kill()
 
 
 @pytest.mark.parametrize("damage", ["not-a-database", "truncated"])
 def test_c10_corrupt_journal_is_rebuilt_without_a_crash_loop(
-    workspace: Path, daemon_factory: Start, damage: str
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path, damage: str
 ) -> None:
     ws = workspace
-    daemon = daemon_factory()
-    (ws / "committed.txt").write_text("before the outage")
-    (ws / "to-delete.txt").write_text("deleted while down")
-    _wait_recorded(daemon, "to-delete.txt")
-    outage = _backlog_then_kill(daemon, ws, 3)
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    started = [daemon]
     try:
+        (ws / "committed.txt").write_text("before the outage")
+        (ws / "to-delete.txt").write_text("deleted while down")
+        _wait_recorded(daemon, "to-delete.txt")
+        _backlog_then_kill(daemon, ws, 3)
         journal = ws / ".codi2" / "journal.db"
         if damage == "not-a-database":
             for suffix in ("-wal", "-shm"):
@@ -589,26 +611,28 @@ def test_c10_corrupt_journal_is_rebuilt_without_a_crash_loop(
             journal.write_bytes(b"this is not a database\n" * 4096)
         else:
             _checkpoint(journal)
-            size = journal.stat().st_size
             with open(journal, "r+b") as f:
-                f.truncate(size // 2)
+                f.truncate(journal.stat().st_size // 2)
         (ws / "to-delete.txt").unlink()  # offline changes must not be absorbed by the rebuild
         (ws / "offline.txt").write_text("created while down")
-        again = daemon_factory(settle=False)
+        again = _fdb_daemon(tmp_path, ws, fake_libfdb_c, settle=False)
+        started.append(again)
         assert again.get("/livez")[0] == 200 and again.proc.poll() is None
+        again.down.unlink()
+        events = converge(again, ws, timeout=120)
+        assert again.proc.poll() is None
+        assert {"journal_corrupt", "outbox_corrupt"} & set(_gaps(events)), describe(events)
+        deleted = [e for e in events if e.action == "deleted" and e.path == "to-delete.txt"]
+        assert deleted and deleted[0].origin == "offline", describe(events)  # found at start-up, not a baseline
+        assert any(p.name.startswith("journal.db.corrupt-") for p in (ws / ".codi2").iterdir())
+        recorded = len(final_check(again, ws))
+        third = _fdb_daemon(tmp_path, ws, fake_libfdb_c)  # and it starts cleanly again: no crash loop
+        started.append(third)
+        (ws / "third.txt").write_text("3")
+        assert len(final_check(third, ws)) > recorded
     finally:
-        outage.end()
-    events = converge(again, ws, timeout=120)
-    assert again.proc.poll() is None
-    assert {"journal_corrupt", "outbox_corrupt"} & set(_gaps(events)), describe(events)
-    deleted = [e for e in events if e.action == "deleted" and e.path == "to-delete.txt"]
-    assert deleted and deleted[0].origin == "offline", describe(events)  # found at start-up, not a baseline
-    assert (ws / ".codi2").is_dir() and any(p.name.startswith("journal.db.corrupt-") for p in (ws / ".codi2").iterdir())
-    restarted = final_check(again, ws)
-    third = daemon_factory()  # and it starts cleanly again: no crash loop
-    (ws / "third.txt").write_text("3")
-    final_check(third, ws)
-    assert len(third.events()) > len(restarted)
+        for d in started:
+            d.kill()
 
 
 # 11. An unreadable directory with a non-root daemon -----------------------------------------------------------

@@ -8,15 +8,20 @@ in and out of the tree; groups of operations while the daemon lags (SIGSTOP arou
 renamed and its name re-created, swaps through a temporary name, RENAME_EXCHANGE (renameat2), hard links
 written through one name, a directory removed and re-created while a process holds it as its working
 directory, trees deeper than PATH_MAX, a directory parked outside the tree (or under an ignored name),
-changed there and brought back; and faults: kill -9 mid-change with changes while down, a clean
-restart, a corrupt journal (not a database, truncated, a flipped byte in a batch waiting for a store that
-is down), an unreadable directory (chmod 000, then 755) when the daemon can run as a non-root user, and a
-full disk when a small tmpfs can be mounted (root).
+changed there and brought back; and faults: kill -9 mid-change with changes while down, a clean restart,
+an unreadable directory (chmod 000, then 755) when the daemon can run as a non-root user, and a full disk
+when a small tmpfs can be mounted (root).
 
-The daemon runs as `nobody` when the tests run as root (setpriv) so that permissions apply to it; the
-workspace sits on a 16 MiB tmpfs when one can be mounted. Knobs (environment):
+Two machines: on SQLite, where the journal is the store's own file (it sits on the small disk with the
+workspace); and on FoundationDB over the fake libfdb_c, where the journal is a file of its own with an
+outbox, and its faults are tried too: a journal that is not a database, truncated, or a flipped byte in
+a batch waiting for a cluster that is down. The SQLite daemon runs as `nobody` when the tests run as root
+(setpriv) so that permissions apply to it; the workspace sits on a 16 MiB tmpfs when one can be mounted.
+Knobs (environment):
 
 - `CODI2_FIDELITY_EXAMPLES` (default 10), `CODI2_FIDELITY_STEPS` (default 20): `make fidelity` runs 200;
+- `CODI2_FIDELITY_FDB_EXAMPLES` (default a quarter of those): the same machine on FoundationDB (the fake
+  libfdb_c), slower since its trail is read back with `codi2 events`;
 - `CODI2_FIDELITY_SHRINK=1`: shrink a failure to a minimal example (slow: every example runs a daemon);
 - `CODI2_FIDELITY_SKIP=rule,rule`: leave rules out, to look past a known failure.
 """
@@ -41,10 +46,10 @@ import pytest
 from conftest import DaemonProcess, wait_for, write_config
 from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 from trail_checks import (
     NOBODY,
-    StoreOutage,
+    FdbDaemon,
     describe,
     diff,
     directory_modes,
@@ -58,6 +63,7 @@ from trail_checks import (
     shared_tmp,
     trail_defects,
     umount,
+    write_fdb_config,
 )
 
 from codi2.replay import fold
@@ -90,9 +96,10 @@ def tmpfs_reason() -> str | None:
     return reason
 
 
-def enabled(name: str, needs: Callable[[], bool] = lambda: True) -> Callable[[Any], Any]:
-    """A rule runs unless CODI2_FIDELITY_SKIP names it or this machine lacks what it needs."""
-    return precondition(lambda _: name not in SKIP and needs())
+def enabled(name: str, needs: Callable[[], bool] = lambda: True, backend: str | None = None) -> Callable[[Any], Any]:
+    """A rule runs unless CODI2_FIDELITY_SKIP names it, this machine lacks what it needs, or it is about
+    another backend's journal."""
+    return precondition(lambda machine: name not in SKIP and needs() and backend in (None, machine.BACKEND))
 
 
 # Operations a lagging group is made of: (name, arguments)
@@ -112,11 +119,18 @@ ops = st.one_of(
 )
 
 
+FDB_LIB: list[Path] = []  # the fake libfdb_c's directory, set by the test that runs the FoundationDB machine
+
+
 class TrailFidelity(RuleBasedStateMachine):
+    """On the SQLite backend: the journal (index and trail) is the store's own file."""
+
+    BACKEND = "sqlite"
+
     def __init__(self) -> None:
         super().__init__()
         self.wrapper = nonroot_wrapper()[0]
-        self.nonroot = self.wrapper is not None and "nonroot" not in SKIP
+        self.nonroot = self.wrapper is not None and "nonroot" not in SKIP and self.BACKEND == "sqlite"
         self.tmp = shared_tmp("codi2-fidelity-") if self.nonroot else Path(tempfile.mkdtemp(prefix="codi2-fidelity-"))
         self.disk: Path | None = None
         if tmpfs_reason() is None:
@@ -135,14 +149,20 @@ class TrailFidelity(RuleBasedStateMachine):
         for d in ["", *DIRS]:
             for i in range(2):
                 (self.ws / d / f"f{i}").write_bytes(f"seed {d} {i}".encode())
-        self.db = self.tmp / "audit.db"
-        self.config = write_config(self.tmp / "codi2.toml", self.ws, self.db)
+        if self.BACKEND == "fdb":
+            self.db = self.tmp / "fdb.sqlite"  # the fake cluster's data
+            self.config = write_fdb_config(self.tmp / "codi2.toml", self.ws, self.tmp / "fdb.cluster")
+        else:
+            self.db = (self.disk or self.tmp) / "audit.db"  # the journal too: on the small disk
+            self.config = write_config(self.tmp / "codi2.toml", self.ws, self.db)
         self.names = itertools.count()
         self.holders: list[subprocess.Popen[bytes]] = []
         self.drain_s = DRAIN_S
         self.daemon = self._start()
 
     def _start(self, *, settle: bool = True) -> DaemonProcess:
+        if self.BACKEND == "fdb":
+            return FdbDaemon(self.config, self.db, FDB_LIB[0], settle=settle)
         return DaemonProcess(
             self.config, self.db, wrapper=self.wrapper if self.nonroot and self.wrapper else (), settle=settle
         )
@@ -403,7 +423,7 @@ class TrailFidelity(RuleBasedStateMachine):
         assert self.daemon.terminate() == 0
         self.daemon = self._start()
 
-    @enabled("corrupt_journal")
+    @enabled("corrupt_journal", backend="fdb")
     @rule(damage=st.sampled_from(["not-a-database", "truncated"]), rel=paths, data=contents)
     def kill_and_corrupt_the_journal(self, damage: str, rel: str, data: bytes) -> None:
         """kill -9 right after a change, the journal damaged while down: rebuilt, never a crash loop."""
@@ -419,14 +439,17 @@ class TrailFidelity(RuleBasedStateMachine):
             with open(journal, "r+b") as f:
                 f.truncate(journal.stat().st_size // 2)
         self._write(rel, data + b" while down")
+        event(f"journal {damage}")
         self.daemon = self._start(settle=False)
         assert self.daemon.get("/livez")[0] == 200
 
-    @enabled("flip_byte")
+    @enabled("flip_byte", backend="fdb")
     @rule(data=contents)
     def flip_a_byte_of_a_batch_waiting_for_the_store(self, data: bytes) -> None:
-        """Store down, batches wait in the journal, kill -9, one byte of a batch flipped, restart."""
-        outage = StoreOutage(self.db)
+        """Cluster down, batches wait in the journal, kill -9, one byte of a batch flipped, restart."""
+        assert isinstance(self.daemon, FdbDaemon)
+        down = self.daemon.down
+        down.touch()
         try:
             for i in range(3):
                 name = f"queued{next(self.names)}"
@@ -444,12 +467,13 @@ class TrailFidelity(RuleBasedStateMachine):
             assert at >= 0
             raw[at + len(victim) // 2] ^= 0xFF
             journal.write_bytes(bytes(raw))
+            event("a byte of a waiting batch flipped")
             self.daemon = self._start(settle=False)
             assert self.daemon.get("/livez")[0] == 200
         finally:
-            outage.end()
+            down.unlink()
 
-    @enabled("chmod", lambda: nonroot_wrapper()[0] is not None and "nonroot" not in SKIP)
+    @enabled("chmod", lambda: nonroot_wrapper()[0] is not None and "nonroot" not in SKIP, backend="sqlite")
     @rule(
         pick=st.randoms(use_true_random=False),
         inside=st.lists(st.tuples(st.sampled_from(["f0", "f1", "c", "c/f2"]), contents | st.none())),
@@ -573,6 +597,24 @@ TrailFidelity.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
 TestTrailFidelity = TrailFidelity.TestCase
+
+
+class TrailFidelityFdb(TrailFidelity):
+    """On FoundationDB (the fake libfdb_c): the journal is a file of its own, with an outbox and a shipper;
+    its faults (corrupt, truncated, a flipped byte in a batch waiting for the cluster) are tried here."""
+
+    BACKEND = "fdb"
+
+
+def test_trail_fidelity_on_foundationdb(fake_libfdb_c: Path) -> None:
+    FDB_LIB[:] = [fake_libfdb_c]
+    run_state_machine_as_test(
+        TrailFidelityFdb,
+        settings=settings(
+            TrailFidelity.TestCase.settings,
+            max_examples=int(os.environ.get("CODI2_FIDELITY_FDB_EXAMPLES", str(max(1, EXAMPLES // 4)))),
+        ),
+    )
 
 
 def test_levers_this_machine_lacks_are_named() -> None:

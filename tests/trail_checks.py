@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -27,7 +28,9 @@ import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import fakefdb
 from conftest import DaemonProcess, wait_for
 
 from codi2.events import Event
@@ -402,3 +405,51 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name) and (line[len(name)] in " {"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+# The FoundationDB backend (the fake libfdb_c): a journal file of its own, with an outbox and a shipper --------
+
+
+def write_fdb_config(path: Path, workspace: Path, cluster: Path) -> Path:
+    cluster.write_text("test:fake@127.0.0.1:4500\n")  # never read by the fake
+    path.write_text(
+        f"""
+[server]
+bind_addr = "127.0.0.1:0"
+[foundationdb]
+cluster_file = {json.dumps(str(cluster))}
+transaction_timeout_ms = 500
+[monitoring]
+watch_paths = [{json.dumps(str(workspace))}]
+ignore_patterns = [".git", "node_modules", "target", "dist"]
+[batching]
+max_delay_ms = 50
+[logging]
+level = "debug"
+format = "json"
+"""
+    )
+    return path
+
+
+class FdbDaemon(DaemonProcess):
+    """`codi2 run` on FoundationDB over the fake libfdb_c (data in `data`); its trail read with `codi2 events`.
+    `outage()` takes the cluster away (the fake's `<data>.down`): every commit and read times out."""
+
+    def __init__(self, config: Path, data: Path, lib_dir: Path, **kwargs: Any) -> None:
+        self.lib_dir = lib_dir
+        self.down = Path(f"{data}.down")
+        super().__init__(config, data, fakefdb.child_env(lib_dir, data), **kwargs)
+
+    def events(self) -> list[Event]:
+        result = subprocess.run(
+            [sys.executable, "-m", "codi2", "events", "--config", str(self.config), "--tenant-id", "t1"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, **fakefdb.child_env(self.lib_dir, self.db)},
+        )
+        if result.returncode != 0:
+            raise AssertionError(f"codi2 events failed: {result.stderr.strip()[-500:]}")
+        return [Event.from_json(line) for line in result.stdout.splitlines()]
