@@ -24,8 +24,9 @@ test: $(STAMP) promtool
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
-# The trail-fidelity state machine at length: 200 examples of up to 20 steps each against a real daemon (about
-# 10 to 20 minutes). `make test` runs 10 of them.
+# The trail-fidelity state machine at length: 200 examples of up to 20 steps each against a real daemon on
+# SQLite, and a quarter of that on FoundationDB over the fake libfdb_c (about half an hour). `make test` runs
+# 10 and 2.
 FIDELITY_EXAMPLES ?= 200
 fidelity: $(STAMP)
 	CODI2_FIDELITY_EXAMPLES=$(FIDELITY_EXAMPLES) $(BIN)/python -m pytest tests/test_fidelity.py --hypothesis-show-statistics

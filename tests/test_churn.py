@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 import urllib.request
 from collections import Counter
@@ -25,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, wait_for, write_config
+from conftest import WAIT_S, DaemonProcess, wait_for, write_config
 from trail_checks import (
     FdbDaemon,
     converge,
@@ -635,6 +636,53 @@ def test_c10_corrupt_journal_is_rebuilt_without_a_crash_loop(
             d.kill()
 
 
+@pytest.mark.parametrize("damage", ["index-pages", "not-a-database"])
+def test_c10_sqlite_damaged_file_is_no_crash_loop(workspace: Path, daemon_factory: Start, damage: str) -> None:
+    """SQLite: the index lives in the store's file. A damaged index (its table's root page overwritten)
+    is derived data: rebuilt from the trail beside it, which is kept. A file that is not a database at all
+    must not make every start exit 1 either (a crash loop): the daemon starts, says so, records a gap."""
+    import sqlite3
+
+    ws = workspace
+    (ws / "kept.txt").write_text("kept")
+    (ws / "to-delete.txt").write_text("deleted while down")
+    daemon = daemon_factory()
+    before = converge(daemon, ws)
+    assert daemon.terminate() == 0
+    db_path = daemon.db
+    if damage == "index-pages":
+        db = sqlite3.connect(db_path)
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files'").fetchone()
+        db.close()
+        with open(db_path, "r+b") as f:
+            f.seek((root - 1) * page_size)
+            f.write(b"\xa5" * page_size)
+    else:
+        for suffix in ("-wal", "-shm"):
+            Path(str(db_path) + suffix).unlink(missing_ok=True)
+        db_path.write_bytes(b"this is not a database\n" * 4096)
+    (ws / "to-delete.txt").unlink()
+    (ws / "offline.txt").write_text("created while down")
+    code, lines = _run_until_exit_or_ready(
+        [sys.executable, "-m", "codi2", "run", "--config", str(daemon.config), "--user-id", "u1", "--tenant-id", "t1"]
+    )
+    assert code is None, f"every start exits {code}: a crash loop: {lines[-3:]}"
+    again = daemon_factory(settle=False)
+    assert again.get("/livez")[0] == 200
+    events = converge(again, ws, timeout=120)
+    if damage == "index-pages":  # the trail is kept, and goes on
+        assert [e.id for e in events[: len(before)]] == [e.id for e in before], (
+            f"{describe(events)}\n{sorted(p.name for p in db_path.parent.iterdir())}\n{again.logs[-8:]}"
+        )
+        deleted = [e for e in events if e.action == "deleted" and e.path == "to-delete.txt"]
+        assert deleted and deleted[0].origin == "offline", describe(events)
+    else:
+        assert _gaps(events), describe(events)
+    final_check(again, ws)
+
+
 # 11. An unreadable directory with a non-root daemon -----------------------------------------------------------
 
 
@@ -896,13 +944,18 @@ def _run_until_exit_or_ready(args: list[str]) -> tuple[int | None, list[str]]:
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: list[str] = []
     assert proc.stderr is not None
-    for line in proc.stderr:
-        lines.append(line.rstrip("\n"))
-        if '"codi2_ready"' in line:
-            proc.kill()
-            proc.wait()
-            return None, lines
-    return proc.wait(60), lines
+    guard = threading.Timer(WAIT_S, proc.kill)  # neither exit nor ready: the reading below ends anyway
+    guard.start()
+    try:
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if '"codi2_ready"' in line:
+                proc.kill()
+                proc.wait()
+                return None, lines
+        return proc.wait(60), lines
+    finally:
+        guard.cancel()
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,7 @@ def diff(got: dict, expected: dict) -> str:
 
 
 def converge(
-    daemon: DaemonProcess, root: Path, *, ignored: Ignored | None = None, timeout: float = 60.0
+    daemon: DaemonProcess, root: Path, *, ignored: Ignored | None = None, timeout: float = 30.0
 ) -> list[Event]:
     """Wait until the trail folds to the disk, then check it has no defects; returns the events."""
     expected = disk_state(root, ignored)
