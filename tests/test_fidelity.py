@@ -292,7 +292,8 @@ class TrailFidelity(RuleBasedStateMachine):
 
     def _apply(self, op: tuple) -> None:
         name, *args = op
-        getattr(self, f"_{name}")(*args)
+        if name not in SKIP:  # CODI2_FIDELITY_SKIP leaves an operation out of groups too
+            getattr(self, f"_{name}")(*args)
 
     def _release(self) -> None:
         for holder in self.holders:
