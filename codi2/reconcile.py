@@ -106,12 +106,16 @@ def _names_in(fd: int) -> list[bytes]:
 
 
 def content_changed(known: Facts, disk: Facts) -> bool:
-    """What an `updated` event reports: size, mode, mtime or hash (not the inode or ctime alone)."""
+    """What an `updated` event reports: size, mode, mtime or hash (not the inode or ctime alone); for a
+    directory only its mode (its size and mtime move with every entry). A fact the index does not know
+    (an index rebuilt from the trail, 0.1's index) is not a change."""
+    if disk.type == "dir":
+        return known.mode is not None and known.mode != disk.mode
     return (
-        known.size != disk.size
-        or known.mode != disk.mode
-        or known.mtime_ns != disk.mtime_ns
-        or (disk.type == "file" and known.sha256 != disk.sha256)
+        (known.size is not None and known.size != disk.size)
+        or (known.mode is not None and known.mode != disk.mode)
+        or (known.mtime_ns is not None and known.mtime_ns != disk.mtime_ns)
+        or (disk.type == "file" and known.sha256 is not None and known.sha256 != disk.sha256)
     )
 
 
@@ -146,6 +150,7 @@ class Reconciler:
         self.cache = DirCache(root_fds)
         self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
         self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
+        self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
 
     def prefetch(self, hints: list[Hint]) -> None:
         """Read the index rows of the window's paths in a few queries instead of one each."""
@@ -162,6 +167,17 @@ class Reconciler:
         """End of a flush: what was read ahead or left unwritten belongs to a transaction now over."""
         self._known.clear()
         self._puts.clear()
+        self._walked.clear()
+
+    def _walked_in_this_flush(self, root: int, rel: bytes) -> bool:
+        """Whether `rel` or a directory above it was walked whole during this flush, which began after
+        every watch its hints speak of was placed."""
+        while True:
+            if (root, rel) in self._walked:
+                return True
+            if not rel:
+                return False
+            rel = rel.rpartition(b"/")[0]
 
     def write_index(self) -> None:
         """Write the buffered index rows (before anything reads the index through SQL, and at commit)."""
@@ -210,6 +226,12 @@ class Reconciler:
         self, root: int, rel: bytes, origin: Origin, *, links: bool = True, created: bool = False, is_dir: bool = False
     ) -> Iterator[None]:
         if not rel:
+            return
+        if created and is_dir:
+            # A directory the watcher has just watched: what it holds is only known from a look taken
+            # after its watch, so look now, even if a walk of its parent saw it before the watch existed.
+            if not self._walked_in_this_flush(root, rel):
+                yield from self.rescan(root, rel, True, origin)
             return
         key = key_of(rel)
         known = self._get(self._names[root], key)
@@ -379,6 +401,8 @@ class Reconciler:
     def _walk(self, root: int, rel: bytes, origin: Origin, *, recursive: bool) -> Iterator[None]:
         """Merge the directory listing(s) below `rel` with the index below it, both in key order (depth
         first, names sorted), and settle every difference."""
+        if recursive:
+            self._walked.add((root, rel))
         try:
             fd = self.cache.get(root, rel)
         except OSError as exc:

@@ -667,6 +667,9 @@ class Watcher:
             self._register(node)
             self._place(parent, name, node)
             self._walk_new(node, fd)
+            # Watched from now on: what it holds must be looked at after this moment, whatever a walk of
+            # its parent saw before (the pipeline walks a directory it is told was created).
+            self._out.append(Touch(parent.root, node.locate(self._gen) or b"", True, True))
             return node
         finally:
             os.close(fd)

@@ -152,7 +152,7 @@ def test_directory_rename_is_one_move_of_a_verified_node(ws: Path, started: tupl
     assert watcher.barrier()
     seen = collector.take()
     assert seen[0] == Move(0, b"old", b"new", True, os.stat(ws / "new").st_ino)
-    assert Touch(0, b"new/sub/f.txt") in seen
+    assert Touch(0, b"new/sub/f.txt", created=True) in seen
     assert_watches_match_disk(watcher, ws)
 
 
