@@ -1117,6 +1117,25 @@ def test_v_renamed_into_an_ignored_name_and_back(workspace: Path, daemon_factory
     assert _folded(events, ws, "src/pkg/a.py").sha256 == sha("changed while ignored")
 
 
+@pytest.mark.parametrize("away", ["node_modules", "outside"])
+def test_v_hard_link_written_then_the_written_name_moved_away(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, away: str
+) -> None:
+    """Found by the state machine: a write through h1, then h1 moved into an ignored tree (or out of the
+    tree) before the daemon looked. h2, the other name of the written file, must get the new sha256."""
+    ws = workspace
+    (ws / "node_modules").mkdir()
+    (ws / "h1").write_text("one")
+    os.link(ws / "h1", ws / "h2")
+    daemon = daemon_factory()
+    with lagging(daemon):
+        with open(ws / "h1", "r+") as f:
+            f.write("TWO")
+        (ws / "h1").rename(ws / "node_modules" / "h1" if away == "node_modules" else tmp_path / "h1")
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "h2").sha256 == sha("TWO")
+
+
 def test_v_special_files_are_recorded_and_never_block(workspace: Path, daemon_factory: Start) -> None:
     import socket
 
