@@ -126,10 +126,6 @@ class Daemon:
                 f"state dir {s.state_dir}: {exc.strerror or exc} (set [state] dir or CODI2_STATE__DIR to a writable"
                 " directory)"
             ) from None
-        try:
-            self.sink = await asyncio.to_thread(self._open_store, s)
-        except Exception as exc:
-            raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots, self._private_paths())
         local = None
         if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
@@ -143,7 +139,6 @@ class Daemon:
             local_store=local,
             rules=rules,
             identity=self.identity,
-            sink=self.sink,
             metrics=self.metrics,
             max_events=s.batching.max_events,
             max_batch_bytes=s.batching.max_bytes,
@@ -154,9 +149,15 @@ class Daemon:
             initial_scan=s.monitoring.initial_scan,
         )
         try:
+            # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
             await asyncio.to_thread(self.pipeline.open)
         except OSError as exc:
             raise StartupError(f"cannot open the journal in {s.state_dir}: {exc.strerror or exc}") from None
+        try:
+            self.sink = await asyncio.to_thread(self._open_store, s)
+        except Exception as exc:
+            raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
+        self.pipeline.sink = self.sink
         self.pipeline.start()
         self.watcher = Watcher(
             s.watch_roots, rules, s.state_dir / "barrier", on_hints=self.pipeline.feed, on_overflow=self._overflow

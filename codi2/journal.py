@@ -83,6 +83,8 @@ class LocalStore(Protocol):
 
     def insert(self, db: sqlite3.Connection, batch: Batch) -> None: ...
 
+    def salvage(self, damaged: Path, db: sqlite3.Connection) -> int: ...
+
 
 class JournalCorrupt(Exception):
     """The journal file cannot be trusted; the caller moves it aside and rebuilds."""
@@ -351,6 +353,11 @@ class Journal:
             self.outbox_events += len(events)
             self.outbox_bytes += len(body)
         return OutboxBatch(cursor.lastrowid or 0, batch_id, tuple(events), len(body))
+
+    def salvage_store(self, aside: Path) -> int:
+        """With a local store, copy the events a damaged file still yields into this one (in the caller's
+        transaction): the trail shares the journal's file, and it is kept whatever the index's damage."""
+        return self.store.salvage(aside, self._db) if self.store is not None else 0
 
     def acknowledged(self, batch: OutboxBatch) -> None:
         """The shipper deleted this batch from the outbox (its own connection): keep the figures in step."""

@@ -202,7 +202,6 @@ class Pipeline:
         local_store: LocalStore | None,
         rules: IgnoreRules,
         identity: Identity,
-        sink: Sink,
         metrics: Metrics,
         max_events: int,
         max_batch_bytes: int,
@@ -219,7 +218,7 @@ class Pipeline:
         self._local_store = local_store  # the store lives in the journal's file: nothing to ship
         self._rules = rules
         self._identity = identity
-        self._sink = sink
+        self.sink: Sink | None = None  # set once opened (with SQLite, after the journal: the same file)
         self._metrics = metrics
         self._max_events = max_events
         self._max_batch_bytes = max_batch_bytes
@@ -251,6 +250,7 @@ class Pipeline:
         self._handoff: deque[OutboxBatch] = deque()
         self._ship_stop = False
         self._rebuild_requested = False
+        self._ack_failing = False
         self._journal_thread: threading.Thread | None = None
         self._ship_thread: threading.Thread | None = None
 
@@ -274,7 +274,10 @@ class Pipeline:
                 self.corrupt_records += migrated.corrupt_records
                 self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
                 if migrated.corrupt_records and migrated.needs_rebuild:
-                    self.note_gap("spool_corrupt", migrated.corrupt_records)
+                    with self.journal.transaction():
+                        self.journal.append([self._gap_event("spool_corrupt", migrated.corrupt_records)])
+                    self._metrics.gaps.inc()
+                    self.gaps += 1
                 break
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
@@ -286,15 +289,25 @@ class Pipeline:
         rebuild the index from the store (the trail is the truth; the index is derived from it)."""
         aside = move_aside(path)
         batches, lost = salvage_outbox(aside)
-        journal = Journal(path, fsync=self._fsync, store=self._local_store)
+        self.journal = journal = Journal(path, fsync=self._fsync, store=self._local_store)
         with journal.transaction():
             for batch_id, events in batches:
                 journal.append(events, batch_id)
+            kept = journal.salvage_store(aside)  # SQLite: the trail shares the file; carry it over
+            # The gap is made durable here, with the recovery: a kill before the next batch loses neither.
+            journal.append([self._gap_event("journal_corrupt", lost if lost > 0 else None)])
             journal.set_needs_rebuild(True)
         self._metrics.spool_corrupt_records.inc(max(lost, 0))
+        self._metrics.gaps.inc()
+        self.gaps += 1
         self.corrupt_records += max(lost, 0)
-        self.note_gap("journal_corrupt", lost if lost >= 0 else None)
-        log.error("journal_recovered", kept_aside=str(aside), batches_salvaged=len(batches), batches_lost=lost)
+        log.error(
+            "journal_recovered",
+            kept_aside=str(aside),
+            batches_salvaged=len(batches),
+            batches_lost=lost,
+            store_events_kept=kept,
+        )
         return journal
 
     def start(self) -> None:
@@ -336,7 +349,9 @@ class Pipeline:
         """The start-up walk, after the watches are in place: a baseline on a first start, otherwise the
         diff against the index of what changed while the daemon was down."""
         assert self.journal is not None
-        origin: Origin = "offline" if self.journal.initialized else "baseline"
+        # After a rebuild from the store there was a trail before: what differs changed while we were down.
+        known = self.journal.initialized or self.journal.needs_rebuild
+        origin: Origin = "offline" if known else "baseline"
         self._initial_pending = len(self._roots)
         self.journal_health.initial_scan = "running"
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
@@ -522,11 +537,7 @@ class Pipeline:
         with self._lock:
             reasons, self._gap_reasons = self._gap_reasons, {}
         for reason, count in reasons.items():
-            # `dest_path` names the cause, `size` how many changes (when known) lost their history
-            rec.events.append(
-                self._event("gap", "", reason, self.root_names[0], "dir", None, "live", size=count or None)
-            )
-            log.warning("gap_recorded", reason=reason, changes=count or None)
+            rec.events.append(self._gap_event(reason, count or None))
 
     def _journal_failed(self, exc: Exception) -> None:
         if is_corruption(exc):
@@ -582,7 +593,7 @@ class Pipeline:
         try:
             trail = (
                 e
-                for _, e in self._sink.read(EventQuery(ident.tenant_id))
+                for _, e in self._store().read(EventQuery(ident.tenant_id))
                 if e.user_id == ident.user_id and e.root in roots
             )
             state = fold_events(trail)
@@ -608,6 +619,7 @@ class Pipeline:
             with journal.transaction():
                 journal.replace_index(rows)
                 journal.set_needs_rebuild(False)
+                journal.mark_initialized()
         except Exception as exc:
             self._journal_failed(exc)
             return
@@ -623,49 +635,55 @@ class Pipeline:
     def _make_event(
         self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
     ) -> Event:
-        return self._event(
-            action,
-            os.fsdecode(rel),
-            os.fsdecode(dest) if dest is not None else None,
-            self.root_names[root],
-            facts.type,
-            facts,
-            origin,
-        )
-
-    def _event(
-        self,
-        action: Action,
-        path: str,
-        dest: str | None,
-        root: str,
-        kind: str,
-        facts: Facts | None,
-        origin: Origin,
-        *,
-        size: int | None = None,
-    ) -> Event:
+        """An event of the reconciler: on the hot path of a burst, so built positionally."""
         journal = self.journal
         assert journal is not None
         ident = self._identity
+        mtime = facts.mtime_ns
         return Event(
-            id=uuid7(),
-            seq=journal.take_seq(),
-            ts=now_rfc3339(),
-            tenant_id=ident.tenant_id,
-            user_id=ident.user_id,
-            session_id=ident.session_id,
-            pod=ident.pod,
-            action=action,
-            path=path,
-            dest_path=dest,
-            root=root,
-            type=kind,  # type: ignore[arg-type]
-            size=facts.size if facts else size,
-            mode=facts.mode if facts else None,
-            mtime=rfc3339_ns(facts.mtime_ns) if facts and facts.mtime_ns is not None else None,
-            sha256=facts.sha256 if facts else None,
-            origin=origin,
+            uuid7(),
+            journal.take_seq(),
+            now_rfc3339(),
+            ident.tenant_id,
+            ident.user_id,
+            ident.session_id,
+            ident.pod,
+            action,
+            os.fsdecode(rel),
+            None if dest is None else os.fsdecode(dest),
+            self.root_names[root],
+            facts.type,
+            facts.size,
+            facts.mode,
+            None if mtime is None else rfc3339_ns(mtime),
+            facts.sha256,
+            origin,
+        )
+
+    def _gap_event(self, reason: str, count: int | None) -> Event:
+        """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history."""
+        journal = self.journal
+        assert journal is not None
+        ident = self._identity
+        log.warning("gap_recorded", reason=reason, changes=count)
+        return Event(
+            uuid7(),
+            journal.take_seq(),
+            now_rfc3339(),
+            ident.tenant_id,
+            ident.user_id,
+            ident.session_id,
+            ident.pod,
+            "gap",
+            "",
+            reason,
+            self.root_names[0],
+            "dir",
+            count,
+            None,
+            None,
+            None,
+            "live",
         )
 
     # Shipper thread ------------------------------------------------------------------------------
@@ -718,7 +736,7 @@ class Pipeline:
                     elif not self._deliver(b):
                         return
                     n = b[0] if isinstance(b, tuple) else b.n
-                    reader.delete_through(n)
+                    self._ack(reader, n)
                     if isinstance(b, OutboxBatch):
                         journal.acknowledged(b)
                     after = n
@@ -726,6 +744,22 @@ class Pipeline:
             log.exception("shipper_failed")
         finally:
             reader.close()
+
+    def _store(self) -> Sink:
+        assert self.sink is not None, "the daemon sets the sink before it starts the pipeline"
+        return self.sink
+
+    def _ack(self, reader: OutboxReader, n: int) -> None:
+        """Delete what the store holds from the outbox. If that write fails (a full disk), shipping goes
+        on: the rows stay, and are shipped again, harmlessly, after a restart."""
+        try:
+            reader.delete_through(n)
+        except sqlite3.Error as exc:
+            if not self._ack_failing:
+                log.warning("outbox_ack_failed", error=str(exc), note="re-sent after a restart; lands once")
+            self._ack_failing = True
+        else:
+            self._ack_failing = False
 
     def _outbox_row_lost(self, n: int, reason: str) -> None:
         """A batch that no longer checks out: its events are lost; say so, and derive the index again
@@ -744,7 +778,7 @@ class Pipeline:
         while True:
             started = time.perf_counter()
             try:
-                self._sink.write_batch(batch)
+                self._store().write_batch(batch)
             except Exception as exc:
                 self._store_failed(exc)
                 with self._ship_wake:

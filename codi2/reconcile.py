@@ -306,15 +306,17 @@ class Reconciler:
         else:
             yield from self.touch(root, rel, origin)
 
-    @staticmethod
-    def _trusted(hint: Move, known: Facts, disk: Facts | None) -> bool:
+    def _trusted(self, hint: Move, known: Facts, disk: Facts | None) -> bool:
         if (known.type == "dir") != hint.is_dir:
             return False
         if hint.ino is not None and known.ino is not None:
             return hint.ino == known.ino  # the watcher saw this very directory at the new name
-        if disk is None:
-            return True  # it moved on (or was removed): the kernel paired the rename, later hints settle it
-        return same_entity(known, disk)
+        if disk is not None:
+            return same_entity(known, disk)
+        # Nothing at the new name any more: it moved on (or was removed), unless what the index holds is
+        # still at the old name; then something else moved (the second half of an exchange, say).
+        at_src = self._disk(hint.root, hint.src, known)
+        return not (isinstance(at_src, Facts) and same_entity(known, at_src) and known.ino is not None)
 
     def rescan(self, root: int, rel: bytes, recursive: bool, origin: Origin) -> Iterator[None]:
         """Diff a directory (and with `recursive` everything below it) against the index."""
@@ -365,12 +367,15 @@ class Reconciler:
             if disk.type == "dir" and descend:
                 yield from self._walk(root, rel, origin, recursive=True)
             return
-        if content_changed(known, disk):
+        changed = content_changed(known, disk)
+        if changed:
             self._put(name, key, disk)
             yield from self._emit("updated", root, rel, None, disk, origin)
         elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
             self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
-        if disk.type == "dir" and descend and not same_entity(known, disk):
+        # Another directory at this name, or new permissions (what it held while we could not read it
+        # was never seen): look at everything below it.
+        if disk.type == "dir" and descend and (changed or not same_entity(known, disk)):
             yield from self._walk(root, rel, origin, recursive=True)
 
     def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:

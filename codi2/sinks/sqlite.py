@@ -17,6 +17,8 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import structlog
+
 from codi2.events import Batch, Event, EventQuery, decode_event, encode_event, rfc3339
 from codi2.sinks import Cursor, StoreError
 
@@ -36,6 +38,7 @@ CREATE INDEX IF NOT EXISTS events_tenant_ts ON events (tenant_id, ts);
 DROP INDEX IF EXISTS events_tenant_path;
 """
 BUSY_TIMEOUT_S = 2.0
+log = structlog.get_logger("codi2.sinks.sqlite")
 
 
 def insert(db: sqlite3.Connection, batch: Batch) -> None:
@@ -54,6 +57,29 @@ class LocalStore:
 
     schema = SCHEMA
     insert = staticmethod(insert)
+
+    @staticmethod
+    def salvage(damaged: Path, db: sqlite3.Connection) -> int:
+        """Copy every event row a damaged file still yields, in commit order, into `db`; stop at the first
+        unreadable page (what follows it is counted by the gap the caller records)."""
+        kept = 0
+        try:
+            old = sqlite3.connect(f"file:{damaged}?mode=ro", uri=True)
+        except sqlite3.Error:
+            return 0
+        try:
+            for row in old.execute("SELECT id, batch_id, tenant_id, ts, action, path, body FROM events ORDER BY pos"):
+                db.execute(
+                    "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                kept += 1
+        except sqlite3.Error as exc:
+            log.error("store_salvage_stopped", kept=kept, error=str(exc))
+        finally:
+            old.close()
+        return kept
 
 
 def _decode(body: str | bytes) -> Event:
