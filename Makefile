@@ -7,7 +7,7 @@ CONFIG ?= config/dev.toml
 USER_ID ?= dev
 TENANT_ID ?= dev
 
-.PHONY: run test promtool bench manifests monitoring docs dist clean
+.PHONY: run test fidelity promtool bench manifests monitoring docs dist clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,13 @@ test: $(STAMP) promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# The trail-fidelity state machine at length: 200 examples of up to 20 steps each against a real daemon on
+# SQLite, and a quarter of that on FoundationDB over the fake libfdb_c (about half an hour). `make test` runs
+# 10 and 2.
+FIDELITY_EXAMPLES ?= 200
+fidelity: $(STAMP)
+	CODI2_FIDELITY_EXAMPLES=$(FIDELITY_EXAMPLES) $(BIN)/python -m pytest tests/test_fidelity.py --hypothesis-show-statistics
 
 # promtool, for the alert-rule tests, extracted from Debian's prometheus package into .venv/bin (a few
 # seconds, once); without apt or a network it says why and those tests skip. See tools/get-promtool.
