@@ -146,6 +146,12 @@ class Window:
     def _move(self, hint: Move) -> None:
         root, src, dst = hint.root, hint.src, hint.dst
         carried: list[Hint] = []
+        # A hint at the source name itself that speaks of another type than what moved is about another
+        # entry: the first half of a RENAME_EXCHANGE brought it to `src` from a name outside the trail (a
+        # name ignored only as a directory, `logs/`), and the second half moved what was at `src` before.
+        # That hint stays at `src` (a directory that appeared there is walked whole). Only a directory's
+        # hints and a file's `created` say their type for sure.
+        again: Touch | None = None
         if hint.is_dir:
             src_below, dst_below = src + b"/", dst + b"/"
             for key, item in list(self._items.items()):
@@ -157,15 +163,21 @@ class Window:
                 elif path == src or path.startswith(src_below):
                     del self._items[key]
                     carried.append(_retarget(item, dst + path[len(src) :]))
+                    if path == src and isinstance(item, Touch) and item.created and not item.is_dir:
+                        again = item  # a file appeared at `src`: not the directory that moved
         else:
             self._items.pop((root, dst), None)
             found = self._items.pop((root, src), None)
-            if isinstance(found, Touch):
+            if isinstance(found, Touch) and found.is_dir:
+                again = found
+            elif isinstance(found, Touch):
                 carried.append(_retarget(found, dst))
         self._moves += 1
         self._items[("move", self._moves)] = hint
         for item in carried:
             self.add(item)
+        if again is not None:
+            self.add(again)
 
     def take(self) -> list[Hint]:
         items = list(self._items.values())

@@ -1279,3 +1279,36 @@ def test_settle_first_start_killed_mid_baseline_completes_it_once(workspace: Pat
     assert {e.origin for e in events} == {"baseline"}
     assert max(Counter(e.path for e in events).values()) == 1
     print(f"killed after {partial} of {len(events)} baseline events")
+
+
+def _logs_dirs_rule(rel: str, is_dir: bool) -> bool:
+    parts = rel.split("/")
+    return "logs" in parts[:-1] or (is_dir and parts[-1] == "logs")
+
+
+@LAG
+def test_v_exchange_with_a_name_ignored_only_as_a_directory(workspace: Path, daemon_factory: Start, lag: bool) -> None:
+    """Found by attack: `logs/` ignores a directory named logs, not a file. RENAME_EXCHANGE of the ignored
+    directory `logs` with the file `d` brings the directory into the trail at `d` (a hint there) and moves
+    the file from `d` to `logs` (a rename within the trail): the hint at `d` is about the directory, not
+    the file that moved, and must not leave with it."""
+    ws = workspace
+    (ws / "logs").mkdir()
+    (ws / "logs" / "inside").write_text("in the ignored directory")
+    (ws / "d").write_text("a file")
+    patterns = json.dumps([".git", "node_modules", "target", "dist", "logs/"])
+    daemon = daemon_factory(env={"CODI2_MONITORING__IGNORE_PATTERNS": patterns})
+    events = converge(daemon, ws, ignored=_logs_dirs_rule)
+    assert "logs/inside" not in ever_named(events)
+    with _maybe_lagging(daemon, lag):
+        exchange(ws / "logs", ws / "d")  # d: the directory (now in the trail); logs: the file
+    events = converge(daemon, ws, ignored=_logs_dirs_rule)
+    assert _folded(events, ws, "d/inside").sha256 == sha("in the ignored directory")
+    assert _folded(events, ws, "logs").sha256 == sha("a file")
+    with _maybe_lagging(daemon, lag):
+        exchange(ws / "logs", ws / "d")  # back: the directory is ignored again, the file is d
+        (ws / "logs" / "while-ignored").write_text("w")
+        exchange(ws / "logs", ws / "d")  # and again into the trail, with what was written meanwhile
+    (ws / "d" / "after").write_text("a")
+    events = final_check(daemon, ws, ignored=_logs_dirs_rule)
+    assert _folded(events, ws, "d/while-ignored").sha256 == sha("w")

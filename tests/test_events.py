@@ -76,6 +76,15 @@ def test_a_file_rename_carries_its_own_hint_only() -> None:
     assert got == [Touch(0, b".f.swpx"), Move(0, b".f.swp", b"f", False, None), Touch(0, b"f")]
 
 
+def test_a_hint_of_another_type_at_the_source_stays_there() -> None:
+    """RENAME_EXCHANGE of a directory at a name ignored only as a directory with the file `d`: the
+    directory appears at `d` (a hint there), the file moves from `d`; the hint is not the file's."""
+    got = _window(Touch(0, b"d", True, True), Move(0, b"d", b"logs", False, None))
+    assert got == [Move(0, b"d", b"logs", False, None), Touch(0, b"d", True, True)]
+    got = _window(Touch(0, b"d", True, False), Move(0, b"d", b"x", True, 7))
+    assert got == [Move(0, b"d", b"x", True, 7), Touch(0, b"x", True, False), Touch(0, b"d", True, False)]
+
+
 def test_restored_hints_go_before_newer_ones() -> None:
     window = Window()
     window.add(Touch(0, b"new"))
