@@ -265,6 +265,7 @@ class Pipeline:
         self._handoff: deque[OutboxBatch] = deque()
         self._ship_stop = False
         self._rebuild_requested = False
+        self._fresh_remote = False  # a new journal beside a remote store: its first rebuild may find nothing
         self._ack_failing = False
         self._journal_thread: threading.Thread | None = None
         self._ship_thread: threading.Thread | None = None
@@ -283,8 +284,10 @@ class Pipeline:
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
+        migrated_any = False
         for place in dict.fromkeys([self._state_dir, old_default]):
             if fresh and legacy.present(place):
+                migrated_any = True
                 migrated = legacy.migrate(place, self.journal, remove=place == self._state_dir)
                 self.corrupt_records += migrated.corrupt_records
                 self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
@@ -294,6 +297,13 @@ class Pipeline:
                     self._metrics.gaps.inc()
                     self.gaps += 1
                 break
+        if fresh and not migrated_any and self._local_store is None:
+            # No journal, but the store may hold a trail of this user's roots already (the state volume
+            # was lost or wiped while the store kept everything): derive the index from it before the
+            # first diff, or every entry would be `created` twice and what was deleted meanwhile never go.
+            with self.journal.transaction():
+                self.journal.set_needs_rebuild(True)
+            self._fresh_remote = True
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
             self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
@@ -641,9 +651,12 @@ class Pipeline:
         self._rebuild_requested = False
         self.journal_health.rebuilds += 1
         log.info("index_rebuilt", entries=len(rows))
+        # A new journal whose store holds no trail of these roots yet: this is the very first start.
+        origin: Origin = "baseline" if self._fresh_remote and not rows else "offline"
+        self._fresh_remote = False
         self._initial_pending = len(self._roots)
         self.journal_health.initial_scan = "running"
-        self.feed([Rescan(i, b"", True, "offline") for i in range(len(self._roots))])
+        self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
 
     # Events --------------------------------------------------------------------------------------
 

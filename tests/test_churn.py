@@ -1312,3 +1312,34 @@ def test_v_exchange_with_a_name_ignored_only_as_a_directory(workspace: Path, dae
     (ws / "d" / "after").write_text("a")
     events = final_check(daemon, ws, ignored=_logs_dirs_rule)
     assert _folded(events, ws, "d/while-ignored").sha256 == sha("w")
+
+
+def test_v_lost_state_volume_with_the_trail_kept_in_foundationdb(
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """Found by attack: the journal gone (the state volume lost or wiped) while FoundationDB keeps the
+    trail. The next start is no first start: the index comes from the store, nothing is `created` twice,
+    and what was deleted meanwhile is `deleted`."""
+    ws = workspace
+    (ws / "kept.txt").write_text("kept")
+    (ws / "gone.txt").write_text("deleted while the state was lost")
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        first = converge(daemon, ws)
+        assert {e.origin for e in first} == {"baseline"}, describe(first)
+        assert daemon.terminate() == 0
+    finally:
+        daemon.kill()
+    shutil.rmtree(ws / ".codi2")
+    (ws / "gone.txt").unlink()
+    (ws / "new.txt").write_text("new")
+    again = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        events = final_check(again, ws)
+        later = events[len(first) :]
+        assert sorted((e.action, e.path, e.origin) for e in later) == [
+            ("created", "new.txt", "offline"),
+            ("deleted", "gone.txt", "offline"),
+        ], describe(events)
+    finally:
+        again.kill()
