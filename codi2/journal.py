@@ -330,19 +330,20 @@ class Journal:
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)
-        self._db.execute(
-            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (self._root(root), key, low, high),
-        )
+        root_id = self._root(root)
+        # Two statements, each a primary-key search: with `key = ? OR (range)` SQLite scans the whole root.
+        self._db.execute("DELETE FROM files WHERE root = ? AND key = ?", (root_id, key))
+        self._db.execute("DELETE FROM files WHERE root = ? AND key >= ? AND key < ?", (root_id, low, high))
 
     def move_tree(self, root: str, src: bytes, dst: bytes) -> None:
         """The entry at `src` and everything below it now live at `dst` (what was at `dst` is replaced)."""
         self.drop_tree(root, dst)
         low, high = subtree_bounds(src)
+        root_id = self._root(root)
+        self._db.execute("UPDATE files SET key = ? WHERE root = ? AND key = ?", (dst, root_id, src))
         self._db.execute(
-            "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB)"
-            " WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (dst, len(src) + 1, self._root(root), src, low, high),
+            "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB) WHERE root = ? AND key >= ? AND key < ?",
+            (dst, len(src) + 1, root_id, low, high),
         )
 
     def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
