@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS files (
     sha256   TEXT,
     PRIMARY KEY (root, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_links ON files (dev, ino) WHERE nlink > 1;
+DROP INDEX IF EXISTS files_links;
+CREATE INDEX IF NOT EXISTS files_inode ON files (dev, ino);
 CREATE TABLE IF NOT EXISTS outbox (
     n        INTEGER PRIMARY KEY AUTOINCREMENT,
     batch_id TEXT NOT NULL,
@@ -346,12 +347,11 @@ class Journal:
             (dst, len(src) + 1, root_id, low, high),
         )
 
-    def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
-        """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
-        `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
-        where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
+    def linked(self, dev: int, ino: int) -> list[tuple[str, bytes]]:
+        """Every indexed name of an inode (an index search: `cp -al` of a big tree asks once per file)."""
         rows = self._db.execute(
-            f"SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE {where}", (dev, ino)
+            "SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE dev = ? AND ino = ?",
+            (dev, ino),
         )
         return [(path, key) for path, key in rows]
 
