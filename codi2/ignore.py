@@ -29,6 +29,9 @@ class IgnoreRules:
         self.path_dependent = any("/" in _pattern_body(line) for line in lines)
         # Bare names and no negation: a path's verdict is its own name's or an ancestor's, a fast path.
         self._by_name = not self.path_dependent and not any(line.strip().startswith("!") for line in lines)
+        # Plain names without wildcards (the usual `.git`, `node_modules`, `target`, `dist`): a set lookup
+        # instead of pathspec's regexes, for every new name of a burst. None when any pattern is more.
+        self._literal = _literal_names(lines) if self._by_name else None
 
     def ignored(self, root: int, rel: bytes, is_dir: bool) -> bool:
         if (root, rel) in self._private:
@@ -48,6 +51,9 @@ class IgnoreRules:
                 return True
 
     def _match(self, text: bytes, is_dir: bool) -> bool:
+        if self._literal is not None:
+            dir_only = self._literal.get(text)
+            return dir_only is not None and (is_dir or not dir_only)
         key = (text, is_dir)
         found = self._memo.get(key)
         if found is None:
@@ -63,3 +69,18 @@ def _pattern_body(line: str) -> str:
     if not text or text.startswith("#"):
         return ""
     return text.removeprefix("!").rstrip("/")
+
+
+def _literal_names(lines: list[str]) -> dict[bytes, bool] | None:
+    """{name: matches directories only} when every pattern is a plain name (`dist`, `build/`), else None."""
+    names: dict[bytes, bool] = {}
+    for line in lines:
+        text = line.rstrip("\r\n")
+        if not text.strip() or text.startswith("#"):
+            continue
+        body = text[:-1] if text.endswith("/") else text
+        if not body or body != body.strip() or any(c in body for c in "*?[\\/!") or body in (".", ".."):
+            return None
+        raw = os.fsencode(body)
+        names[raw] = names.get(raw, True) and text.endswith("/")
+    return names

@@ -71,7 +71,8 @@ CREATE TABLE IF NOT EXISTS files (
     sha256   TEXT,
     PRIMARY KEY (root, key)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS files_links ON files (dev, ino) WHERE nlink > 1;
+DROP INDEX IF EXISTS files_links;
+CREATE INDEX IF NOT EXISTS files_inode ON files (dev, ino);
 CREATE TABLE IF NOT EXISTS outbox (
     n        INTEGER PRIMARY KEY AUTOINCREMENT,
     batch_id TEXT NOT NULL,
@@ -330,27 +331,27 @@ class Journal:
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)
-        self._db.execute(
-            "DELETE FROM files WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (self._root(root), key, low, high),
-        )
+        root_id = self._root(root)
+        # Two statements, each a primary-key search: with `key = ? OR (range)` SQLite scans the whole root.
+        self._db.execute("DELETE FROM files WHERE root = ? AND key = ?", (root_id, key))
+        self._db.execute("DELETE FROM files WHERE root = ? AND key >= ? AND key < ?", (root_id, low, high))
 
     def move_tree(self, root: str, src: bytes, dst: bytes) -> None:
         """The entry at `src` and everything below it now live at `dst` (what was at `dst` is replaced)."""
         self.drop_tree(root, dst)
         low, high = subtree_bounds(src)
+        root_id = self._root(root)
+        self._db.execute("UPDATE files SET key = ? WHERE root = ? AND key = ?", (dst, root_id, src))
         self._db.execute(
-            "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB)"
-            " WHERE root = ? AND (key = ? OR (key >= ? AND key < ?))",
-            (dst, len(src) + 1, self._root(root), src, low, high),
+            "UPDATE files SET key = CAST(? || substr(key, ?) AS BLOB) WHERE root = ? AND key >= ? AND key < ?",
+            (dst, len(src) + 1, root_id, low, high),
         )
 
-    def linked(self, dev: int, ino: int, *, all_rows: bool = False) -> list[tuple[str, bytes]]:
-        """The indexed names of an inode: those known to be hard-linked (an index lookup), or with
-        `all_rows` every one (a scan, for a name indexed before the inode gained a second link)."""
-        where = "dev = ? AND ino = ?" if all_rows else "dev = ? AND ino = ? AND nlink > 1"
+    def linked(self, dev: int, ino: int) -> list[tuple[str, bytes]]:
+        """Every indexed name of an inode (an index search: `cp -al` of a big tree asks once per file)."""
         rows = self._db.execute(
-            f"SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE {where}", (dev, ino)
+            "SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE dev = ? AND ino = ?",
+            (dev, ino),
         )
         return [(path, key) for path, key in rows]
 

@@ -260,8 +260,6 @@ class Reconciler:
         me = (self._names[root], key)
         dev, ino = linked.dev or 0, linked.ino or 0
         others = [n for n in self._j.linked(dev, ino) if n != me]
-        if len(others) < (linked.nlink or 0) - 1:  # a name indexed before it was linked: look them all up
-            others = [n for n in self._j.linked(dev, ino, all_rows=True) if n != me]
         for other_root, other_key in others:
             if other_root in self._names:
                 yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)

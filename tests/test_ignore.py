@@ -14,6 +14,8 @@ NAMES = st.sampled_from(["a", "node_modules", ".git", "keep.log", "x.log", "buil
 PATTERN_SETS = st.sampled_from(
     [
         [".git", "node_modules", "target", "dist"],
+        ["build/", "x.log", "dist", "dist/", "# a comment", ""],  # plain names: the set lookup
+        ["build/", "caf\xe9", "src/"],
         ["*.log", "!keep.log"],
         ["build/", "*.log", "!keep.log", "node_modules"],
         ["logs/*.log", "!keep.log"],  # anchored: the slow, exact path
