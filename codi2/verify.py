@@ -140,10 +140,11 @@ def _stream(
             continue
         rows = sink.batch_events(tenant_id, batch)
         chained.update(cursor for cursor, _ in rows)
-        for cursor, e in rows:  # every event of the batch must be in the trail as `codi2 events` reads it
+        content = _content(batch.header, rows, keyring, unchecked, report)
+        report.breaks += content
+        for cursor, e in [] if content else rows:  # each event of an intact batch must be in the trail read
             if cursor not in trail and (since is None or parse_time(e.ts) >= since):
                 unread[cursor] = (report, batch.header.number, e)
-        report.breaks += _content(batch.header, rows, keyring, unchecked, report)
         cursors: list[Any] = [cursor for cursor, _ in rows]
         follows = index.get(batch.header.prev, -1)
         if cursors and follows in last_cursor and min(cursors) < last_cursor[follows]:
