@@ -444,6 +444,8 @@ def _events(args: argparse.Namespace) -> int:
         raise UsageError("--limit: must be 0 or more")
     query = EventQuery(settings.tenant_id, args.path, args.action, _since(args), args.limit)
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
+    if args.limit == 0 and not args.replay:
+        return EXIT_OK
     sink = open_sink(settings, create=False)
     if args.replay:
         try:

@@ -7,9 +7,12 @@ nothing else of codi2, so every other module can depend on it.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import tomllib
+import typing
 from contextvars import ContextVar
 from importlib.metadata import version
 from pathlib import Path
@@ -30,6 +33,7 @@ from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
     TomlConfigSettingsSource,
 )
 
@@ -330,6 +334,33 @@ def _describe(error: dict[str, Any]) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _settings_error(exc: SettingsError) -> str:
+    """One line for pydantic-settings' own error, which names only the table: the variable and the problem."""
+    m = re.search(r'field "(\w+)"', str(exc))
+    table = m[1] if m else ""
+    cause = exc.__cause__
+    problem = f"not valid JSON ({cause})" if isinstance(cause, json.JSONDecodeError) else str(cause or exc)
+    prefix = ENV_PREFIX + table.upper()
+    names = sorted(n for n in os.environ if n.upper() == prefix or n.upper().startswith(prefix + "__"))
+    for name in sorted(names, key=lambda n: not _parsed_as_json(n)):  # those read as JSON first
+        try:
+            json.loads(os.environ[name])
+        except ValueError:
+            key = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+            return f"env {name}: {key}: {problem}"
+    return f"env {prefix}*: {table or '(top level)'}: {problem}"
+
+
+def _parsed_as_json(env_name: str) -> bool:
+    """Whether pydantic-settings parses this variable as JSON: a whole table, or a list or table in one."""
+    table, _, key = env_name[len(ENV_PREFIX) :].lower().partition("__")
+    field = Settings.model_fields.get(table)
+    if field is None or not key:
+        return field is not None
+    sub = getattr(field.annotation, "model_fields", {}).get(key)
+    return sub is not None and typing.get_origin(sub.annotation) in (list, dict, tuple, set)
+
+
 def load_settings(path: Path | None, **cli: Any) -> Settings:
     """Load the TOML file, env and CLI values; turn every failure into one ConfigError line."""
     cli = {k: v for k, v in cli.items() if v is not None}
@@ -343,6 +374,10 @@ def load_settings(path: Path | None, **cli: Any) -> Settings:
         return Settings(**cli)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): TOML files are UTF-8") from None
+    except SettingsError as exc:  # a value the environment gives as JSON that does not parse
+        raise ConfigError(_settings_error(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     except ValidationError as exc:

@@ -25,7 +25,7 @@ from codi2.config import ConfigError, Settings
 from codi2.events import rfc3339
 from codi2.health import HealthServer, build_app
 from codi2.ignore import IgnoreRules
-from codi2.journal import FILE_NAME
+from codi2.journal import FILE_NAME, JournalUnavailable
 from codi2.metrics import Metrics
 from codi2.pipeline import Identity, Pipeline
 from codi2.sinks import Sink, open_sink
@@ -42,10 +42,14 @@ class StartupError(Exception):
 
 
 class StateLock:
-    """One daemon per state directory: a second one on the same workspace would write the same journal."""
+    """One daemon per state directory: a second one on the same workspace would write the same journal.
+    With SQLite the journal is the store's file, which `[storage] sqlite_path` may name from any state
+    directory: that file gets a lock of its own (`<sqlite_path>.lock`), else two daemons would share one
+    stream, numbering its batches over each other."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = state_dir / "lock"
+    def __init__(self, state_dir: Path, *, file: Path | None = None) -> None:
+        self.path = state_dir / "lock" if file is None else file.with_name(file.name + ".lock")
+        self._what = (state_dir, "this state directory") if file is None else (file, "this SQLite store")
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -56,9 +60,8 @@ class StateLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise StartupError(
-                f"{self.path.parent}: another codi2 (pid {holder}) is running on this state directory"
-            ) from None
+            where, what = self._what
+            raise StartupError(f"{where}: another codi2 (pid {holder}) is running on {what}") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._fd = fd
@@ -84,6 +87,9 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.watcher: Watcher | None = None
         self._lock = StateLock(settings.state_dir)
+        self._store_lock = (
+            StateLock(settings.state_dir, file=settings.sqlite_file) if settings.backend == "sqlite" else None
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._armed = False
         key_file = settings.integrity.key_file
@@ -132,6 +138,11 @@ class Daemon:
                 f"state dir {s.state_dir}: {exc.strerror or exc} (set [state] dir or CODI2_STATE__DIR to a writable"
                 " directory)"
             ) from None
+        if self._store_lock is not None:
+            try:
+                await asyncio.to_thread(self._store_lock.acquire)
+            except OSError as exc:
+                raise StartupError(f"cannot lock {self._store_lock.path}: {exc.strerror or exc}") from None
         rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots, self._private_paths())
         local = None
         if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
@@ -158,6 +169,8 @@ class Daemon:
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
             await asyncio.to_thread(self.pipeline.open)
+        except JournalUnavailable as exc:
+            raise StartupError(f"cannot open the journal {exc}") from None
         except OSError as exc:
             raise StartupError(f"cannot open the journal in {s.state_dir}: {exc.strerror or exc}") from None
         try:
@@ -227,6 +240,8 @@ class Daemon:
         if self.sink is not None:
             await asyncio.to_thread(self.sink.close)
         self._lock.release()
+        if self._store_lock is not None:
+            self._store_lock.release()
         if self.health is not None:
             await self.health.stop()
         log.info("codi2_stopped", uncommitted=lost)

@@ -101,6 +101,12 @@ class JournalCorrupt(Exception):
     """The journal file cannot be trusted; the caller moves it aside and rebuilds."""
 
 
+class JournalUnavailable(Exception):
+    """The journal file cannot be opened for a reason other than its content (permissions, a lock held by
+    another process, an I/O error, a file that is another program's database): nothing in it is known to be
+    wrong, so nothing is moved aside (with SQLite the file is the store, the whole trail); the daemon stops."""
+
+
 def is_corruption(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.DatabaseError) and any(m in str(exc).lower() for m in CORRUPT_MARKERS)
 
@@ -178,7 +184,9 @@ class Journal:
         except sqlite3.DatabaseError as exc:
             with contextlib.suppress(Exception):
                 self._db.close()
-            raise JournalCorrupt(f"{path}: {exc}") from exc
+            if is_corruption(exc):
+                raise JournalCorrupt(f"{path}: {exc}") from exc
+            raise JournalUnavailable(f"{path}: {exc}") from exc
         self._lock = threading.Lock()  # the outbox figures change in the shipper's thread too
         self._root_ids: dict[str, int] = {}
         self.outbox_batches, self.outbox_events, self.outbox_bytes = row

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,43 @@ def test_cli_unknown_option_is_usage_error() -> None:
     result = _cli("events", "--bogus")
     assert result.returncode == 2
     assert "unrecognized arguments: --bogus" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("variables", "fragment"),
+    [
+        (
+            {"CODI2_MONITORING__WATCH_PATHS": "[bad"},
+            "env CODI2_MONITORING__WATCH_PATHS: monitoring.watch_paths: not valid JSON",
+        ),
+        (
+            {"CODI2_MONITORING__INITIAL_SCAN": "record", "CODI2_MONITORING__IGNORE_PATTERNS": "[1"},
+            "env CODI2_MONITORING__IGNORE_PATTERNS: monitoring.ignore_patterns: not valid JSON",
+        ),
+        ({"CODI2_MONITORING": "{bad"}, "env CODI2_MONITORING: monitoring: not valid JSON"),
+        ({"CODI2_FOUNDATIONDB__ROOT_PREFIX": '["a"'}, "env CODI2_FOUNDATIONDB__ROOT_PREFIX: foundationdb.root_prefix"),
+    ],
+)
+def test_cli_env_value_that_is_not_json_is_one_line_and_exit_2(
+    tmp_path: Path, variables: dict[str, str], fragment: str
+) -> None:
+    path = tmp_path / "codi2.toml"
+    path.write_text("")
+    result = subprocess.run(
+        [sys.executable, "-m", "codi2", "--config", str(path), "--user-id", "u", "--tenant-id", "t"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **variables},
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"codi2: {fragment}") and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_cli_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "codi2.toml"
+    path.write_bytes(b"\xff\xfe[server]\n")
+    result = _cli("--config", str(path), "--user-id", "u", "--tenant-id", "t")
+    assert result.returncode == 2
+    assert result.stderr == f"codi2: {path}: not UTF-8 text (byte 0): TOML files are UTF-8\n"

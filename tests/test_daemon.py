@@ -12,6 +12,7 @@ import sys
 import threading
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -318,3 +319,68 @@ def test_events_cli_filters_and_formats(workspace: Path, daemon_factory: Start) 
         check=True,
     )
     assert other.stdout == ""
+
+
+def _run_once(config: Path, user: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", user, "--tenant-id", "t1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_a_second_daemon_on_the_same_sqlite_store_exits_with_one_line(
+    workspace: Path, tmp_path: Path, daemon_factory: Start
+) -> None:
+    """The SQLite store's file is its daemon's journal (stream, chain head, index): a daemon of another state
+    dir pointed at it would number batches over the first one's, leaving its events in no batch."""
+    from conftest import write_config
+
+    daemon = daemon_factory()
+    other = tmp_path / "other"
+    other.mkdir()
+    config = write_config(tmp_path / "other.toml", other, daemon.db, f'[state]\ndir = "{tmp_path / "other-state"}"')
+    result = _run_once(config, "u2")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"codi2: {daemon.db}: another codi2 (pid {daemon.proc.pid}) is running on this SQLite store"
+    )
+    assert "Traceback" not in result.stderr
+    (workspace / "a.txt").write_text("a")
+    wait_for(lambda: daemon.events())
+    assert daemon.terminate() == 0
+
+
+def test_a_store_file_that_cannot_be_opened_is_left_alone(workspace: Path, tmp_path: Path) -> None:
+    """Only a corrupt journal is moved aside: with SQLite the journal is the store's file, the whole trail. A
+    file SQLite opens but cannot use (here another program's database, whose `files` table is not the
+    index) stops the daemon with one line and is left as it was."""
+    from conftest import write_config
+
+    db = tmp_path / "theirs.db"
+    with closing(sqlite3.connect(db)) as theirs, theirs:
+        theirs.execute("CREATE TABLE files (name TEXT)")
+        theirs.execute("INSERT INTO files VALUES ('precious')")
+    result = _run_once(write_config(tmp_path / "c.toml", workspace, db), "u1")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"codi2: cannot open the journal {db}: no such column: dev"
+    assert not list(tmp_path.glob("*corrupt*"))
+    with closing(sqlite3.connect(db)) as theirs:
+        assert theirs.execute("SELECT name FROM files").fetchall() == [("precious",)]
+
+
+def test_events_limit_0_prints_nothing(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory()
+    (workspace / "a.txt").write_text("a")
+    wait_for(lambda: daemon.events())
+    assert daemon.terminate() == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "t1", "--limit", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")

@@ -125,3 +125,27 @@ def test_verify_prints_a_report_and_refuses_a_bad_key_file(
         and stderr
         == f"codi2: --key-file: {short} holds 6 bytes; a key needs at least 32 (head -c 32 /dev/urandom > FILE)\n"
     )
+
+
+def test_an_event_hidden_from_reads_by_editing_its_row_s_index_columns_is_named(
+    workspace: Path, daemon_factory: Start
+) -> None:
+    """The `events` table's `tenant_id` and `ts` columns are what reads filter on, outside the link: an event
+    whose column was edited drops out of `codi2 events` with its record and its batch intact."""
+    for name in ("a", "b", "c"):
+        (workspace / f"{name}.txt").write_text(name)
+    daemon = daemon_factory()
+    wait_for(lambda: len(daemon.events()) == 3)
+    assert daemon.terminate() == 0
+    assert run_verify(daemon.config)[0] == 0
+    with closing(sqlite3.connect(daemon.db)) as db, db:
+        db.execute("UPDATE events SET tenant_id = 'elsewhere' WHERE pos = 2")
+    assert len(daemon.events()) == 2
+    code, report, _ = run_verify(daemon.config)
+    [b] = report["streams"][0]["breaks"]
+    assert code == 1 and b["kind"] == "event_removed" and "not in the tenant's trail as it is read" in b["detail"]
+    with closing(sqlite3.connect(daemon.db)) as db, db:
+        db.execute("UPDATE events SET tenant_id = 't1', ts = '2000-01-01T00:00:00.000000Z' WHERE pos = 2")
+    assert run_verify(daemon.config)[0] == 0  # read without a time filter, the trail is whole
+    code, report, _ = run_verify(daemon.config, "--since", "2001-01-01T00:00:00Z")
+    assert code == 1 and [b["kind"] for b in report["streams"][0]["breaks"]] == ["event_removed"]

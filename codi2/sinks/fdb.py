@@ -443,6 +443,8 @@ class FdbSink:
                 raise TypeError("fdb: a read cursor is a key (bytes)")
             begin = min(max(begin, after + b"\x00"), end)  # a cursor never leads out of the tenant's range
         count = 0
+        if query.limit == 0:
+            return
         for key, value in self._scan(query.tenant_id, begin, end):
             event = decode_event(query.tenant_id, value)
             if not query.matches(event):
