@@ -4,6 +4,7 @@ private paths (its state directory, the SQLite store) wherever they sit under a 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,8 +19,17 @@ class IgnoreRules:
         self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
         self._memo: dict[tuple[bytes, bool], bool] = {}
         self._private: set[tuple[int, bytes]] = set()
+        # The private directories by identity too: renamed by the user (`mv .codi2 x`) they are still ours,
+        # and recording the daemon's own writes there would feed back forever.
+        self._private_dirs: set[tuple[int, int]] = set()
         root_list = [os.fsencode(r) for r in roots]
         for p in private:
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self._private_dirs.add((st.st_dev, st.st_ino))
             raw = os.fsencode(p)
             for index, root in enumerate(root_list):
                 if raw.startswith(root + b"/"):
@@ -49,6 +59,10 @@ class IgnoreRules:
             rel, is_dir = parent, True
             if (root, rel) in self._private:
                 return True
+
+    def private_dir(self, dev: int | None, ino: int | None) -> bool:
+        """Whether this directory is one of the daemon's own, whatever its name now."""
+        return (dev, ino) in self._private_dirs
 
     def _match(self, text: bytes, is_dir: bool) -> bool:
         if self._literal is not None:

@@ -74,7 +74,7 @@ def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive:
                 if exc.errno in ABSENT_ERRNOS:
                     continue  # gone between the listing and the stat
                 facts = None
-            if facts is not None and rules.ignored(root, child, facts.type == "dir"):
+            if facts is not None and excluded(rules, root, child, facts):
                 continue
             if facts is None or facts.type != "dir" or not recursive:
                 yield _DiskEntry(key_of(child), child, entry, pfd, facts)
@@ -509,7 +509,7 @@ class Reconciler:
             if exc.errno in (13, 1):  # EACCES, EPERM on a parent
                 return UNKNOWN
             raise
-        if facts is not None and self._rules.ignored(root, rel, facts.type == "dir"):
+        if facts is not None and excluded(self._rules, root, rel, facts):
             return None  # ignored where it is now: out of the trail
         return facts
 
@@ -524,6 +524,12 @@ class Reconciler:
         if not self.silent:
             self.events.append(self._make(action, root, rel, dest, facts, origin))
             self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
+
+
+def excluded(rules: IgnoreRules, root: int, rel: bytes, facts: Facts) -> bool:
+    """Out of the trail: ignored at this path, or the daemon's own directory under any name."""
+    is_dir = facts.type == "dir"
+    return rules.ignored(root, rel, is_dir) or (is_dir and rules.private_dir(facts.dev, facts.ino))
 
 
 def _bare(kind: str) -> Facts:

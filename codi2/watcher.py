@@ -646,6 +646,8 @@ class Watcher:
         try:
             st = os.fstat(fd)
             ident = (st.st_dev, st.st_ino)
+            if self._rules.private_dir(*ident):
+                return None  # the daemon's own state dir under another name: never watched
             if existing is not None and existing.ident == ident and existing.wd is not None:
                 return existing  # already watched (a recrawl found it before its event was read)
             known = self._by_ident.get(ident)

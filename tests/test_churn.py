@@ -1343,3 +1343,28 @@ def test_v_lost_state_volume_with_the_trail_kept_in_foundationdb(
         ], describe(events)
     finally:
         again.kill()
+
+
+@LAG
+def test_v_the_state_dir_renamed_by_the_user_stays_out_of_the_trail(tmp_path: Path, workspace: Path, lag: bool) -> None:
+    """The entrypoint layout keeps the state (here with the SQLite store) in `<workspace>/.codi2`, which the
+    user can rename. Known by path only, it became a new directory at the new name: watched, and the daemon's
+    own writes to its store recorded, each write a new event, forever."""
+    ws = workspace
+    db = ws / ".codi2" / "audit.db"
+    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
+    try:
+        (ws / "before.txt").write_text("1")
+        _wait_recorded(daemon, "before.txt")
+        with _maybe_lagging(daemon, lag):
+            (ws / ".codi2").rename(ws / "stolen")
+        daemon.db = ws / "stolen" / "audit.db"
+        (ws / "after.txt").write_text("2")
+        _wait_recorded(daemon, "after.txt")
+        for i in range(3):  # more commits to the store, now at its new name
+            (ws / f"more-{i}.txt").write_text(str(i))
+            _wait_recorded(daemon, f"more-{i}.txt")
+        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel == "stolen" or rel.startswith("stolen/"))
+    finally:
+        daemon.kill()
+    assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
