@@ -262,7 +262,7 @@ class Daemon:
         paths = [s.state_dir]
         if s.backend == "sqlite":
             db = s.sqlite_file
-            paths += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal"))]
+            paths += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
         return paths
 
     # What the health server reads ----------------------------------------------------------------

@@ -1368,3 +1368,21 @@ def test_v_the_state_dir_renamed_by_the_user_stays_out_of_the_trail(tmp_path: Pa
     finally:
         daemon.kill()
     assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
+
+
+def test_a_sqlite_store_kept_in_the_workspace_and_its_lock_stay_out_of_the_trail(
+    tmp_path: Path, workspace: Path
+) -> None:
+    ws = workspace
+    db = ws / "audit.db"  # beside the files it audits, outside the state dir
+    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
+    try:
+        for i in range(3):
+            (ws / f"f{i}.txt").write_text(str(i))
+            _wait_recorded(daemon, f"f{i}.txt")
+        private = {"audit.db", "audit.db-wal", "audit.db-shm", "audit.db-journal", "audit.db.lock"}
+        assert (ws / "audit.db.lock").exists()
+        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in private)
+        assert not [e for e in events if e.path in private], describe(events)
+    finally:
+        daemon.kill()
