@@ -58,6 +58,9 @@ JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
 SHIP_CHUNK = 16
 HANDOFF_MAX = 32  # batches kept in memory for the shipper
+# With nothing to do, the journal and shipper threads sleep until woken (new hints, a committed batch, a
+# stop): this bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
+IDLE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -461,7 +464,7 @@ class Pipeline:
             return 0.0 if self._window else 0.05
         if self._deadline is not None:
             return max(0.0, min(self._deadline - now, 1.0))
-        return 1.0
+        return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
         return bool(self._gap_reasons)
@@ -573,6 +576,8 @@ class Pipeline:
             self._reconciler = Reconciler(
                 self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
             )
+            with self._ship_wake:  # the shipper reads the new file from its start
+                self._ship_wake.notify_all()
             return
         health = self.journal_health
         code = getattr(exc, "sqlite_errorname", None) or (
@@ -741,16 +746,19 @@ class Pipeline:
         after = 0
         try:
             while True:
+                failed = False
                 try:
                     batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
                 except Exception as exc:
                     log.warning("outbox_read_failed", error=str(exc))
-                    batches = []
+                    batches, failed = [], True
                 if not batches:
                     with self._ship_wake:
                         if self._ship_stop:
                             return
-                        self._ship_wake.wait(1.0)
+                        # Every batch the journal thread commits wakes us; one already handed over does not
+                        # wait, nor does a batch the outbox could not be read for (retried each second).
+                        self._ship_wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
                     if self.journal is not journal:  # recovered from corruption: a new file
                         reader.close()
                         journal = self.journal
