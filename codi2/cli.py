@@ -266,8 +266,8 @@ def _load(args: argparse.Namespace, **cli: Any) -> Settings:
 
 def _run(args: argparse.Namespace) -> int:
     from codi2.daemon import Daemon, StartupError
+    from codi2.events import Identity
     from codi2.logs import configure_logging
-    from codi2.pipeline import Identity
 
     settings = _load(args, user_id=args.user_id, tenant_id=args.tenant_id, session_id=args.session_id)
     missing = [name for name in ("tenant_id", "user_id") if not getattr(settings, name)]

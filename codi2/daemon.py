@@ -22,12 +22,12 @@ import structlog
 from codi2 import __version__
 from codi2.chain import load_key
 from codi2.config import ConfigError, Settings
-from codi2.events import rfc3339
+from codi2.events import Identity, rfc3339
 from codi2.health import HealthServer, build_app
 from codi2.ignore import IgnoreRules
 from codi2.journal import FILE_NAME, JournalUnavailable
 from codi2.metrics import Metrics
-from codi2.pipeline import Identity, Pipeline
+from codi2.pipeline import Pipeline
 from codi2.sinks import Sink, open_sink
 from codi2.watcher import Watcher, check_root
 

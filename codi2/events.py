@@ -84,6 +84,16 @@ def parse_time(text: str) -> datetime:
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who every event of a daemon belongs to."""
+
+    tenant_id: str
+    user_id: str
+    session_id: str | None
+    pod: str
+
+
 class Event(NamedTuple):
     """One audit record. Field order is the order of keys in `codi2 events` JSON lines. A named tuple:
     immutable, and built four times faster than a frozen dataclass, which counts on a burst."""

@@ -31,8 +31,9 @@ import structlog
 from codi2 import legacy
 from codi2.chain import ChainKey
 from codi2.config import STATE_DIR_NAME
-from codi2.events import Action, Batch, Event, EventQuery, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
+from codi2.events import Action, Batch, Event, EventQuery, Identity, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
+from codi2.hints import Hint, Move, Rescan, Touch
 from codi2.ignore import IgnoreRules
 from codi2.journal import (
     Journal,
@@ -49,7 +50,6 @@ from codi2.metrics import Metrics
 from codi2.reconcile import Reconciler
 from codi2.replay import fold_events
 from codi2.sinks import Sink
-from codi2.watcher import Hint, Move, Rescan, Touch
 
 log = structlog.get_logger("codi2.pipeline")
 
@@ -61,14 +61,6 @@ HANDOFF_MAX = 32  # batches kept in memory for the shipper
 # With nothing to do, the journal and shipper threads sleep until woken (new hints, a committed batch, a
 # stop): this bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
-
-
-@dataclass(frozen=True, slots=True)
-class Identity:
-    tenant_id: str
-    user_id: str
-    session_id: str | None
-    pod: str
 
 
 @dataclass

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from codi2.events import Action, Event, Origin
 from codi2.fs import ABSENT_ERRNOS, O_DIR, DirCache, Facts, Unreadable, facts_of, read_facts, split
+from codi2.hints import Hint, Move, Touch
 from codi2.ignore import IgnoreRules
 from codi2.journal import Journal, key_of, rel_of, subtree_bounds
-from codi2.watcher import Hint, Move, Touch
 
 CHUNK = 512
 

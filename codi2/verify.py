@@ -23,7 +23,7 @@ from typing import Any
 from codi2.chain import ZERO, ChainKey, expected_link
 from codi2.events import BatchHeader, EventQuery, encode_events, parse_time
 from codi2.replay import disk_state, fold
-from codi2.sinks import Cursor, Sink, StoredBatch
+from codi2.sinks import Cursor, StoredBatch, TrailReader
 
 UNCHAINED_LISTED = 100  # events in no batch named one by one; the rest are counted
 
@@ -83,7 +83,7 @@ class Report:
         return {"ok": self.ok, "breaks": self.breaks, **asdict(self)}
 
 
-def verify(sink: Sink, tenant_id: str, keys: Sequence[ChainKey] = (), since: datetime | None = None) -> Report:
+def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), since: datetime | None = None) -> Report:
     """Check every stream of the tenant; `keys` are the HMAC keys the trail may be sealed with."""
     trail = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
     chained: set[Cursor] = set()
@@ -116,7 +116,7 @@ def verify(sink: Sink, tenant_id: str, keys: Sequence[ChainKey] = (), since: dat
 
 
 def _stream(
-    sink: Sink,
+    sink: TrailReader,
     tenant_id: str,
     stream_id: str,
     keyring: dict[str, ChainKey],
@@ -228,7 +228,7 @@ def _content(
 
 
 def compare_disk(
-    sink: Sink, tenant_id: str, path: Path, user_id: str | None, ignore_patterns: Sequence[str]
+    sink: TrailReader, tenant_id: str, path: Path, user_id: str | None, ignore_patterns: Sequence[str]
 ) -> DiskReport:
     """Fold the user's whole trail (whatever `since` says) and compare it with the workspace at `path`:
     under the watch root of that path, or the trail's only root when the workspace was copied elsewhere."""

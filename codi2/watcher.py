@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import structlog
 from watchdog.observers.inotify_c import InotifyConstants as IN
@@ -45,6 +45,7 @@ from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotif
 
 from codi2.events import Origin
 from codi2.fs import ABSENT_ERRNOS, O_DIR, list_dir, open_dir
+from codi2.hints import Hint, Move, Rescan, Touch
 from codi2.ignore import IgnoreRules
 
 log = structlog.get_logger("codi2.watcher")
@@ -75,40 +76,6 @@ GATHER_EVENTS = 512
 GATHER_S = 0.002
 SMALL_READ_BYTES = 4096
 EVENT = struct.Struct("iIII")
-
-
-class Touch(NamedTuple):
-    """This path may have changed: look at it. `created` says the kernel reported it appearing, so a
-    file that is gone again by the time anyone looks is still recorded as having existed."""
-
-    root: int
-    path: bytes
-    created: bool = False
-    is_dir: bool = False
-
-
-class Move(NamedTuple):
-    """The kernel renamed `src` to `dst` within one root. `ino` is the directory's inode when the watcher
-    knew the directory, so the pipeline can tell the entry it indexed from a newer one at the same name."""
-
-    root: int
-    src: bytes
-    dst: bytes
-    is_dir: bool
-    ino: int | None
-
-
-class Rescan(NamedTuple):
-    """Diff `path` against the index: its direct children (and whatever is new below them), or with
-    `recursive` the whole tree below it."""
-
-    root: int
-    path: bytes
-    recursive: bool
-    origin: Origin = "rescan"
-
-
-Hint = Touch | Move | Rescan
 
 
 class Node:

@@ -32,8 +32,8 @@ class StoreError(Exception):
         self.retryable = retryable
 
 
-class Sink(Protocol):
-    """Blocking by design: the pipeline calls it from one worker thread, the CLI calls it directly."""
+class BatchWriter(Protocol):
+    """What the daemon's shipper needs of a store. Blocking by design: called from one worker thread."""
 
     name: str
 
@@ -41,6 +41,16 @@ class Sink(Protocol):
         """Commit every event of the batch, each exactly once, however often the batch is written and however
         much of it an earlier attempt committed, and its header (if any) with it, once, where `batches` and
         `batch_events` find both. StoreError(retryable=False): the batch can never commit."""
+
+    def ping(self) -> None:
+        """Raise StoreError unless a write could be committed now."""
+
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+
+class TrailReader(Protocol):
+    """What the CLI (`events`, `verify`, `test`) and the index rebuild need of a store."""
 
     def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
         """Yield matching events in commit order, after the given cursor."""
@@ -58,14 +68,15 @@ class Sink(Protocol):
         """The events stored for a batch, in commit order, with the cursors `read` gives them."""
         ...
 
-    def ping(self) -> None:
-        """Raise StoreError unless a write could be committed now."""
-
     def probe(self, tenant_id: str) -> None:
         """Write, read back and clear a probe record under the tenant's scope (`codi2 test`)."""
 
     def close(self) -> None:
         """Release connections; safe to call twice."""
+
+
+class Sink(BatchWriter, TrailReader, Protocol):
+    """A backend: both faces (one module per backend under `codi2/sinks/`, chosen by `open_sink`)."""
 
 
 def open_sink(settings: Settings, *, create: bool = True) -> Sink:
