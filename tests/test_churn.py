@@ -1386,3 +1386,75 @@ def test_a_sqlite_store_kept_in_the_workspace_and_its_lock_stay_out_of_the_trail
         assert not [e for e in events if e.path in private], describe(events)
     finally:
         daemon.kill()
+
+
+# An idle daemon sleeps until woken (60 s at most): work it gives itself must not wait for the bound ----------
+
+PROMPT_S = 20.0  # well below the 60 s an idle thread may sleep: a missed wake-up fails, a slow machine does not
+
+
+def _damage_index_pages(journal: Path) -> None:
+    """Overwrite the pages of the journal's index (not its meta or outbox) under a running daemon: its next
+    flush finds the file malformed. The WAL is checkpointed first and the shared memory cleared, so every
+    connection reads the damaged file again."""
+    import sqlite3
+
+    db = sqlite3.connect(journal, isolation_level=None)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = [n for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name IN ('files', 'files_inode')")]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    assert pages
+    with open(journal, "r+b") as f:
+        for n in pages:
+            f.seek((n - 1) * size)
+            f.write(b"\xff" * size)
+    shm = Path(f"{journal}-shm")
+    shm.write_bytes(b"\0" * shm.stat().st_size)
+
+
+def test_idle_journal_damaged_while_running_is_recovered_at_once(
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """Found by attack: a flush that found the journal corrupt recovered it and put its changes back, but
+    the journal thread then slept the whole idle bound (60 s) before rebuilding and recording them."""
+    ws = workspace
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        for i in range(20):
+            (ws / f"f{i}").write_text(str(i))
+        _wait_recorded(daemon, "f19")
+        _damage_index_pages(ws / ".codi2" / "journal.db")
+        (ws / "f1").write_text("changed")
+        wait_for(lambda: any(e.path == "f1" and e.action == "updated" for e in daemon.events()), timeout=PROMPT_S)
+        assert any(line.get("event") == "journal_corrupt" for line in daemon.logs)
+        events = final_check(daemon, ws)
+        assert "journal_corrupt" in _gaps(events)
+    finally:
+        daemon.kill()
+
+
+def test_idle_journal_recovered_while_the_shipper_retries_is_shipped(
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """Found by attack: the shipper busy retrying a batch (the cluster down) when the journal was recovered
+    missed the wake-up that said so, went back to the old file, and slept the idle bound (60 s) before
+    shipping the new file's outbox (the recovery's gap) when no later change woke it."""
+    ws = workspace
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        for i in range(20):
+            (ws / f"f{i}").write_text(str(i))
+        _wait_recorded(daemon, "f19")
+        daemon.down.touch()
+        (ws / "queued").write_text("q")
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        _damage_index_pages(ws / ".codi2" / "journal.db")
+        os.utime(ws / "f1", (1, 1))  # a flush, and the rebuild's diff finds no change to record
+        wait_for(lambda: any(line.get("event") == "journal_corrupt" for line in daemon.logs))
+        daemon.down.unlink()
+        wait_for(lambda: "journal_corrupt" in _gaps(daemon.events()), timeout=PROMPT_S)
+        wait_for(lambda: daemon.status()["spool"]["batches"] == 0, timeout=PROMPT_S)
+        final_check(daemon, ws)
+    finally:
+        daemon.kill()
