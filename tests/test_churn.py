@@ -1458,3 +1458,28 @@ def test_idle_journal_recovered_while_the_shipper_retries_is_shipped(
         final_check(daemon, ws)
     finally:
         daemon.kill()
+
+
+def test_names_of_eight_or_more_0xff_bytes_at_a_root_are_diffed_at_restart(
+    workspace: Path, daemon_factory: Start
+) -> None:
+    """Found by attack: a root's index was read up to 8 bytes of 0xff, so an entry named with 8 or more of
+    them at a root was never in the start-up diff's view of the index: `created` again at every restart, and
+    never `deleted` when removed while the daemon was down."""
+    ws = bytes(workspace)
+    with open(ws + b"/" + b"\xff" * 8, "wb") as f:
+        f.write(b"eight")
+    os.mkdir(ws + b"/" + b"\xff" * 9)
+    with open(ws + b"/" + b"\xff" * 9 + b"/in", "wb") as f:
+        f.write(b"nine")
+    first = final_check(daemon_factory(), workspace)
+    again = final_check(daemon_factory(), workspace)
+    assert again == first, describe(again)  # nothing changed while down: nothing recorded
+    os.unlink(ws + b"/" + b"\xff" * 8)
+    os.unlink(ws + b"/" + b"\xff" * 9 + b"/in")
+    events = final_check(daemon_factory(), workspace)
+    later = events[len(first) :]
+    assert sorted((e.action, os.fsencode(e.path), e.origin) for e in later) == [
+        ("deleted", b"\xff" * 8, "offline"),
+        ("deleted", b"\xff" * 9 + b"/in", "offline"),
+    ], describe(events)
