@@ -1483,3 +1483,33 @@ def test_names_of_eight_or_more_0xff_bytes_at_a_root_are_diffed_at_restart(
         ("deleted", b"\xff" * 8, "offline"),
         ("deleted", b"\xff" * 9 + b"/in", "offline"),
     ], describe(events)
+
+
+@pytest.mark.parametrize("gone", ["deleted", "replaced", "moved-out"])
+def test_v_cp_al_copy_written_through_the_source_then_the_source_gone(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, gone: str
+) -> None:
+    """Found by attack: `cp -al src copy` is found by a walk of `copy`, which never updated the link count
+    the index holds for `src/f` (inotify says nothing to a directory when a link count changes). A write
+    through `src/f`, then `src/f` deleted, moved out or replaced before the daemon looked: the index's count
+    (1) said there was no other name to look at, and `copy/f` kept its old sha256 in the trail."""
+    ws = workspace
+    (ws / "src").mkdir()
+    for i in range(3):
+        (ws / "src" / f"f{i}").write_text(str(i))
+    daemon = daemon_factory()
+    converge(daemon, ws)
+    subprocess.run(["cp", "-al", str(ws / "src"), str(ws / "copy")], check=True)
+    converge(daemon, ws)
+    with lagging(daemon):
+        with open(ws / "src" / "f2", "a") as f:
+            f.write(" written through src")
+        if gone == "deleted":
+            (ws / "src" / "f2").unlink()
+        elif gone == "replaced":
+            (ws / "other").write_text("other")
+            (ws / "other").rename(ws / "src" / "f2")
+        else:
+            (ws / "src" / "f2").rename(tmp_path / "f2")
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "copy/f2").sha256 == sha("2 written through src")
