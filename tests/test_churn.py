@@ -1513,3 +1513,30 @@ def test_v_cp_al_copy_written_through_the_source_then_the_source_gone(
             (ws / "src" / "f2").rename(tmp_path / "f2")
     events = final_check(daemon, ws)
     assert _folded(events, ws, "copy/f2").sha256 == sha("2 written through src")
+
+
+@LAG
+def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
+    tmp_path: Path, workspace: Path, lag: bool
+) -> None:
+    """Found by attack: `mkdir -p deep/er && mv .codi2 deep/er/stolen`. The watcher's walk of a new directory
+    watched the state dir below it (only a directory attached by itself was checked against the daemon's
+    own), so every write of the daemon to its store became an event, forever, and hashing the store through
+    its new name dropped SQLite's POSIX locks on it (a reader then took the WAL away: `malformed`)."""
+    ws = workspace
+    db = ws / ".codi2" / "audit.db"
+    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
+    try:
+        (ws / "before.txt").write_text("1")
+        _wait_recorded(daemon, "before.txt")
+        with _maybe_lagging(daemon, lag):
+            (ws / "deep" / "er").mkdir(parents=True)
+            (ws / ".codi2").rename(ws / "deep" / "er" / "stolen")
+        daemon.db = ws / "deep" / "er" / "stolen" / "audit.db"
+        for i in range(3):  # more commits to the store, now at its new name
+            (ws / f"more-{i}.txt").write_text(str(i))
+            _wait_recorded(daemon, f"more-{i}.txt")
+        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel.startswith("deep/er/stolen"))
+    finally:
+        daemon.kill()
+    assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
