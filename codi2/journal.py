@@ -120,9 +120,11 @@ def rel_of(key: bytes) -> bytes:
 
 
 def subtree_bounds(key: bytes) -> tuple[bytes, bytes]:
-    """Keys strictly below `key` lie in [low, high); the whole root for b""."""
+    """Keys strictly below `key` lie in [low, high); the whole root for b"". No file name reaches 4096 bytes
+    (PATH_MAX bounds what a system call takes), so every key is below 4096 bytes of 0xff: a name of eight or more
+    0xff bytes (eight was the bound) is a name like any other."""
     if not key:
-        return b"", b"\xff" * 8
+        return b"", b"\xff" * 4096
     return key + b"\x00", key + b"\x01"
 
 

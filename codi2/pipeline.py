@@ -259,6 +259,7 @@ class Pipeline:
         self._ship_wake = threading.Condition()
         self._handoff: deque[OutboxBatch] = deque()
         self._ship_stop = False
+        self._ship_new_journal = False  # set (under _ship_wake) once a recovered journal is committed
         self._rebuild_requested = False
         self._fresh_remote = False  # a new journal beside a remote store: its first rebuild may find nothing
         self._ack_failing = False
@@ -456,6 +457,10 @@ class Pipeline:
             return 0.0 if self._window else 0.05
         if self._deadline is not None:
             return max(0.0, min(self._deadline - now, 1.0))
+        # Work this thread gave itself, with no one left to wake it: changes put back after a failed flush
+        # (their window is re-armed next turn), a gap or a rebuild asked for from inside a flush.
+        if self._window or self._gap_reasons or self._rebuild_requested:
+            return 0.0
         return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
@@ -568,7 +573,9 @@ class Pipeline:
             self._reconciler = Reconciler(
                 self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
             )
-            with self._ship_wake:  # the shipper reads the new file from its start
+            self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
+            with self._ship_wake:  # the shipper reads the new file from its start, busy or asleep now
+                self._ship_new_journal = True
                 self._ship_wake.notify_all()
             return
         health = self.journal_health
@@ -738,6 +745,13 @@ class Pipeline:
         after = 0
         try:
             while True:
+                with self._ship_wake:
+                    renewed, self._ship_new_journal = self._ship_new_journal, False
+                if renewed or self.journal is not journal:  # recovered from corruption: a new file
+                    reader.close()
+                    journal = self.journal
+                    assert journal is not None
+                    reader, after = OutboxReader(journal.path), 0
                 failed = False
                 try:
                     batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
@@ -749,13 +763,10 @@ class Pipeline:
                         if self._ship_stop:
                             return
                         # Every batch the journal thread commits wakes us; one already handed over does not
-                        # wait, nor does a batch the outbox could not be read for (retried each second).
-                        self._ship_wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
-                    if self.journal is not journal:  # recovered from corruption: a new file
-                        reader.close()
-                        journal = self.journal
-                        assert journal is not None
-                        reader, after = OutboxReader(journal.path), 0
+                        # wait, nor does a batch the outbox could not be read for (retried each second), nor
+                        # a recovered journal's (its notice may have come while we were busy: not lost).
+                        if not self._ship_new_journal:
+                            self._ship_wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
                     continue
                 for b in batches:
                     if isinstance(b, tuple):

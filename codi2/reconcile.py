@@ -250,10 +250,21 @@ class Reconciler:
         else:
             yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         # A write through one name of a hard-linked file changes every name, and inotify told us of one.
-        # The name may even be gone by now (moved away after the write): its other names still changed.
-        linked = disk if isinstance(disk, Facts) else known
-        if links and linked is not None and linked.type == "file" and (linked.nlink or 0) > 1:
-            yield from self._touch_links(root, key, linked, origin)
+        # The name may even be gone by now (deleted, moved away or replaced after the write): the other
+        # names of the inode it had still changed. Its indexed link count is no guide then: a link made
+        # by another name's creation found in a walk (`cp -al`) never updated it.
+        if not links:
+            return
+        now = disk if isinstance(disk, Facts) else None
+        if now is not None and now.type == "file" and (now.nlink or 0) > 1:
+            yield from self._touch_links(root, key, now, origin)
+        if (
+            known is not None
+            and known.type == "file"
+            and known.ino is not None
+            and (now is None or (now.dev, now.ino) != (known.dev, known.ino))
+        ):
+            yield from self._touch_links(root, key, known, origin)
 
     def _touch_links(self, root: int, key: bytes, linked: Facts, origin: Origin) -> Iterator[None]:
         self.write_index()

@@ -695,6 +695,9 @@ class Watcher:
                 if existing is not None and existing.ident == (st.st_dev, st.st_ino):
                     os.close(cfd)
                     continue
+                if self._rules.private_dir(st.st_dev, st.st_ino):  # the daemon's own, under another name
+                    os.close(cfd)
+                    continue
                 wd = self._add_watch(cfd)
                 if wd < 0:
                     os.close(cfd)

@@ -1386,3 +1386,157 @@ def test_a_sqlite_store_kept_in_the_workspace_and_its_lock_stay_out_of_the_trail
         assert not [e for e in events if e.path in private], describe(events)
     finally:
         daemon.kill()
+
+
+# An idle daemon sleeps until woken (60 s at most): work it gives itself must not wait for the bound ----------
+
+PROMPT_S = 20.0  # well below the 60 s an idle thread may sleep: a missed wake-up fails, a slow machine does not
+
+
+def _damage_index_pages(journal: Path) -> None:
+    """Overwrite the pages of the journal's index (not its meta or outbox) under a running daemon: its next
+    flush finds the file malformed. The WAL is checkpointed first and the shared memory cleared, so every
+    connection reads the damaged file again."""
+    import sqlite3
+
+    db = sqlite3.connect(journal, isolation_level=None)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    pages = [n for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name IN ('files', 'files_inode')")]
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    assert pages
+    with open(journal, "r+b") as f:
+        for n in pages:
+            f.seek((n - 1) * size)
+            f.write(b"\xff" * size)
+    shm = Path(f"{journal}-shm")
+    shm.write_bytes(b"\0" * shm.stat().st_size)
+
+
+def test_idle_journal_damaged_while_running_is_recovered_at_once(
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """Found by attack: a flush that found the journal corrupt recovered it and put its changes back, but
+    the journal thread then slept the whole idle bound (60 s) before rebuilding and recording them."""
+    ws = workspace
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        for i in range(20):
+            (ws / f"f{i}").write_text(str(i))
+        _wait_recorded(daemon, "f19")
+        _damage_index_pages(ws / ".codi2" / "journal.db")
+        (ws / "f1").write_text("changed")
+        wait_for(lambda: any(e.path == "f1" and e.action == "updated" for e in daemon.events()), timeout=PROMPT_S)
+        assert any(line.get("event") == "journal_corrupt" for line in daemon.logs)
+        events = final_check(daemon, ws)
+        assert "journal_corrupt" in _gaps(events)
+    finally:
+        daemon.kill()
+
+
+def test_idle_journal_recovered_while_the_shipper_retries_is_shipped(
+    workspace: Path, tmp_path: Path, fake_libfdb_c: Path
+) -> None:
+    """Found by attack: the shipper busy retrying a batch (the cluster down) when the journal was recovered
+    missed the wake-up that said so, went back to the old file, and slept the idle bound (60 s) before
+    shipping the new file's outbox (the recovery's gap) when no later change woke it."""
+    ws = workspace
+    daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
+    try:
+        for i in range(20):
+            (ws / f"f{i}").write_text(str(i))
+        _wait_recorded(daemon, "f19")
+        daemon.down.touch()
+        (ws / "queued").write_text("q")
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        _damage_index_pages(ws / ".codi2" / "journal.db")
+        os.utime(ws / "f1", (1, 1))  # a flush, and the rebuild's diff finds no change to record
+        wait_for(lambda: any(line.get("event") == "journal_corrupt" for line in daemon.logs))
+        daemon.down.unlink()
+        wait_for(lambda: "journal_corrupt" in _gaps(daemon.events()), timeout=PROMPT_S)
+        wait_for(lambda: daemon.status()["spool"]["batches"] == 0, timeout=PROMPT_S)
+        final_check(daemon, ws)
+    finally:
+        daemon.kill()
+
+
+def test_names_of_eight_or_more_0xff_bytes_at_a_root_are_diffed_at_restart(
+    workspace: Path, daemon_factory: Start
+) -> None:
+    """Found by attack: a root's index was read up to 8 bytes of 0xff, so an entry named with 8 or more of
+    them at a root was never in the start-up diff's view of the index: `created` again at every restart, and
+    never `deleted` when removed while the daemon was down."""
+    ws = bytes(workspace)
+    with open(ws + b"/" + b"\xff" * 8, "wb") as f:
+        f.write(b"eight")
+    os.mkdir(ws + b"/" + b"\xff" * 9)
+    with open(ws + b"/" + b"\xff" * 9 + b"/in", "wb") as f:
+        f.write(b"nine")
+    first = final_check(daemon_factory(), workspace)
+    again = final_check(daemon_factory(), workspace)
+    assert again == first, describe(again)  # nothing changed while down: nothing recorded
+    os.unlink(ws + b"/" + b"\xff" * 8)
+    os.unlink(ws + b"/" + b"\xff" * 9 + b"/in")
+    events = final_check(daemon_factory(), workspace)
+    later = events[len(first) :]
+    assert sorted((e.action, os.fsencode(e.path), e.origin) for e in later) == [
+        ("deleted", b"\xff" * 8, "offline"),
+        ("deleted", b"\xff" * 9 + b"/in", "offline"),
+    ], describe(events)
+
+
+@pytest.mark.parametrize("gone", ["deleted", "replaced", "moved-out"])
+def test_v_cp_al_copy_written_through_the_source_then_the_source_gone(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, gone: str
+) -> None:
+    """Found by attack: `cp -al src copy` is found by a walk of `copy`, which never updated the link count
+    the index holds for `src/f` (inotify says nothing to a directory when a link count changes). A write
+    through `src/f`, then `src/f` deleted, moved out or replaced before the daemon looked: the index's count
+    (1) said there was no other name to look at, and `copy/f` kept its old sha256 in the trail."""
+    ws = workspace
+    (ws / "src").mkdir()
+    for i in range(3):
+        (ws / "src" / f"f{i}").write_text(str(i))
+    daemon = daemon_factory()
+    converge(daemon, ws)
+    subprocess.run(["cp", "-al", str(ws / "src"), str(ws / "copy")], check=True)
+    converge(daemon, ws)
+    with lagging(daemon):
+        with open(ws / "src" / "f2", "a") as f:
+            f.write(" written through src")
+        if gone == "deleted":
+            (ws / "src" / "f2").unlink()
+        elif gone == "replaced":
+            (ws / "other").write_text("other")
+            (ws / "other").rename(ws / "src" / "f2")
+        else:
+            (ws / "src" / "f2").rename(tmp_path / "f2")
+    events = final_check(daemon, ws)
+    assert _folded(events, ws, "copy/f2").sha256 == sha("2 written through src")
+
+
+@LAG
+def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
+    tmp_path: Path, workspace: Path, lag: bool
+) -> None:
+    """Found by attack: `mkdir -p deep/er && mv .codi2 deep/er/stolen`. The watcher's walk of a new directory
+    watched the state dir below it (only a directory attached by itself was checked against the daemon's
+    own), so every write of the daemon to its store became an event, forever, and hashing the store through
+    its new name dropped SQLite's POSIX locks on it (a reader then took the WAL away: `malformed`)."""
+    ws = workspace
+    db = ws / ".codi2" / "audit.db"
+    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
+    try:
+        (ws / "before.txt").write_text("1")
+        _wait_recorded(daemon, "before.txt")
+        with _maybe_lagging(daemon, lag):
+            (ws / "deep" / "er").mkdir(parents=True)
+            (ws / ".codi2").rename(ws / "deep" / "er" / "stolen")
+        daemon.db = ws / "deep" / "er" / "stolen" / "audit.db"
+        for i in range(3):  # more commits to the store, now at its new name
+            (ws / f"more-{i}.txt").write_text(str(i))
+            _wait_recorded(daemon, f"more-{i}.txt")
+        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel.startswith("deep/er/stolen"))
+    finally:
+        daemon.kill()
+    assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
