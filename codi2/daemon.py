@@ -178,6 +178,7 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         self.pipeline.sink = self.sink
+        rules.add_private_files(self._private_files())
         self.pipeline.start()
         self.watcher = Watcher(
             s.watch_roots, rules, s.state_dir / "barrier", on_hints=self.pipeline.feed, on_overflow=self._overflow
@@ -264,6 +265,14 @@ class Daemon:
             db = s.sqlite_file
             paths += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
         return paths
+
+    def _private_files(self) -> list[Path]:
+        """The files the daemon holds open with locks (journal, store, their WAL and shm, the lock files)."""
+        s = self.settings
+        files = [s.state_dir / "lock"]
+        for db in [s.state_dir / FILE_NAME] + ([s.sqlite_file] if s.backend == "sqlite" else []):
+            files += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
+        return files
 
     # What the health server reads ----------------------------------------------------------------
 

@@ -3,6 +3,7 @@ private paths (its state directory, the SQLite store) wherever they sit under a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 from collections.abc import Iterable
@@ -22,7 +23,16 @@ class IgnoreRules:
         # The private directories by identity too: renamed by the user (`mv .codi2 x`) they are still ours,
         # and recording the daemon's own writes there would feed back forever.
         self._private_dirs: set[tuple[int, int]] = set()
+        # And its files (the journal, the SQLite store and their WAL, shm and lock files): a hard link to one
+        # of them elsewhere in the tree must never be opened, for closing any descriptor of a file drops
+        # every POSIX lock this process holds on it, and SQLite's locks protect the WAL.
+        self._private_files: set[tuple[int, int]] = set()
+        self._root_devs: set[int] = set()
+        self.check_before_open = False  # a private file shares a file system with a root: it can be linked
         root_list = [os.fsencode(r) for r in roots]
+        for r in roots:
+            with contextlib.suppress(OSError):
+                self._root_devs.add(os.stat(r).st_dev)
         for p in private:
             try:
                 st = os.stat(p, follow_symlinks=False)
@@ -63,6 +73,21 @@ class IgnoreRules:
     def private_dir(self, dev: int | None, ino: int | None) -> bool:
         """Whether this directory is one of the daemon's own, whatever its name now."""
         return (dev, ino) in self._private_dirs
+
+    def add_private_files(self, paths: Iterable[Path]) -> None:
+        """The daemon's own files, once they exist (after the journal and the store are open)."""
+        for p in paths:
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                self._private_files.add((st.st_dev, st.st_ino))
+                self.check_before_open = self.check_before_open or st.st_dev in self._root_devs
+
+    def private_file(self, dev: int | None, ino: int | None) -> bool:
+        """Whether this file is one of the daemon's own (a hard link to it), whatever its name."""
+        return (dev, ino) in self._private_files
 
     def _match(self, text: bytes, is_dir: bool) -> bool:
         if self._literal is not None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from codi2.events import Action, Event, Origin
-from codi2.fs import ABSENT_ERRNOS, O_DIR, DirCache, Facts, Unreadable, facts_of, read_facts, split
+from codi2.fs import ABSENT_ERRNOS, O_DIR, DirCache, Facts, Unreadable, facts_of, lstat_at, read_facts, split
 from codi2.hints import Hint, Move, Touch
 from codi2.ignore import IgnoreRules
 from codi2.journal import Journal, key_of, rel_of, subtree_bounds
@@ -238,7 +238,7 @@ class Reconciler:
         disk = self._disk(root, rel, known)
         if disk is UNKNOWN:
             return
-        if disk is None and known is None and created:
+        if disk is None and known is None and created and not self._present(root, rel):
             # It appeared and vanished before anyone could look: it existed, with facts unknown.
             bare = _bare("dir" if is_dir else "file")
             yield from self._emit("created", root, rel, None, bare, origin)
@@ -511,6 +511,10 @@ class Reconciler:
         parent, entry = split(rel)
         try:
             dfd = self.cache.get(root, parent)
+            if self._rules.check_before_open:  # the state shares the workspace's file system
+                seen = lstat_at(dfd, entry)
+                if seen is not None and seen.type == "file" and self._rules.private_file(seen.dev, seen.ino):
+                    return None  # a hard link to the daemon's own file: never opened, out of the trail
             facts = read_facts(dfd, entry, known, self._hash_max)
         except Unreadable:
             return UNKNOWN
@@ -523,6 +527,14 @@ class Reconciler:
         if facts is not None and excluded(self._rules, root, rel, facts):
             return None  # ignored where it is now: out of the trail
         return facts
+
+    def _present(self, root: int, rel: bytes) -> bool:
+        """Whether something is at `rel` now, though out of the trail (a link to the daemon's own file)."""
+        parent, entry = split(rel)
+        try:
+            return lstat_at(self.cache.get(root, parent), entry) is not None
+        except (OSError, Unreadable):
+            return False
 
     def _emit(
         self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
@@ -540,7 +552,9 @@ class Reconciler:
 def excluded(rules: IgnoreRules, root: int, rel: bytes, facts: Facts) -> bool:
     """Out of the trail: ignored at this path, or the daemon's own directory under any name."""
     is_dir = facts.type == "dir"
-    return rules.ignored(root, rel, is_dir) or (is_dir and rules.private_dir(facts.dev, facts.ino))
+    if rules.ignored(root, rel, is_dir):
+        return True
+    return rules.private_dir(facts.dev, facts.ino) if is_dir else rules.private_file(facts.dev, facts.ino)
 
 
 def _bare(kind: str) -> Facts:

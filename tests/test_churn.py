@@ -1540,3 +1540,30 @@ def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
     finally:
         daemon.kill()
     assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
+
+
+@LAG
+def test_v_a_hard_link_to_the_store_in_the_workspace_is_never_opened(
+    tmp_path: Path, workspace: Path, lag: bool
+) -> None:
+    """Hashing a hard link to the SQLite store opened and closed a descriptor of the store's file, and
+    closing any descriptor drops every POSIX lock the process holds on that file: the next reader, thinking
+    itself the last connection, removed the WAL, and what the daemon committed after that never reached the
+    file. A link to one of the daemon's own files is never opened and stays out of the trail."""
+    ws = workspace
+    db = ws / ".codi2" / "audit.db"
+    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
+    try:
+        with _maybe_lagging(daemon, lag):
+            os.link(db, ws / "plink")
+            os.link(Path(f"{db}-wal"), ws / "wlink")
+            (ws / "first.txt").write_text("1")
+        _wait_recorded(daemon, "first.txt")
+        for i in range(3):  # each read is another process's connection opened and closed, as `codi2 events`
+            (ws / f"more-{i}.txt").write_text(str(i))
+            _wait_recorded(daemon, f"more-{i}.txt")
+        assert Path(f"{db}-wal").exists()
+        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in ("plink", "wlink"))
+        assert not [e for e in events if e.path in ("plink", "wlink")], describe(events)
+    finally:
+        daemon.kill()
