@@ -22,6 +22,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -620,22 +621,31 @@ class Pipeline:
         ident = self._identity
         roots = set(self.root_names)
         try:
-            trail = (
-                e
-                for _, e in self._store().read(EventQuery(ident.tenant_id))
-                if e.user_id == ident.user_id and e.root in roots
-            )
-            state = fold_events(trail)
+            # The outbox first, then the store: a batch the shipper commits (and deletes from the outbox)
+            # between the two reads is then in the store's read. Read the other way round it would be in
+            # neither, and what it recorded would be recorded again by the diff that follows.
             reader = OutboxReader(journal.path)
             try:
+                pending: list[Event] = []
                 after = 0
                 while batches := reader.next_batches(after, 64):
                     for b in batches:
                         if isinstance(b, OutboxBatch):
-                            state = fold_events(b.events, state)
+                            pending.extend(b.events)
                         after = b.n if isinstance(b, OutboxBatch) else b[0]
             finally:
                 reader.close()
+            stored: set[str] = set()
+
+            def trail() -> Iterator[Event]:
+                for _, e in self._store().read(EventQuery(ident.tenant_id)):
+                    if e.user_id == ident.user_id and e.root in roots:
+                        stored.add(e.id)
+                        yield e
+
+            state = fold_events(trail())
+            # Only what the store does not have yet, in order: a rename folded twice would drop its target.
+            state = fold_events((e for e in pending if e.id not in stored), state)
         except Exception as exc:
             log.warning("index_rebuild_waiting", error=str(exc), hint="the store must be readable to rebuild")
             self._retry_at = time.monotonic() + 5.0
