@@ -263,7 +263,7 @@ class Daemon:
         paths = [s.state_dir]
         if s.backend == "sqlite":
             db = s.sqlite_file
-            paths += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
+            paths += _with_companions(db)
         return paths
 
     def _private_files(self) -> list[Path]:
@@ -271,7 +271,7 @@ class Daemon:
         s = self.settings
         files = [s.state_dir / "lock"]
         for db in [s.state_dir / FILE_NAME] + ([s.sqlite_file] if s.backend == "sqlite" else []):
-            files += [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
+            files += _with_companions(db)
         return files
 
     # What the health server reads ----------------------------------------------------------------
@@ -377,3 +377,8 @@ class Daemon:
             },
             "last_commit": rfc3339(store.last_commit) if store and store.last_commit else None,
         }
+
+
+def _with_companions(db: Path) -> list[Path]:
+    """A SQLite file and the files SQLite and the store lock keep beside it."""
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]

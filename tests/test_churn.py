@@ -1345,47 +1345,58 @@ def test_v_lost_state_volume_with_the_trail_kept_in_foundationdb(
         again.kill()
 
 
+@pytest.fixture
+def store_daemon(tmp_path: Path, workspace: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+    """A daemon on `workspace` whose SQLite store is the given file (inside the workspace, for the tests of
+    the daemon's own files there), killed at the end whatever the test did."""
+    started: list[DaemonProcess] = []
+
+    def start(db: Path) -> DaemonProcess:
+        started.append(DaemonProcess(write_config(tmp_path / "codi2.toml", workspace, db), db))
+        return started[-1]
+
+    yield start
+    for daemon in started:
+        daemon.kill()
+
+
 @LAG
-def test_v_the_state_dir_renamed_by_the_user_stays_out_of_the_trail(tmp_path: Path, workspace: Path, lag: bool) -> None:
+def test_v_the_state_dir_renamed_by_the_user_stays_out_of_the_trail(
+    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool
+) -> None:
     """The entrypoint layout keeps the state (here with the SQLite store) in `<workspace>/.codi2`, which the
     user can rename. Known by path only, it became a new directory at the new name: watched, and the daemon's
     own writes to its store recorded, each write a new event, forever."""
     ws = workspace
     db = ws / ".codi2" / "audit.db"
-    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
-    try:
-        (ws / "before.txt").write_text("1")
-        _wait_recorded(daemon, "before.txt")
-        with _maybe_lagging(daemon, lag):
-            (ws / ".codi2").rename(ws / "stolen")
-        daemon.db = ws / "stolen" / "audit.db"
-        (ws / "after.txt").write_text("2")
-        _wait_recorded(daemon, "after.txt")
-        for i in range(3):  # more commits to the store, now at its new name
-            (ws / f"more-{i}.txt").write_text(str(i))
-            _wait_recorded(daemon, f"more-{i}.txt")
-        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel == "stolen" or rel.startswith("stolen/"))
-    finally:
-        daemon.kill()
+    daemon = store_daemon(db)
+    (ws / "before.txt").write_text("1")
+    _wait_recorded(daemon, "before.txt")
+    with _maybe_lagging(daemon, lag):
+        (ws / ".codi2").rename(ws / "stolen")
+    daemon.db = ws / "stolen" / "audit.db"
+    (ws / "after.txt").write_text("2")
+    _wait_recorded(daemon, "after.txt")
+    for i in range(3):  # more commits to the store, now at its new name
+        (ws / f"more-{i}.txt").write_text(str(i))
+        _wait_recorded(daemon, f"more-{i}.txt")
+    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel == "stolen" or rel.startswith("stolen/"))
     assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
 
 
 def test_a_sqlite_store_kept_in_the_workspace_and_its_lock_stay_out_of_the_trail(
-    tmp_path: Path, workspace: Path
+    store_daemon: Callable[[Path], DaemonProcess], workspace: Path
 ) -> None:
     ws = workspace
     db = ws / "audit.db"  # beside the files it audits, outside the state dir
-    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
-    try:
-        for i in range(3):
-            (ws / f"f{i}.txt").write_text(str(i))
-            _wait_recorded(daemon, f"f{i}.txt")
-        private = {"audit.db", "audit.db-wal", "audit.db-shm", "audit.db-journal", "audit.db.lock"}
-        assert (ws / "audit.db.lock").exists()
-        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in private)
-        assert not [e for e in events if e.path in private], describe(events)
-    finally:
-        daemon.kill()
+    daemon = store_daemon(db)
+    for i in range(3):
+        (ws / f"f{i}.txt").write_text(str(i))
+        _wait_recorded(daemon, f"f{i}.txt")
+    private = {"audit.db", "audit.db-wal", "audit.db-shm", "audit.db-journal", "audit.db.lock"}
+    assert (ws / "audit.db.lock").exists()
+    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in private)
+    assert not [e for e in events if e.path in private], describe(events)
 
 
 # An idle daemon sleeps until woken (60 s at most): work it gives itself must not wait for the bound ----------
@@ -1517,7 +1528,7 @@ def test_v_cp_al_copy_written_through_the_source_then_the_source_gone(
 
 @LAG
 def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
-    tmp_path: Path, workspace: Path, lag: bool
+    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool
 ) -> None:
     """Found by attack: `mkdir -p deep/er && mv .codi2 deep/er/stolen`. The watcher's walk of a new directory
     watched the state dir below it (only a directory attached by itself was checked against the daemon's
@@ -1525,26 +1536,23 @@ def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
     its new name dropped SQLite's POSIX locks on it (a reader then took the WAL away: `malformed`)."""
     ws = workspace
     db = ws / ".codi2" / "audit.db"
-    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
-    try:
-        (ws / "before.txt").write_text("1")
-        _wait_recorded(daemon, "before.txt")
-        with _maybe_lagging(daemon, lag):
-            (ws / "deep" / "er").mkdir(parents=True)
-            (ws / ".codi2").rename(ws / "deep" / "er" / "stolen")
-        daemon.db = ws / "deep" / "er" / "stolen" / "audit.db"
-        for i in range(3):  # more commits to the store, now at its new name
-            (ws / f"more-{i}.txt").write_text(str(i))
-            _wait_recorded(daemon, f"more-{i}.txt")
-        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel.startswith("deep/er/stolen"))
-    finally:
-        daemon.kill()
+    daemon = store_daemon(db)
+    (ws / "before.txt").write_text("1")
+    _wait_recorded(daemon, "before.txt")
+    with _maybe_lagging(daemon, lag):
+        (ws / "deep" / "er").mkdir(parents=True)
+        (ws / ".codi2").rename(ws / "deep" / "er" / "stolen")
+    daemon.db = ws / "deep" / "er" / "stolen" / "audit.db"
+    for i in range(3):  # more commits to the store, now at its new name
+        (ws / f"more-{i}.txt").write_text(str(i))
+        _wait_recorded(daemon, f"more-{i}.txt")
+    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel.startswith("deep/er/stolen"))
     assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
 
 
 @LAG
 def test_v_a_hard_link_to_the_store_in_the_workspace_is_never_opened(
-    tmp_path: Path, workspace: Path, lag: bool
+    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool
 ) -> None:
     """Hashing a hard link to the SQLite store opened and closed a descriptor of the store's file, and
     closing any descriptor drops every POSIX lock the process holds on that file: the next reader, thinking
@@ -1552,18 +1560,15 @@ def test_v_a_hard_link_to_the_store_in_the_workspace_is_never_opened(
     file. A link to one of the daemon's own files is never opened and stays out of the trail."""
     ws = workspace
     db = ws / ".codi2" / "audit.db"
-    daemon = DaemonProcess(write_config(tmp_path / "codi2.toml", ws, db), db)
-    try:
-        with _maybe_lagging(daemon, lag):
-            os.link(db, ws / "plink")
-            os.link(Path(f"{db}-wal"), ws / "wlink")
-            (ws / "first.txt").write_text("1")
-        _wait_recorded(daemon, "first.txt")
-        for i in range(3):  # each read is another process's connection opened and closed, as `codi2 events`
-            (ws / f"more-{i}.txt").write_text(str(i))
-            _wait_recorded(daemon, f"more-{i}.txt")
-        assert Path(f"{db}-wal").exists()
-        events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in ("plink", "wlink"))
-        assert not [e for e in events if e.path in ("plink", "wlink")], describe(events)
-    finally:
-        daemon.kill()
+    daemon = store_daemon(db)
+    with _maybe_lagging(daemon, lag):
+        os.link(db, ws / "plink")
+        os.link(Path(f"{db}-wal"), ws / "wlink")
+        (ws / "first.txt").write_text("1")
+    _wait_recorded(daemon, "first.txt")
+    for i in range(3):  # each read is another process's connection opened and closed, as `codi2 events`
+        (ws / f"more-{i}.txt").write_text(str(i))
+        _wait_recorded(daemon, f"more-{i}.txt")
+    assert Path(f"{db}-wal").exists()
+    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel in ("plink", "wlink"))
+    assert not [e for e in events if e.path in ("plink", "wlink")], describe(events)
