@@ -1,9 +1,6 @@
 """The daemon's life cycle in one class: start-up, `should_exit`, graceful shutdown, signals.
 
-Start-up order: health port first (probes answer while watches are placed; `/readyz` says 503 until they
-are), then the state-dir lock, the store, the journal, the watcher, and the start-up diff. Shutdown
-order: read every change the kernel queued (a watcher barrier), journal it, ship what the store takes
-in time, close. Everything that blocks runs in a thread: the event loop only serves the health port.
+Everything that blocks runs in a thread: the event loop only serves the health port.
 """
 
 from __future__ import annotations
@@ -13,7 +10,7 @@ import fcntl
 import os
 import signal
 import time
-from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +25,8 @@ from codi2.ignore import IgnoreRules
 from codi2.journal import FILE_NAME, JournalUnavailable
 from codi2.metrics import Metrics
 from codi2.pipeline import Pipeline
-from codi2.sinks import Sink, open_sink
+from codi2.shipper import Shipper, StoreMonitor
+from codi2.sinks import open_sink
 from codi2.watcher import Watcher, check_root
 
 log = structlog.get_logger("codi2.daemon")
@@ -73,59 +71,96 @@ class StateLock:
 
 
 class Daemon:
-    def __init__(
-        self, settings: Settings, identity: Identity, open_store: Callable[[Settings], Sink] = open_sink
-    ) -> None:
-        self.settings = settings
-        self._open_store = open_store
+    """Builds the components from the settings, starts them in order, and stops them in reverse: each
+    one that started is pushed onto an `AsyncExitStack`, so a start-up that fails half-way stops exactly
+    what had started. `/status` is composed of each component's own snapshot."""
+
+    def __init__(self, settings: Settings, identity: Identity) -> None:
+        self.settings = s = settings
         self.identity = identity
         self.metrics = Metrics()
         self.should_exit = asyncio.Event()
         self.started_at = time.time()
-        self.health: HealthServer | None = None
-        self.sink: Sink | None = None
-        self.pipeline: Pipeline | None = None
-        self.watcher: Watcher | None = None
-        self._lock = StateLock(settings.state_dir)
-        self._store_lock = (
-            StateLock(settings.state_dir, file=settings.sqlite_file) if settings.backend == "sqlite" else None
-        )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._armed = False
-        key_file = settings.integrity.key_file
+        key_file = s.integrity.key_file
         try:
             self.chain_key = load_key(key_file) if key_file is not None else None
         except ValueError as exc:
             raise ConfigError(f"integrity.key_file: {exc}") from None
+        self._lock = StateLock(s.state_dir)
+        self._store_lock = StateLock(s.state_dir, file=s.sqlite_file) if s.backend == "sqlite" else None
+        self.rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots)  # and private places at start-up
+        self.store = StoreMonitor(self.metrics)
+        local = None
+        if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
+            from codi2.sinks.sqlite import LocalStore
+
+            local = LocalStore()
+        self.pipeline = Pipeline(
+            roots=s.watch_roots,
+            state_dir=s.state_dir,
+            journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
+            local_store=local,
+            rules=self.rules,
+            identity=identity,
+            metrics=self.metrics,
+            max_events=s.batching.max_events,
+            max_batch_bytes=s.batching.max_bytes,
+            max_delay_ms=s.batching.max_delay_ms,
+            max_bytes=s.spool.max_bytes,
+            hash_max_bytes=s.monitoring.hash_max_bytes,
+            fsync=s.spool.fsync,
+            initial_scan=s.monitoring.initial_scan,
+            store=self.store,
+            chain_key=self.chain_key,
+        )
+        self.watcher = Watcher(
+            s.watch_roots,
+            self.rules,
+            s.state_dir / "barrier",
+            on_hints=self.pipeline.feed,
+            on_overflow=self._overflow,
+        )
+        self.shipper: Shipper | None = None  # built once the journal and the store are open
+        self.health = HealthServer(self._app(), s.server.host, s.server.port)
+        self._armed = False
+        self._deadline = 0.0  # monotonic: when shutdown gives up flushing
+        self._lost = 0
+        self._gauges()
 
     # Life cycle ----------------------------------------------------------------------------------
 
     async def serve(self) -> int:
         """Run until SIGTERM/SIGINT; 0 when every observed change reached the journal."""
         self._install_signal_handlers()
-        try:
-            await self.startup()
-        except BaseException:
-            await self.shutdown()
-            raise
-        log.info(
-            "codi2_ready",
-            version=__version__,
-            backend=self.settings.backend,
-            roots=[str(r) for r in self.settings.watch_roots],
-            watches=self.watcher.state.watches if self.watcher else 0,
-            health_port=self.health.port if self.health else None,
-        )
-        await self.should_exit.wait()
-        return await self.shutdown()
+        async with AsyncExitStack() as stack:
+            try:
+                await self.startup(stack)
+                log.info(
+                    "codi2_ready",
+                    version=__version__,
+                    backend=self.settings.backend,
+                    roots=[str(r) for r in self.settings.watch_roots],
+                    watches=self.watcher.state.watches,
+                    health_port=self.health.port,
+                )
+                await self.should_exit.wait()
+            finally:
+                self._armed = False
+                self._deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+        log.info("codi2_stopped", uncommitted=self._lost)
+        return 0 if self._lost == 0 else 1
 
-    async def startup(self) -> None:
+    async def startup(self, stack: AsyncExitStack) -> None:
+        """Start-up order: health port first (probes answer while watches are placed; `/readyz` says 503
+        until they are), then the locks, the journal, the store, the shipper, the journal thread, the
+        watcher and the start-up diff. The stack stops them in reverse: read every change the kernel
+        queued (a watcher barrier), journal it, ship what the store takes in time, close."""
         s = self.settings
-        self.health = HealthServer(self._app(), s.server.host, s.server.port)
         try:
             await self.health.start()
         except OSError as exc:
             raise StartupError(f"cannot listen on {s.server.bind_addr}: {exc.strerror or exc}") from None
+        stack.push_async_callback(self.health.stop)
         for root in s.watch_roots:
             try:
                 check_root(os.fsencode(root))
@@ -138,115 +173,90 @@ class Daemon:
                 f"state dir {s.state_dir}: {exc.strerror or exc} (set [state] dir or CODI2_STATE__DIR to a writable"
                 " directory)"
             ) from None
+        stack.callback(self._lock.release)
         if self._store_lock is not None:
             try:
                 await asyncio.to_thread(self._store_lock.acquire)
             except OSError as exc:
                 raise StartupError(f"cannot lock {self._store_lock.path}: {exc.strerror or exc}") from None
-        rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots, self._private_paths())
-        local = None
-        if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
-            from codi2.sinks.sqlite import LocalStore
-
-            local = LocalStore()
-        self.pipeline = Pipeline(
-            roots=s.watch_roots,
-            state_dir=s.state_dir,
-            journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
-            local_store=local,
-            rules=rules,
-            identity=self.identity,
-            metrics=self.metrics,
-            max_events=s.batching.max_events,
-            max_batch_bytes=s.batching.max_bytes,
-            max_delay_ms=s.batching.max_delay_ms,
-            max_bytes=s.spool.max_bytes,
-            hash_max_bytes=s.monitoring.hash_max_bytes,
-            fsync=s.spool.fsync,
-            initial_scan=s.monitoring.initial_scan,
-            chain_key=self.chain_key,
-        )
+            stack.callback(self._store_lock.release)
+        self.rules.add_private(self._private_paths())  # the state dir exists now: known by identity too
+        pipeline = self.pipeline
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
-            await asyncio.to_thread(self.pipeline.open)
+            await asyncio.to_thread(pipeline.open)
         except JournalUnavailable as exc:
             raise StartupError(f"cannot open the journal {exc}") from None
         except OSError as exc:
             raise StartupError(f"cannot open the journal in {s.state_dir}: {exc.strerror or exc}") from None
+        stack.push_async_callback(asyncio.to_thread, pipeline.close)
         try:
-            self.sink = await asyncio.to_thread(self._open_store, s)
+            sink = await asyncio.to_thread(open_sink, s)
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
-        self.pipeline.sink = self.sink
-        rules.add_private_files(self._private_files())
-        self.pipeline.start()
-        self.watcher = Watcher(
-            s.watch_roots, rules, s.state_dir / "barrier", on_hints=self.pipeline.feed, on_overflow=self._overflow
-        )
-        self._gauges()
+        stack.push_async_callback(asyncio.to_thread, sink.close)
+        pipeline.trail = sink
+        self.rules.add_private_files(self._private_files())
+        if s.backend != "sqlite":
+            assert pipeline.journal is not None
+            self.shipper = shipper = Shipper(
+                pipeline.journal, sink, self.store, on_batch_lost=pipeline.outbox_batch_lost
+            )
+            pipeline.on_committed = shipper.hand
+            pipeline.on_new_journal = shipper.renew
+            shipper.start()
+            stack.push_async_callback(self._stop_shipper, shipper)
+        pipeline.start()
+        stack.push_async_callback(self._stop_pipeline)
         try:
             await asyncio.to_thread(self.watcher.start)
         except OSError as exc:
-            raise StartupError(f"cannot watch {exc.filename}: {exc.strerror}") from None
+            where = "" if exc.filename is None else f" {exc.filename}"
+            raise StartupError(f"cannot watch{where}: {exc.strerror}") from None
+        stack.push_async_callback(asyncio.to_thread, self.watcher.stop, WATCHER_DRAIN_S)
         # Watches first, then the walk: a change made meanwhile is seen live, by the walk, or both (the
         # second look finds nothing new), never by neither. Ready now: whatever changes from here on
         # reaches the trail, and the start-up diff goes on in the background (see /status).
-        self.pipeline.initial_scan()
-        self._tasks.append(asyncio.create_task(self._retry_unwatched(), name="codi2-unwatched"))
+        pipeline.initial_scan()
+        stack.callback(asyncio.create_task(self._retry_unwatched(), name="codi2-unwatched").cancel)
         self._armed = True
+
+    async def _stop_pipeline(self) -> None:
+        self._lost = await asyncio.to_thread(self.pipeline.stop, self._deadline)
+
+    async def _stop_shipper(self, shipper: Shipper) -> None:
+        await asyncio.to_thread(shipper.stop, self._deadline)
+        journal = self.pipeline.journal
+        if journal is not None and journal.outbox_events:
+            log.warning(
+                "events_left_in_spool",
+                count=journal.outbox_events,
+                store=self.store.health.error,
+                note="committed at the next start",
+            )
 
     def _overflow(self) -> None:
         """Watcher thread, after IN_Q_OVERFLOW: the watcher recrawls; the trail notes the lost history."""
         self.metrics.inotify_overflows.inc()
-        if self.pipeline is not None:
-            self.pipeline.note_gap("inotify_overflow", None)
+        self.pipeline.note_gap("inotify_overflow", None)
 
     async def _retry_unwatched(self) -> None:
         """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically."""
         while True:
             await asyncio.sleep(self.settings.monitoring.rescan_interval_s)
-            watcher = self.watcher
-            if watcher is not None and watcher.state.unwatched:
-                watcher.request(watcher.retry_unwatched)
+            if self.watcher.state.unwatched:
+                self.watcher.request(self.watcher.retry_unwatched)
 
     def _gauges(self) -> None:
-        m, pipeline = self.metrics, self.pipeline
-        assert pipeline is not None and pipeline.journal is not None
-        m.inotify_watches.set_function(lambda: self.watcher.state.watches if self.watcher else 0)
-        m.unwatched_dirs.set_function(lambda: len(self.watcher.state.unwatched) if self.watcher else 0)
+        m, pipeline, watcher = self.metrics, self.pipeline, self.watcher
+        m.inotify_watches.set_function(lambda: watcher.state.watches)
+        m.unwatched_dirs.set_function(lambda: len(watcher.state.unwatched))
         m.spool_events.set_function(lambda: pipeline.journal.outbox_events if pipeline.journal else 0)
         m.spool_bytes.set_function(lambda: pipeline.journal.outbox_bytes if pipeline.journal else 0)
         m.spool_max_bytes.set(pipeline.max_bytes)
         m.pipeline_queue.set_function(pipeline.pending_hints)
-        m.ready.set_function(lambda: float(all(check() for check in self._ready_checks.values())))
-        m.handler_errors.source = lambda: float(self.watcher.state.handler_errors if self.watcher else 0)
-
-    async def shutdown(self) -> int:
-        lost = 0
-        self._armed = False
-        for task in self._tasks:
-            task.cancel()
-        if self.watcher is not None:
-            await asyncio.to_thread(self.watcher.stop, WATCHER_DRAIN_S)
-        if self.pipeline is not None:
-            lost = await asyncio.to_thread(self.pipeline.stop, SHUTDOWN_FLUSH_S)
-            journal = self.pipeline.journal
-            if journal is not None and journal.outbox_events:
-                log.warning(
-                    "events_left_in_spool",
-                    count=journal.outbox_events,
-                    store=self.pipeline.store.error,
-                    note="committed at the next start",
-                )
-        if self.sink is not None:
-            await asyncio.to_thread(self.sink.close)
-        self._lock.release()
-        if self._store_lock is not None:
-            self._store_lock.release()
-        if self.health is not None:
-            await self.health.stop()
-        log.info("codi2_stopped", uncommitted=lost)
-        return 0 if lost == 0 else 1
+        m.ready.set_function(lambda: float(self._ready()))
+        m.handler_errors.source = lambda: float(watcher.state.handler_errors)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
@@ -279,52 +289,25 @@ class Daemon:
     def _app(self) -> Any:
         live = {
             "event_loop": lambda: True,
-            "watcher": lambda: not self._armed or self._watching(),
+            "watcher": lambda: not self._armed or self.watcher.is_alive(),
             "pipeline": lambda: not self._armed or self._pipeline_running(),
         }
-        return build_app(live=live, ready=self._ready_checks, status=self.status, registry=self.metrics.registry)
-
-    def _watching(self) -> bool:
-        return self.watcher is not None and self.watcher.is_alive()
-
-    def _pipeline_running(self) -> bool:
-        return self.pipeline is not None and self.pipeline.running
-
-    @property
-    def _ready_checks(self) -> dict[str, Callable[[], bool]]:
-        return {
-            "watches": lambda: self._armed and self._watching(),
+        ready = {
+            "watches": lambda: self._armed and self.watcher.is_alive(),
             "pipeline": lambda: self._armed and self._pipeline_running(),
         }
+        return build_app(live=live, ready=ready, status=self.status, registry=self.metrics.registry)
+
+    def _pipeline_running(self) -> bool:
+        return self.pipeline.running and (self.shipper is None or self.shipper.running)
+
+    def _ready(self) -> bool:
+        return self._armed and self.watcher.is_alive() and self._pipeline_running()
 
     def status(self) -> dict[str, Any]:
-        watcher, pipeline = self.watcher, self.pipeline
-        store = pipeline.store if pipeline else None
-        jh = pipeline.journal_health if pipeline else None
-        journal = pipeline.journal if pipeline else None
-        degraded = []
-        if store is not None and store.state in ("degraded", "blocked"):
-            degraded.append(f"store {store.state}: {store.error_code}: {store.error}")
-        if jh is not None and jh.state == "error":
-            degraded.append(f"journal write failing, changes kept and retried: {jh.error}")
-        if jh is not None and jh.state == "full":
-            degraded.append("spool full: journaling paused until the store catches up (changes coalesce)")
-        if jh is not None and jh.initial_scan == "waiting":
-            degraded.append("index rebuild waiting for the store to be readable")
-        if watcher is not None:
-            ws = watcher.state
-            if ws.unwatched:
-                degraded.append(
-                    f"{len(ws.unwatched)} directories unwatched (see unwatched; "
-                    "for a watch limit raise fs.inotify.max_user_watches)"
-                )
-            if ws.overflows:
-                degraded.append(f"inotify queue overflowed {ws.overflows} times")
-            if ws.handler_errors:
-                degraded.append(f"{ws.handler_errors} inotify events failed to be handled (see the logs)")
-            for root in ws.roots_gone:
-                degraded.append(f"watch root gone: {root}")
+        degraded = self.store.degraded() + self.pipeline.degraded() + self.watcher.degraded()
         ident = self.identity
+        last_commit = self.store.health.last_commit
         return {
             "status": "degraded" if degraded else "ok",
             "degraded_reasons": degraded,
@@ -335,47 +318,13 @@ class Daemon:
                 "session_id": ident.session_id,
                 "pod": ident.pod,
             },
-            "ready": all(check() for check in self._ready_checks.values()),
+            "ready": self._ready(),
             "started_at": rfc3339(self.started_at),
             "watch_roots": [str(r) for r in self.settings.watch_roots],
-            "watches": watcher.state.watches if watcher else 0,
-            "unwatched": dict(watcher.state.unwatched) if watcher else {},
-            "inotify_overflows": watcher.state.overflows if watcher else 0,
-            "inotify_backlog_high_water": watcher.backlog_high_water if watcher else 0,
-            "recrawls": watcher.state.recrawls if watcher else 0,
-            "initial_scan": jh.initial_scan if jh else "pending",
-            "pipeline": {"pending_changes": pipeline.pending_hints() if pipeline else 0},
-            "journal": {
-                "state": jh.state if jh else "unknown",
-                "error": jh.error if jh else None,
-                "consecutive_failures": jh.consecutive_failures if jh else 0,
-                "since": rfc3339(jh.since) if jh else None,
-                "index_rebuilds": jh.rebuilds if jh else 0,
-                "stream_id": journal.stream_id if journal else None,
-            },
-            "chain": {
-                "stream_id": journal.stream_id if journal else None,
-                "batches": journal.chain.batches if journal else 0,
-                "head": journal.chain.link.hex() if journal else None,
-                "key_id": self.chain_key.id if self.chain_key else None,
-            },
-            "spool": {
-                "batches": journal.outbox_batches if journal else 0,
-                "events": journal.outbox_events if journal else 0,
-                "bytes": journal.outbox_bytes if journal else 0,
-                "max_bytes": self.settings.spool.max_bytes,
-                "corrupt_records": pipeline.corrupt_records if pipeline else 0,
-                "gaps_recorded": pipeline.gaps if pipeline else 0,
-            },
-            "store": {
-                "backend": self.settings.backend,
-                "state": store.state if store else "unknown",
-                "error": store.error if store else None,
-                "error_code": store.error_code if store else None,
-                "consecutive_failures": store.consecutive_failures if store else 0,
-                "since": rfc3339(store.since) if store else None,
-            },
-            "last_commit": rfc3339(store.last_commit) if store and store.last_commit else None,
+            **self.watcher.snapshot(),
+            **self.pipeline.snapshot(),
+            "store": self.store.snapshot(self.settings.backend),
+            "last_commit": rfc3339(last_commit) if last_commit else None,
         }
 
 

@@ -29,21 +29,11 @@ class IgnoreRules:
         self._private_files: set[tuple[int, int]] = set()
         self._root_devs: set[int] = set()
         self.check_before_open = False  # a private file shares a file system with a root: it can be linked
-        root_list = [os.fsencode(r) for r in roots]
-        for r in roots:
+        self._roots = [os.fsencode(r) for r in roots]
+        for r in self._roots:
             with contextlib.suppress(OSError):
                 self._root_devs.add(os.stat(r).st_dev)
-        for p in private:
-            try:
-                st = os.stat(p, follow_symlinks=False)
-            except OSError:
-                st = None
-            if st is not None and stat.S_ISDIR(st.st_mode):
-                self._private_dirs.add((st.st_dev, st.st_ino))
-            raw = os.fsencode(p)
-            for index, root in enumerate(root_list):
-                if raw.startswith(root + b"/"):
-                    self._private.add((index, raw[len(root) + 1 :]))
+        self.add_private(private)
         # A pattern with a slash before its end is anchored to a place in the tree, so renaming a
         # directory can change what is ignored below it; bare names (".git", "*.log") cannot.
         self.path_dependent = any("/" in _pattern_body(line) for line in lines)
@@ -69,6 +59,20 @@ class IgnoreRules:
             rel, is_dir = parent, True
             if (root, rel) in self._private:
                 return True
+
+    def add_private(self, paths: Iterable[Path]) -> None:
+        """The daemon's own places, by name, and its directories by identity too (once they exist)."""
+        for p in paths:
+            try:
+                st = os.stat(p, follow_symlinks=False)
+            except OSError:
+                st = None
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                self._private_dirs.add((st.st_dev, st.st_ino))
+            raw = os.fsencode(p)
+            for index, root in enumerate(self._roots):
+                if raw.startswith(root + b"/"):
+                    self._private.add((index, raw[len(root) + 1 :]))
 
     def private_dir(self, dev: int | None, ino: int | None) -> bool:
         """Whether this directory is one of the daemon's own, whatever its name now."""

@@ -1,15 +1,12 @@
-"""watcher hints → window → reconcile + journal (one transaction per batch) → shipper → sink.
+"""watcher hints → window → reconcile + journal (one transaction per batch) → the shipper.
 
-Two threads of its own, so the event loop never waits for a disk or a store:
-
-- the **journal thread** collects hints into the batch window (which coalesces them per path and follows
-  renames), and at the end of the window reconciles them against the index, appending the events to the
-  journal's outbox in the same transaction that updates the index. A failed transaction (a full disk)
-  rolls both back and keeps the hints, which are tried again with back-off: nothing observed is dropped,
-  and the history that was coarsened meanwhile is marked by a `gap` event;
-- the **shipper thread** reads the outbox in order, commits each batch to the store (retrying for as long
-  as the store is down, and reporting a batch it can never commit as *blocked* rather than dropping it),
-  and deletes what the store holds.
+One thread of its own, the **journal thread**, so the event loop never waits for a disk: it collects
+hints into the batch window (which coalesces them per path and follows renames), and at the end of the
+window reconciles them against the index, appending the events to the journal's outbox in the same
+transaction that updates the index. A failed transaction (a full disk) rolls both back and keeps the
+hints, which are tried again with back-off: nothing observed is dropped, and the history that was
+coarsened meanwhile is marked by a `gap` event. Each committed batch goes to `on_committed` (the
+shipper, `codi2/shipper.py`); with SQLite the journal's file is the store, and nothing is shipped.
 
 The hint buffers are bounded without ever blocking the watcher: past the bound they collapse into a
 rescan of every root, which loses the fine history (a `gap` says so) but never a change.
@@ -21,8 +18,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections import Counter, deque
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +29,7 @@ import structlog
 from codi2 import legacy
 from codi2.chain import ChainKey
 from codi2.config import STATE_DIR_NAME
-from codi2.events import Action, Batch, Event, EventQuery, Identity, Origin, now_rfc3339, parse_time, rfc3339_ns, uuid7
+from codi2.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
 from codi2.fs import O_DIR, Facts
 from codi2.hints import Hint, Move, Rescan, Touch
 from codi2.ignore import IgnoreRules
@@ -50,30 +47,16 @@ from codi2.journal import (
 from codi2.metrics import Metrics
 from codi2.reconcile import Reconciler
 from codi2.replay import fold_events
-from codi2.sinks import Sink
+from codi2.shipper import StoreMonitor
+from codi2.sinks import TrailReader
 
 log = structlog.get_logger("codi2.pipeline")
 
-RETRY_MAX_S = 5.0
 JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
-SHIP_CHUNK = 16
-HANDOFF_MAX = 32  # batches kept in memory for the shipper
-# With nothing to do, the journal and shipper threads sleep until woken (new hints, a committed batch, a
-# stop): this bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
+# With nothing to do, the journal thread sleeps until woken (new hints, a stop): this bound only limits
+# what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
-
-
-@dataclass
-class StoreHealth:
-    """Written by the shipper, read by /status: the store's state never touches readiness."""
-
-    state: str = "unknown"  # ok | degraded (retrying) | blocked (a batch that can never commit)
-    error: str | None = None
-    error_code: str | None = None
-    since: float = field(default_factory=time.time)
-    last_commit: float | None = None
-    consecutive_failures: int = 0
 
 
 @dataclass
@@ -219,6 +202,7 @@ class Pipeline:
         hash_max_bytes: int,
         fsync: bool,
         initial_scan: str,
+        store: StoreMonitor,
         chain_key: ChainKey | None = None,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
@@ -228,7 +212,10 @@ class Pipeline:
         self._local_store = local_store  # the store lives in the journal's file: nothing to ship
         self._rules = rules
         self._identity = identity
-        self.sink: Sink | None = None  # set once opened (with SQLite, after the journal: the same file)
+        self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
+        # The shipper's: each batch once committed, and a journal recovered into a new file.
+        self.on_committed: Callable[[OutboxBatch], None] = lambda batch: None
+        self.on_new_journal: Callable[[Journal], None] = lambda journal: None
         self._metrics = metrics
         self._max_events = max_events
         self._max_batch_bytes = max_batch_bytes
@@ -238,7 +225,7 @@ class Pipeline:
         self._fsync = fsync
         self._chain_key = chain_key  # seals every batch's link (HMAC) when set
         self._silent_baseline = initial_scan == "silent"
-        self.store = StoreHealth()
+        self.store = store
         self.journal_health = JournalHealth()
         self.journal: Journal | None = None
         self.gaps = 0
@@ -257,15 +244,9 @@ class Pipeline:
         self._initial_in_txn = 0
         self._stopping = False
         self._stop_deadline = 0.0
-        self._ship_wake = threading.Condition()
-        self._handoff: deque[OutboxBatch] = deque()
-        self._ship_stop = False
-        self._ship_new_journal = False  # set (under _ship_wake) once a recovered journal is committed
         self._rebuild_requested = False
         self._fresh_remote = False  # a new journal beside a remote store: its first rebuild may find nothing
-        self._ack_failing = False
         self._journal_thread: threading.Thread | None = None
-        self._ship_thread: threading.Thread | None = None
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -335,14 +316,10 @@ class Pipeline:
     def start(self) -> None:
         self._journal_thread = threading.Thread(target=self._journal_loop, name="codi2-journal", daemon=True)
         self._journal_thread.start()
-        if self._local_store is None:
-            self._ship_thread = threading.Thread(target=self._ship_loop, name="codi2-ship", daemon=True)
-            self._ship_thread.start()
 
     @property
     def running(self) -> bool:
-        threads = (self._journal_thread, self._ship_thread if self._local_store is None else self._journal_thread)
-        return all(t is not None and t.is_alive() for t in threads)
+        return self._journal_thread is not None and self._journal_thread.is_alive()
 
     def feed(self, hints: list[Hint]) -> None:
         """Thread-safe, never blocks: the watcher's hand-off."""
@@ -378,26 +355,24 @@ class Pipeline:
         self.journal_health.initial_scan = "running"
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
 
-    def stop(self, timeout: float) -> int:
-        """Blocking (call it off the event loop): commit what was observed, ship what the store takes
-        within `timeout`, close. Returns how many pending changes could not even be journaled."""
-        self._stop_deadline = time.monotonic() + timeout
+    def stop(self, deadline: float) -> int:
+        """Blocking (call it off the event loop): journal what was observed before `deadline` (monotonic).
+        Returns how many pending changes could not even be journaled (the next start's diff finds them)."""
+        self._stop_deadline = deadline
         with self._lock:
             self._stopping = True
             self._lock.notify()
         if self._journal_thread is not None:
-            self._journal_thread.join(max(0.0, self._stop_deadline - time.monotonic()) + 1)
-        with self._ship_wake:
-            self._ship_stop = True
-            self._ship_wake.notify_all()
-        if self._ship_thread is not None:
-            self._ship_thread.join(max(0.0, self._stop_deadline - time.monotonic()) + 1)
+            self._journal_thread.join(max(0.0, deadline - time.monotonic()) + 1)
+        return self.lost_at_shutdown
+
+    def close(self) -> None:
+        """Close the journal (unless its thread is somehow still in it) and the roots."""
         if self.journal is not None and not (self._journal_thread and self._journal_thread.is_alive()):
             self.journal.close()
         for fd in self._root_fds:
             os.close(fd)
         self._root_fds = []
-        return self.lost_at_shutdown
 
     # Journal thread ------------------------------------------------------------------------------
 
@@ -407,9 +382,6 @@ class Pipeline:
                 pass
         except Exception:
             log.exception("journal_thread_failed")
-        finally:
-            with self._ship_wake:
-                self._ship_wake.notify_all()
 
     def _journal_step(self) -> bool:
         """One turn: take hints, flush when due. False once stopped and everything is committed."""
@@ -541,9 +513,9 @@ class Pipeline:
         appended = journal.append(events) if events else None
         journal.commit()
         if appended is not None:
-            self._hand_to_shipper(appended)
+            self.on_committed(appended)
         elif events:  # the store is the journal's own file: committed just now
-            self._committed(len(events), time.perf_counter() - started, events[0].ts)
+            self.store.committed(len(events), time.perf_counter() - started, events[0].ts)
         self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
         self._initial_in_txn = 0
         if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
@@ -575,9 +547,7 @@ class Pipeline:
                 self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
             )
             self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
-            with self._ship_wake:  # the shipper reads the new file from its start, busy or asleep now
-                self._ship_new_journal = True
-                self._ship_wake.notify_all()
+            self.on_new_journal(self.journal)  # the shipper reads the new file from its start
             return
         health = self.journal_health
         code = getattr(exc, "sqlite_errorname", None) or (
@@ -591,7 +561,7 @@ class Pipeline:
             )
         self.journal_health.consecutive_failures += 1
         if self._local_store is not None:  # the journal's file is the store: it is the store failing
-            self._store_failed(exc, str(code))
+            self.store.failed(exc, str(code))
         self._retry_at = time.monotonic() + self._journal_delay
         self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
 
@@ -638,7 +608,7 @@ class Pipeline:
             stored: set[str] = set()
 
             def trail() -> Iterator[Event]:
-                for _, e in self._store().read(EventQuery(ident.tenant_id)):
+                for _, e in self._trail().read(EventQuery(ident.tenant_id)):
                     if e.user_id == ident.user_id and e.root in roots:
                         stored.add(e.id)
                         yield e
@@ -671,6 +641,10 @@ class Pipeline:
         self._initial_pending = len(self._roots)
         self.journal_health.initial_scan = "running"
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
+
+    def _trail(self) -> TrailReader:
+        assert self.trail is not None, "the daemon sets the store before it starts the pipeline"
+        return self.trail
 
     # Events --------------------------------------------------------------------------------------
 
@@ -728,89 +702,9 @@ class Pipeline:
             "live",
         )
 
-    # Shipper thread ------------------------------------------------------------------------------
+    # What the shipper reports ---------------------------------------------------------------------
 
-    def _hand_to_shipper(self, batch: OutboxBatch) -> None:
-        """A batch just committed, in memory: the shipper takes it from here instead of reading it back."""
-        with self._ship_wake:
-            self._handoff.append(batch)
-            if len(self._handoff) > HANDOFF_MAX:  # the store is behind: those are read back later
-                self._handoff.popleft()
-            self._ship_wake.notify_all()
-
-    def _from_handoff(self, after: int) -> list[OutboxBatch]:
-        """The batches right after `after` that are still in memory, in order (none if there is a gap)."""
-        with self._ship_wake:
-            while self._handoff and self._handoff[0].n <= after:
-                self._handoff.popleft()
-            out: list[OutboxBatch] = []
-            while self._handoff and self._handoff[0].n == after + 1 + len(out) and len(out) < SHIP_CHUNK:
-                out.append(self._handoff.popleft())
-            return out
-
-    def _ship_loop(self) -> None:
-        journal = self.journal
-        assert journal is not None
-        reader = OutboxReader(journal.path)
-        after = 0
-        try:
-            while True:
-                with self._ship_wake:
-                    renewed, self._ship_new_journal = self._ship_new_journal, False
-                if renewed or self.journal is not journal:  # recovered from corruption: a new file
-                    reader.close()
-                    journal = self.journal
-                    assert journal is not None
-                    reader, after = OutboxReader(journal.path), 0
-                failed = False
-                try:
-                    batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
-                except Exception as exc:
-                    log.warning("outbox_read_failed", error=str(exc))
-                    batches, failed = [], True
-                if not batches:
-                    with self._ship_wake:
-                        if self._ship_stop:
-                            return
-                        # Every batch the journal thread commits wakes us; one already handed over does not
-                        # wait, nor does a batch the outbox could not be read for (retried each second), nor
-                        # a recovered journal's (its notice may have come while we were busy: not lost).
-                        if not self._ship_new_journal:
-                            self._ship_wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
-                    continue
-                for b in batches:
-                    if isinstance(b, tuple):
-                        n, reason = b
-                        self._outbox_row_lost(n, reason)
-                    elif not self._deliver(b):
-                        return
-                    n = b[0] if isinstance(b, tuple) else b.n
-                    self._ack(reader, n)
-                    if isinstance(b, OutboxBatch):
-                        journal.acknowledged(b)
-                    after = n
-        except Exception:
-            log.exception("shipper_failed")
-        finally:
-            reader.close()
-
-    def _store(self) -> Sink:
-        assert self.sink is not None, "the daemon sets the sink before it starts the pipeline"
-        return self.sink
-
-    def _ack(self, reader: OutboxReader, n: int) -> None:
-        """Delete what the store holds from the outbox. If that write fails (a full disk), shipping goes
-        on: the rows stay, and are shipped again, harmlessly, after a restart."""
-        try:
-            reader.delete_through(n)
-        except sqlite3.Error as exc:
-            if not self._ack_failing:
-                log.warning("outbox_ack_failed", error=str(exc), note="re-sent after a restart; lands once")
-            self._ack_failing = True
-        else:
-            self._ack_failing = False
-
-    def _outbox_row_lost(self, n: int, reason: str) -> None:
+    def outbox_batch_lost(self, n: int, reason: str) -> None:
         """A batch that no longer checks out: its events are lost; say so, and derive the index again
         (it holds their effects)."""
         log.error("outbox_batch_corrupt", batch=n, reason=reason)
@@ -819,54 +713,48 @@ class Pipeline:
         self.note_gap("outbox_corrupt", None)
         self.request_rebuild()
 
-    def _deliver(self, item: OutboxBatch) -> bool:
-        """Retry until the store takes the batch (an outage delays events, it never drops them). False
-        only when shutting down with the store still refusing: the batch stays in the outbox."""
-        batch = Batch(item.batch_id, item.events, item.header)
-        delay = 0.05
-        while True:
-            started = time.perf_counter()
-            try:
-                self._store().write_batch(batch)
-            except Exception as exc:
-                self._store_failed(exc)
-                with self._ship_wake:
-                    if self._ship_stop and time.monotonic() >= self._stop_deadline:
-                        return False
-                    self._ship_wake.wait(delay)
-                delay = min(delay * 2, RETRY_MAX_S)
-                continue
-            self._committed(len(batch.events), time.perf_counter() - started, min(e.ts for e in batch.events))
-            return True
-
-    def _committed(self, events: int, seconds: float, oldest: str) -> None:
-        """The store took a batch: figures for /status and the metrics."""
-        self._metrics.batch_commit_duration.observe(seconds)
-        self._metrics.events_committed.inc(events)
-        self._metrics.event_commit_lag.set(max(time.time() - parse_time(oldest).timestamp(), 0.0))
-        if self.store.state != "ok":
-            if self.store.state in ("degraded", "blocked"):
-                log.info("store_recovered", after_failures=self.store.consecutive_failures)
-            self.store = StoreHealth(state="ok")
-            self._metrics.store_blocked.set(0)
-        self.store.last_commit = time.time()
-
-    def _store_failed(self, exc: Exception, code: str | None = None) -> None:
-        code = code or str(getattr(exc, "code", None) or type(exc).__name__)
-        retryable = getattr(exc, "retryable", True) is not False
-        self._metrics.store_errors.labels(error=code).inc()
-        state = "degraded" if retryable else "blocked"
-        health = self.store
-        if health.state != state or health.error_code != code:
-            if retryable:
-                log.warning("store_unavailable", error=str(exc), code=code)
-            else:
-                log.error("store_blocked", error=str(exc), code=code, hint="this batch can never commit as it is")
-            self.store = health = StoreHealth(state=state, error=str(exc), error_code=code)
-            self._metrics.store_blocked.set(0 if retryable else 1)
-        health.consecutive_failures += 1
-
     # Status --------------------------------------------------------------------------------------
 
     def pending_hints(self) -> int:
         return len(self._intake) + len(self._window)
+
+    def degraded(self) -> list[str]:
+        jh = self.journal_health
+        reasons = []
+        if jh.state == "error":
+            reasons.append(f"journal write failing, changes kept and retried: {jh.error}")
+        if jh.state == "full":
+            reasons.append("spool full: journaling paused until the store catches up (changes coalesce)")
+        if jh.initial_scan == "waiting":
+            reasons.append("index rebuild waiting for the store to be readable")
+        return reasons
+
+    def snapshot(self) -> dict[str, Any]:
+        """The journal's part of /status."""
+        jh, journal = self.journal_health, self.journal
+        return {
+            "initial_scan": jh.initial_scan,
+            "pipeline": {"pending_changes": self.pending_hints()},
+            "journal": {
+                "state": jh.state,
+                "error": jh.error,
+                "consecutive_failures": jh.consecutive_failures,
+                "since": rfc3339(jh.since),
+                "index_rebuilds": jh.rebuilds,
+                "stream_id": journal.stream_id if journal else None,
+            },
+            "chain": {
+                "stream_id": journal.stream_id if journal else None,
+                "batches": journal.chain.batches if journal else 0,
+                "head": journal.chain.link.hex() if journal else None,
+                "key_id": self._chain_key.id if self._chain_key else None,
+            },
+            "spool": {
+                "batches": journal.outbox_batches if journal else 0,
+                "events": journal.outbox_events if journal else 0,
+                "bytes": journal.outbox_bytes if journal else 0,
+                "max_bytes": self.max_bytes,
+                "corrupt_records": self.corrupt_records,
+                "gaps_recorded": self.gaps,
+            },
+        }

@@ -317,9 +317,31 @@ class Watcher:
             and self._handler.is_alive()
         )
 
-    @property
-    def backlog_high_water(self) -> int:
-        return self._backlog.high_water
+    def degraded(self) -> list[str]:
+        ws = self.state
+        reasons = []
+        if ws.unwatched:
+            reasons.append(
+                f"{len(ws.unwatched)} directories unwatched (see unwatched; "
+                "for a watch limit raise fs.inotify.max_user_watches)"
+            )
+        if ws.overflows:
+            reasons.append(f"inotify queue overflowed {ws.overflows} times")
+        if ws.handler_errors:
+            reasons.append(f"{ws.handler_errors} inotify events failed to be handled (see the logs)")
+        reasons += [f"watch root gone: {root}" for root in ws.roots_gone]
+        return reasons
+
+    def snapshot(self) -> dict[str, Any]:
+        """The watcher's part of /status."""
+        ws = self.state
+        return {
+            "watches": ws.watches,
+            "unwatched": dict(ws.unwatched),
+            "inotify_overflows": ws.overflows,
+            "inotify_backlog_high_water": self._backlog.high_water,
+            "recrawls": ws.recrawls,
+        }
 
     # Barriers --------------------------------------------------------------------------------------
 
