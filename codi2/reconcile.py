@@ -15,6 +15,7 @@ bounded batches instead of holding the tree in memory).
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -511,10 +512,8 @@ class Reconciler:
         parent, entry = split(rel)
         try:
             dfd = self.cache.get(root, parent)
-            if self._rules.check_before_open:  # the state shares the workspace's file system
-                seen = lstat_at(dfd, entry)
-                if seen is not None and seen.type == "file" and self._rules.private_file(seen.dev, seen.ino):
-                    return None  # a hard link to the daemon's own file: never opened, out of the trail
+            if self._rules.check_before_open and self._private_link(dfd, entry):
+                return None  # a hard link to the daemon's own file: never opened, out of the trail
             facts = read_facts(dfd, entry, known, self._hash_max)
         except Unreadable:
             return UNKNOWN
@@ -527,6 +526,15 @@ class Reconciler:
         if facts is not None and excluded(self._rules, root, rel, facts):
             return None  # ignored where it is now: out of the trail
         return facts
+
+    def _private_link(self, dfd: int, entry: bytes) -> bool:
+        """Whether the entry is one of the daemon's own files (the state shares the workspace's file
+        system, so it can be linked): a bare lstat, on the path of every file a burst writes."""
+        try:
+            st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+        except OSError:
+            return False  # whatever it is, reading it says so
+        return stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino)
 
     def _present(self, root: int, rel: bytes) -> bool:
         """Whether something is at `rel` now, though out of the trail (a link to the daemon's own file)."""

@@ -167,6 +167,7 @@ class Shipper:
         journal = self._journal
         reader = OutboxReader(journal.path)
         after = 0
+        raced = False
         try:
             while True:
                 with self._wake:
@@ -183,14 +184,17 @@ class Shipper:
                     batches, failed = [], True
                 if not batches:
                     with self._wake:
+                        # A batch handed over (or a journal renewed) while we read goes round at once, even
+                        # when stopping: its notice came before we waited. Once only: should the outbox not
+                        # show a batch handed over, that is retried each second, like a failed read.
+                        if (self._handoff and not raced) or self._renewed is not None:
+                            raced = True
+                            continue
                         if self._stop:
                             return
-                        # Every batch the journal thread commits wakes us; one already handed over does not
-                        # wait, nor does a batch the outbox could not be read for (retried each second), nor
-                        # a recovered journal's (its notice may have come while we were busy: not lost).
-                        if self._renewed is None:
-                            self._wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
+                        self._wake.wait(1.0 if self._handoff or failed else IDLE_WAIT_S)
                     continue
+                raced = False
                 for b in batches:
                     if isinstance(b, tuple):
                         n, reason = b
