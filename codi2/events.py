@@ -12,10 +12,10 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -23,6 +23,7 @@ Action = Literal["created", "updated", "deleted", "moved", "gap"]
 ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap")
 EntryType = Literal["file", "dir", "symlink"]
 Origin = Literal["live", "rescan", "offline", "baseline"]
+C = TypeVar("C")  # a sink's read cursor
 
 
 # Ids need to be unique, not secret: a generator seeded from the kernel once per process draws the
@@ -212,7 +213,7 @@ class Batch:
 
 @dataclass(slots=True, frozen=True)
 class EventQuery:
-    """What `codi2 events` asks a sink for; every sink applies it with `matches` for the same semantics."""
+    """What `codi2 events` asks a sink for; every sink applies it with `select` for the same semantics."""
 
     tenant_id: str
     path_glob: str | None = None
@@ -231,3 +232,15 @@ class EventQuery:
             paths = (event.path,) if event.dest_path is None else (event.path, event.dest_path)
             return any(fnmatch.fnmatchcase(p, self.path_glob) for p in paths)
         return True
+
+    def select(self, rows: Iterable[tuple[C, Event]]) -> Iterator[tuple[C, Event]]:
+        """The rows this query wants, in their order, at most `limit`: with 0, `rows` is never started."""
+        if self.limit == 0:
+            return
+        count = 0
+        for row in rows:
+            if self.matches(row[1]):
+                yield row
+                count += 1
+                if count == self.limit:
+                    return

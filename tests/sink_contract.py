@@ -161,6 +161,9 @@ class SinkContract:
         since = datetime.fromtimestamp(1_700_000_100, UTC)
         assert [e.path for e in self._all(sink, since=since)] == ["src/b.py", "docs/c.md", "old.py"]
         assert [e.path for e in self._all(sink, limit=2)] == ["src/a.py", "src/b.py"]
+        assert [e.path for e in self._all(sink, limit=0)] == []
+        assert [e.path for e in self._all(sink, path_glob="src/*", limit=2)] == ["src/a.py", "src/b.py"]
+        assert [e.path for e in self._all(sink, action="moved", limit=1)] == ["old.py"]  # the limit counts matches
         assert [e.path for e in self._all(sink, path_glob="*.py", action="updated")] == ["src/b.py"]
 
     def test_follow_resumes_after_cursor(self, sink: Sink, reopen: Callable[[], Sink]) -> None:

@@ -442,17 +442,8 @@ class FdbSink:
             if not isinstance(after, bytes):
                 raise TypeError("fdb: a read cursor is a key (bytes)")
             begin = min(max(begin, after + b"\x00"), end)  # a cursor never leads out of the tenant's range
-        count = 0
-        if query.limit == 0:
-            return
-        for key, value in self._scan(query.tenant_id, begin, end):
-            event = decode_event(query.tenant_id, value)
-            if not query.matches(event):
-                continue
-            yield key, event
-            count += 1
-            if query.limit is not None and count >= query.limit:
-                return
+        rows = self._scan(query.tenant_id, begin, end)
+        yield from query.select((key, decode_event(query.tenant_id, value)) for key, value in rows)
 
     def _scan(self, tenant: str, begin: bytes, end: bytes) -> Iterator[tuple[bytes, bytes]]:
         while begin < end:

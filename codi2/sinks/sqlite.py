@@ -179,17 +179,7 @@ class SqliteSink:
             sql += " AND ts >= ?"
             args.append(rfc3339(query.since.timestamp()))
         sql += " ORDER BY pos"
-        count = 0
-        if query.limit == 0:
-            return
-        for pos, body in self._query(sql, args):
-            event = _decode(body)
-            if not query.matches(event):
-                continue
-            yield pos, event
-            count += 1
-            if query.limit is not None and count >= query.limit:
-                return
+        yield from query.select((pos, _decode(body)) for pos, body in self._query(sql, args))
 
     def _query(self, sql: str, args: list[object]) -> Iterator[tuple[object, ...]]:
         """Rows from a connection of its own, so a long or followed read never holds the writer's lock."""
