@@ -306,6 +306,17 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         degraded = self.store.degraded() + self.pipeline.degraded() + self.watcher.degraded()
+        if self._armed:  # a thread that died of an unexpected error: /livez fails too, and a restart recovers
+            stopped = [
+                name
+                for name, alive in (
+                    ("watcher", self.watcher.is_alive()),
+                    ("journal", self.pipeline.running),
+                    ("shipper", self.shipper is None or self.shipper.running),
+                )
+                if not alive
+            ]
+            degraded += [f"{name} thread stopped (see the logs for the error)" for name in stopped]
         ident = self.identity
         last_commit = self.store.health.last_commit
         return {

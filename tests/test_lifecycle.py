@@ -12,9 +12,10 @@ import os
 import socket
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
-from conftest import write_config
+from conftest import eventually, write_config
 from trail_checks import write_fdb_config
 
 from codi2.config import load_settings
@@ -70,3 +71,29 @@ async def test_a_start_up_failing_at_its_last_step_stops_everything_that_had_sta
     if backend == "fdb":  # the fake keeps the cluster's data file open for the bindings' database
         left = {fd: t for fd, t in left.items() if "fdb.cluster" not in t}
     assert left == {}
+
+
+async def test_a_thread_that_dies_is_named_in_status_and_fails_liveness(
+    tmp_path: Path, workspace: Path, request: pytest.FixtureRequest
+) -> None:
+    request.getfixturevalue("fdb_api")
+    config = write_fdb_config(tmp_path / "codi2.toml", workspace, tmp_path / "fdb.cluster")
+    daemon = Daemon(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None))
+    serving = asyncio.create_task(daemon.serve())
+    try:
+        await eventually(lambda: daemon.status()["ready"])
+        assert daemon.status()["status"] == "ok"
+
+        def fail(item: Any) -> bool:  # a bug met while shipping: the shipper thread ends with its traceback
+            raise RuntimeError("injected")
+
+        daemon.shipper._deliver = fail  # type: ignore[union-attr,method-assign]
+        (workspace / "f").write_text("x")
+        await eventually(lambda: not daemon.shipper.running)  # type: ignore[union-attr]
+        status = daemon.status()
+        assert status["status"] == "degraded"
+        assert "shipper thread stopped (see the logs for the error)" in status["degraded_reasons"]
+        assert not status["ready"]
+    finally:
+        daemon.should_exit.set()
+        await asyncio.wait_for(serving, 60)
