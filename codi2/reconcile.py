@@ -238,6 +238,10 @@ class Reconciler:
         known = self._get(self._names[root], key)
         disk = self._disk(root, rel, known)
         if disk is UNKNOWN:
+            # This name cannot be examined now (a directory above it is unreadable), but the other names
+            # of the file it was may be: a write through this one changed them too.
+            if links and known is not None and known.type == "file" and known.ino is not None:
+                yield from self._touch_links(root, key, known, origin)
             return
         if disk is None and known is None and created and not self._present(root, rel):
             # It appeared and vanished before anyone could look: it existed, with facts unknown.

@@ -775,6 +775,32 @@ def test_c11_directory_unreadable_at_start_is_unwatched_with_a_reason_then_retri
     final_check(second, ws)
 
 
+@LAG
+def test_c11_write_through_a_name_in_an_unreadable_directory_reaches_its_readable_hard_link(
+    nobody_daemon: tuple[Path, Callable[..., DaemonProcess]], lag: bool
+) -> None:
+    """Found by `make fidelity`: `a/f` cannot be examined (its directory is unreadable to the daemon), but
+    the write through it changed `link` too, which can. The trail must not wait for `a` to be readable
+    again (it may never be), nor miss the change when `a/f` is then deleted and re-created meanwhile."""
+    ws, start = nobody_daemon
+    (ws / "a").mkdir()
+    (ws / "a" / "f").write_text("v1")
+    os.link(ws / "a" / "f", ws / "link")
+    daemon = start()
+    converge(daemon, ws)
+    (ws / "a").chmod(0o000)
+    try:
+        with lagging(daemon) if lag else contextlib.nullcontext():
+            (ws / "a" / "f").write_text("v2 through the unreadable name")  # we are root: we still can
+            (ws / "a" / "f").unlink()
+            (ws / "a" / "f").write_text("")
+        _marker(daemon, ws, 1)
+        assert _folded(daemon.events(), ws, "link").sha256 == sha("v2 through the unreadable name")
+    finally:
+        (ws / "a").chmod(0o755)
+    final_check(daemon, ws)
+
+
 def test_c11_unreadable_file_changed_then_readable_again(
     nobody_daemon: tuple[Path, Callable[..., DaemonProcess]],
 ) -> None:
