@@ -200,7 +200,11 @@ class Daemon:
         if s.backend != "sqlite":
             assert pipeline.journal is not None
             self.shipper = shipper = Shipper(
-                pipeline.journal, sink, self.store, on_batch_lost=pipeline.outbox_batch_lost
+                pipeline.journal,
+                sink,
+                self.store,
+                on_batch_lost=pipeline.outbox_batch_lost,
+                on_outbox_corrupt=pipeline.request_rebuild,  # reading the outbox there finds it and recovers
             )
             pipeline.on_committed = shipper.hand
             pipeline.on_new_journal = shipper.renew
@@ -306,6 +310,16 @@ class Daemon:
 
     def status(self) -> dict[str, Any]:
         degraded = self.store.degraded() + self.pipeline.degraded() + self.watcher.degraded()
+        if self._armed:  # a thread that died (see the logs): /livez fails too, nothing is recorded meanwhile
+            degraded += [
+                f"{name} thread stopped"
+                for name, alive in (
+                    ("journal", self.pipeline.running),
+                    ("shipper", self.shipper is None or self.shipper.running),
+                    ("watcher", self.watcher.is_alive()),
+                )
+                if not alive
+            ]
         ident = self.identity
         last_commit = self.store.health.last_commit
         return {

@@ -424,7 +424,12 @@ class Pipeline:
             return False
         if now < self._retry_at:
             return True
-        if self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild):
+        try:
+            rebuild = self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild)
+        except sqlite3.Error as exc:  # the journal's meta unreadable (a damaged first page): recover, retry
+            self._journal_failed(exc)
+            return True
+        if rebuild:
             self._rebuild()
             return True
         if self._outbox_full():
@@ -631,6 +636,9 @@ class Pipeline:
             # Only what the store does not have yet, in order: a rename folded twice would drop its target.
             state = fold_events((e for e in pending if e.id not in stored), state)
         except Exception as exc:
+            if is_corruption(exc):  # the outbox, not the store: the journal is recovered, then rebuilt
+                self._journal_failed(exc)
+                return
             log.warning("index_rebuild_waiting", error=str(exc), hint="the store must be readable to rebuild")
             self._retry_at = time.monotonic() + 5.0
             return

@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from codi2.events import Batch, parse_time, rfc3339
-from codi2.journal import Journal, OutboxBatch, OutboxReader
+from codi2.journal import Journal, OutboxBatch, OutboxReader, is_corruption
 from codi2.metrics import Metrics
 from codi2.sinks import BatchWriter
 
@@ -107,11 +107,14 @@ class Shipper:
         monitor: StoreMonitor,
         *,
         on_batch_lost: Callable[[int, str], None],
+        on_outbox_corrupt: Callable[[], None] = lambda: None,
     ) -> None:
         self._journal = journal
         self._sink = sink
         self._monitor = monitor
         self._on_batch_lost = on_batch_lost  # a batch that no longer checks out: its events are gone
+        self._on_outbox_corrupt = on_outbox_corrupt  # the journal thread recovers the file (it may be idle)
+        self._read_failing = False
         self._wake = threading.Condition()
         self._handoff: deque[OutboxBatch] = deque()
         self._renewed: Journal | None = None  # set (under _wake) once a recovered journal is committed
@@ -180,8 +183,16 @@ class Shipper:
                 try:
                     batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
                 except Exception as exc:
-                    log.warning("outbox_read_failed", error=str(exc))
+                    if not self._read_failing:  # once per streak: retried each second, possibly for long
+                        log.warning("outbox_read_failed", error=str(exc))
+                        if is_corruption(exc):
+                            self._on_outbox_corrupt()
+                    self._read_failing = True
                     batches, failed = [], True
+                else:
+                    if self._read_failing:
+                        log.info("outbox_read_recovered")
+                    self._read_failing = False
                 if not batches:
                     with self._wake:
                         # A batch handed over (or a journal renewed) while we read goes round at once, even

@@ -184,3 +184,167 @@ def test_a_first_start_failing_at_the_store_leaves_the_next_start_a_first_start(
     events = converge(daemon, workspace)
     assert [(e.action, e.path, e.origin) for e in events] == [("created", "found.txt", "baseline")], describe(events)
     assert daemon.terminate() == 0
+
+
+# /status and /metrics through a whole life ------------------------------------------------------------
+
+
+class Poller:
+    """Polls /status, /metrics, /readyz and /livez from a thread, from before the port opens until the
+    process is gone; notes every answer that is not a well-formed one."""
+
+    KEYS = {"status", "degraded_reasons", "ready", "store", "spool", "journal", "chain", "initial_scan", "watches"}
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.port = port
+        self.bad: list[str] = []
+        self.seen: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _get(self, path: str) -> tuple[int, str] | None:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+        except OSError:
+            return None  # not listening (yet, or any more)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for path in ("/status", "/metrics", "/readyz", "/livez"):
+                got = self._get(path)
+                if got is None:
+                    continue
+                code, body = got
+                self.seen[path] = self.seen.get(path, 0) + 1
+                if path in ("/readyz", "/livez"):
+                    if code not in (200, 503):
+                        self.bad.append(f"{path}: {code} {body[:300]}")
+                    elif path == "/livez" and code != 200:
+                        self.bad.append(f"{path}: {code} {body[:300]}")
+                    continue
+                if code != 200:
+                    self.bad.append(f"{path}: {code} {body[:300]}")
+                elif path == "/status":
+                    try:
+                        missing = self.KEYS - set(json.loads(body))
+                    except ValueError as exc:
+                        missing = {f"not JSON: {exc}"}
+                    if missing:
+                        self.bad.append(f"/status lacks {missing}")
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_status_and_metrics_answer_through_start_up_an_outage_and_shutdown(
+    workspace: Path, tmp_path: Path, fdb_data: Path, fake_libfdb_c: Path
+) -> None:
+    port = _free_port()
+    config = write_fdb_config(tmp_path / "codi2.toml", workspace, tmp_path / "fdb.cluster")
+    config.write_text(config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
+    for i in range(1500):  # watches to place: start-up takes a while
+        (workspace / f"d{i // 50}" / f"e{i}").mkdir(parents=True)
+    poller = Poller(port)
+    daemon = FdbDaemon(config, fdb_data, fake_libfdb_c)
+    try:
+        daemon.down.touch()
+        burst(workspace, "a", 30)
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(WAIT_S) == 0
+        daemon.down.unlink()
+        again = FdbDaemon(config, fdb_data, fake_libfdb_c)
+        check_trail(again, workspace)
+        assert again.terminate() == 0
+    finally:
+        poller.stop()
+        daemon.kill()
+        daemon.down.unlink(missing_ok=True)
+    assert poller.bad == [], poller.bad[:10]
+    assert poller.seen.get("/status", 0) > 10
+
+
+# The journal damaged under a running daemon on FoundationDB ---------------------------------------------
+
+
+def _overwrite_first_page(journal: Path) -> None:
+    """The journal's header page overwritten (checkpointed first, shared memory cleared, so that every
+    connection reads the damaged file again)."""
+    import sqlite3
+
+    db = sqlite3.connect(journal, isolation_level=None)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    with open(journal, "r+b") as f:
+        f.write(b"\xa5" * size)
+    shm = Path(f"{journal}-shm")
+    if shm.exists():
+        shm.write_bytes(b"\0" * shm.stat().st_size)
+
+
+def test_journal_header_damaged_under_an_idle_daemon_is_recovered_at_the_next_change(
+    workspace: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+) -> None:
+    """Found by attack: with the journal's first page damaged, the journal thread's check of the
+    `needs_rebuild` flag (a read of the journal's meta, outside any error handling) raised, and the thread
+    died: nothing was recorded any more, /status still said `ok` (no reason), only /readyz and /livez failed."""
+    (workspace / "before.txt").write_text("before")
+    daemon = start_fdb()
+    _overwrite_first_page(workspace / ".codi2" / "journal.db")
+    (workspace / "later.txt").write_text("a change after the damage")
+    wait_for(lambda: logged(daemon, "journal_recovered") or logged(daemon, "journal_thread_failed"))
+    assert logged(daemon, "journal_thread_failed") == []
+    check_trail(daemon, workspace)
+    status = daemon.status()
+    assert status["status"] == "ok" and status["ready"], status
+    assert daemon.terminate() == 0
+    again = start_fdb()
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+
+
+def test_journal_header_damaged_with_batches_waiting_for_the_store_is_recovered_and_shipped(
+    workspace: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+) -> None:
+    """Found by attack: the shipper, reading back the outbox (more batches waited than it keeps in memory),
+    found the journal damaged and logged `outbox_read_failed` every second, for as long as no change woke the
+    journal thread to find the damage and recover: the waiting batches were never shipped."""
+    daemon = start_fdb()
+    daemon.down.touch()
+    for i in range(60):  # more batches than the shipper keeps in memory: it reads the outbox back
+        (workspace / f"w{i}.txt").write_text(str(i))
+        wait_for(lambda i=i: daemon.status()["spool"]["events"] >= i + 1)
+    wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+    _overwrite_first_page(workspace / ".codi2" / "journal.db")
+    daemon.down.unlink()
+    check_trail(daemon, workspace)  # no change to wake the journal thread: the shipper's finding recovers it
+    wait_for(lambda: daemon.status()["spool"]["events"] == 0)
+    assert len(logged(daemon, "outbox_read_failed")) <= 1
+    assert logged(daemon, "journal_thread_failed") == []
+    (workspace / "later.txt").write_text("a change after the recovery")
+    check_trail(daemon, workspace)
+    assert daemon.terminate() == 0
+    assert logged(daemon, "events_left_in_spool") == []
+    again = start_fdb()
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+    verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
