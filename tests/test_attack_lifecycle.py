@@ -348,3 +348,81 @@ def test_journal_header_damaged_with_batches_waiting_for_the_store_is_recovered_
     check_trail(again, workspace)
     assert again.terminate() == 0
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
+
+
+# The state dir moved by the user (the entrypoint layout: `<workspace>/.codi2`) ------------------------------
+
+
+def test_state_dir_renamed_while_running_then_restart(
+    workspace: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+) -> None:
+    (workspace / "a.txt").write_text("a")
+    daemon = start_fdb()
+    (workspace / ".codi2").rename(workspace / "moved")
+    (workspace / "b.txt").write_text("b")
+    (workspace / "moved" / "mine.txt").write_text("the user's, in the daemon's own dir")
+    converge(daemon, workspace, ignored=lambda rel, is_dir: rel == "moved" or rel.startswith("moved/"))
+    status = daemon.status()
+    assert status["ready"], status
+    (workspace / "c.txt").write_text("c")
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = daemon.proc.wait(WAIT_S)
+    daemon._reader.join(5)
+    assert code == 0, daemon.logs[-10:]
+    assert logged(daemon, "events_left_in_spool") == []
+    again = start_fdb()  # a new state dir; `moved` is the user's now
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+    verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
+
+
+def test_sigterm_during_start_up_then_restart(
+    workspace: Path, tmp_path: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+) -> None:
+    for i in range(1500):  # watches to place: start-up takes a while
+        (workspace / f"d{i // 50}" / f"e{i}").mkdir(parents=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codi2", "--config", str(fdb_config), "--user-id", "u1", "--tenant-id", "t1"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **fakefdb.child_env(fake_libfdb_c, fdb_data)},
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:  # the journal is open: SIGTERM (twice) while the watches are placed
+        if "index_rebuilt" in line or "codi2_ready" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(WAIT_S) in (0, 1), rest[-2000:]
+    assert "Traceback" not in rest, rest[-3000:]
+    again = start_fdb()
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+    verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
+
+
+def test_sigterm_right_after_the_journal_is_damaged_with_batches_waiting(
+    workspace: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+) -> None:
+    """Found by attack: the shipper, retrying the old journal's first batch when the store came back, committed
+    it after the recovered journal's index rebuild had read the store: the rebuild's diff recorded its change
+    again (`created` twice). A renewal now waits until the shipper has let go of the old journal's batches."""
+    daemon = start_fdb()
+    daemon.down.touch()
+    for i in range(40):
+        (workspace / f"w{i}.txt").write_text(str(i))
+        wait_for(lambda i=i: daemon.status()["spool"]["events"] >= i + 1)
+    _overwrite_first_page(workspace / ".codi2" / "journal.db")
+    daemon.down.unlink()
+    (workspace / "last.txt").write_text("last")
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = daemon.proc.wait(WAIT_S)
+    daemon._reader.join(5)
+    assert logged(daemon, "journal_thread_failed") == [] and logged(daemon, "shipper_failed") == []
+    assert code == 0, daemon.logs[-10:]
+    again = start_fdb()
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+    verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
