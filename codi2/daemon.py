@@ -200,7 +200,11 @@ class Daemon:
         if s.backend != "sqlite":
             assert pipeline.journal is not None
             self.shipper = shipper = Shipper(
-                pipeline.journal, sink, self.store, on_batch_lost=pipeline.outbox_batch_lost
+                pipeline.journal,
+                sink,
+                self.store,
+                on_batch_lost=pipeline.outbox_batch_lost,
+                on_outbox_corrupt=pipeline.request_rebuild,  # reading the outbox there finds it and recovers
             )
             pipeline.on_committed = shipper.hand
             pipeline.on_new_journal = shipper.renew

@@ -87,6 +87,14 @@ def _has_journal(path: Path) -> bool:
         db.close()
 
 
+def _never_started(journal: Journal) -> bool:
+    """A journal left by a first start that stopped before its first rebuild: flagged for one, never
+    initialized, with nothing in its index or outbox."""
+    return (
+        journal.needs_rebuild and not journal.initialized and journal.count() == 0 and journal.outbox_batches == 0
+    )
+
+
 def _environmental(exc: BaseException) -> bool:
     """A failure of the disk or the database (worth retrying), as opposed to a bug in handling one change."""
     return isinstance(exc, OSError | sqlite3.Error)
@@ -254,11 +262,13 @@ class Pipeline:
         """Blocking: open (or migrate, or recover) the journal and the roots."""
         path = self._journal_path
         fresh = not _has_journal(path)
+        recovered = False
         try:
             self.journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
+            recovered = True
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
@@ -281,6 +291,10 @@ class Pipeline:
             # first diff, or every entry would be `created` twice and what was deleted meanwhile never go.
             with self.journal.transaction():
                 self.journal.set_needs_rebuild(True)
+            self._fresh_remote = True
+        elif self._local_store is None and not recovered and _never_started(self.journal):
+            # A journal made by a first start that failed after opening it (the store could not be opened,
+            # the watcher could not start): still a first start, whose scan is the baseline.
             self._fresh_remote = True
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
@@ -410,7 +424,12 @@ class Pipeline:
             return False
         if now < self._retry_at:
             return True
-        if self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild):
+        try:
+            rebuild = self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild)
+        except sqlite3.Error as exc:  # the journal's meta unreadable (a damaged first page): recover, retry
+            self._journal_failed(exc)
+            return True
+        if rebuild:
             self._rebuild()
             return True
         if self._outbox_full():
@@ -617,6 +636,9 @@ class Pipeline:
             # Only what the store does not have yet, in order: a rename folded twice would drop its target.
             state = fold_events((e for e in pending if e.id not in stored), state)
         except Exception as exc:
+            if is_corruption(exc):  # the outbox, not the store: the journal is recovered, then rebuilt
+                self._journal_failed(exc)
+                return
             log.warning("index_rebuild_waiting", error=str(exc), hint="the store must be readable to rebuild")
             self._retry_at = time.monotonic() + 5.0
             return

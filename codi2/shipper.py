@@ -20,7 +20,7 @@ from typing import Any
 import structlog
 
 from codi2.events import Batch, parse_time, rfc3339
-from codi2.journal import Journal, OutboxBatch, OutboxReader
+from codi2.journal import Journal, OutboxBatch, OutboxReader, is_corruption
 from codi2.metrics import Metrics
 from codi2.sinks import BatchWriter
 
@@ -32,6 +32,7 @@ HANDOFF_MAX = 32  # batches kept in memory for the shipper
 # With nothing to ship the thread sleeps until woken (a committed batch, a new journal, a stop): this
 # bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
+RENEW_WAIT_S = 120.0  # bounds how long a journal recovery waits for a store write in flight
 
 
 @dataclass
@@ -107,14 +108,19 @@ class Shipper:
         monitor: StoreMonitor,
         *,
         on_batch_lost: Callable[[int, str], None],
+        on_outbox_corrupt: Callable[[], None] = lambda: None,
     ) -> None:
         self._journal = journal
         self._sink = sink
         self._monitor = monitor
         self._on_batch_lost = on_batch_lost  # a batch that no longer checks out: its events are gone
+        self._on_outbox_corrupt = on_outbox_corrupt  # the journal thread recovers the file (it may be idle)
+        self._read_failing = False
         self._wake = threading.Condition()
         self._handoff: deque[OutboxBatch] = deque()
         self._renewed: Journal | None = None  # set (under _wake) once a recovered journal is committed
+        self._renewals = 0  # asked for, and taken up by the thread (both under _wake)
+        self._renewals_taken = 0
         self._stop = False
         self._deadline = float("inf")
         self._ack_failing = False
@@ -150,8 +156,14 @@ class Shipper:
         """Journal thread: the journal was recovered into a new file; ship from its start, busy or not."""
         with self._wake:
             self._renewed = journal
+            self._renewals += 1
+            wanted = self._renewals
             self._handoff.clear()
             self._wake.notify_all()
+            # Blocking until the thread has let go of the old journal's batches (one in flight is abandoned,
+            # or committed before this returns): the caller then reads the store to rebuild the index, and
+            # an old batch landing after that read would be recorded twice (its changes diffed again).
+            self._wake.wait_for(lambda: self._renewals_taken >= wanted or not self.running, RENEW_WAIT_S)
 
     def _from_handoff(self, after: int) -> list[OutboxBatch]:
         """The batches right after `after` that are still in memory, in order (none if there is a gap)."""
@@ -172,6 +184,9 @@ class Shipper:
             while True:
                 with self._wake:
                     renewed, self._renewed = self._renewed, None
+                    if renewed is not None:
+                        self._renewals_taken = self._renewals
+                        self._wake.notify_all()
                 if renewed is not None:
                     reader.close()
                     journal = self._journal = renewed
@@ -180,8 +195,16 @@ class Shipper:
                 try:
                     batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
                 except Exception as exc:
-                    log.warning("outbox_read_failed", error=str(exc))
+                    if not self._read_failing:  # once per streak: retried each second, possibly for long
+                        log.warning("outbox_read_failed", error=str(exc))
+                        if is_corruption(exc):
+                            self._on_outbox_corrupt()
+                    self._read_failing = True
                     batches, failed = [], True
+                else:
+                    if self._read_failing:
+                        log.info("outbox_read_recovered")
+                    self._read_failing = False
                 if not batches:
                     with self._wake:
                         # A batch handed over (or a journal renewed) while we read goes round at once, even
@@ -196,12 +219,17 @@ class Shipper:
                     continue
                 raced = False
                 for b in batches:
+                    if self._renewed is not None:  # the rest are the old journal's
+                        break
                     if isinstance(b, tuple):
                         n, reason = b
                         self._on_batch_lost(n, reason)
                     else:
-                        if not self._deliver(b):
+                        done = self._deliver(b)
+                        if done == "stopped":
                             return
+                        if done == "renewed":  # the old journal's batch: salvaged into the new one, or lost
+                            break
                         n = b.n
                     self._ack(reader, n)
                     if isinstance(b, OutboxBatch):
@@ -224,9 +252,10 @@ class Shipper:
         else:
             self._ack_failing = False
 
-    def _deliver(self, item: OutboxBatch) -> bool:
-        """Retry until the store takes the batch. False only when stopping past the deadline with the
-        store still refusing: the batch stays in the outbox."""
+    def _deliver(self, item: OutboxBatch) -> str:
+        """Retry until the store takes the batch ("done"). "stopped" when stopping past the deadline with
+        the store still refusing: the batch stays in the outbox; "renewed" when the journal was recovered
+        meanwhile: the batch is the old journal's, and is not shipped from there."""
         batch = Batch(item.batch_id, item.events, item.header)
         delay = 0.05
         while True:
@@ -237,9 +266,13 @@ class Shipper:
                 self._monitor.failed(exc)
                 with self._wake:
                     if self._stop and time.monotonic() >= self._deadline:
-                        return False
+                        return "stopped"
+                    if self._renewed is not None:
+                        return "renewed"
                     self._wake.wait(delay)
+                    if self._renewed is not None:
+                        return "renewed"
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue
             self._monitor.committed(len(batch.events), time.perf_counter() - started, min(e.ts for e in batch.events))
-            return True
+            return "done"
