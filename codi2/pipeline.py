@@ -90,9 +90,7 @@ def _has_journal(path: Path) -> bool:
 def _never_started(journal: Journal) -> bool:
     """A journal left by a first start that stopped before its first rebuild: flagged for one, never
     initialized, with nothing in its index or outbox."""
-    return (
-        journal.needs_rebuild and not journal.initialized and journal.count() == 0 and journal.outbox_batches == 0
-    )
+    return journal.needs_rebuild and not journal.initialized and journal.count() == 0 and journal.outbox_batches == 0
 
 
 def _environmental(exc: BaseException) -> bool:
@@ -376,13 +374,24 @@ class Pipeline:
         with self._lock:
             self._stopping = True
             self._lock.notify()
-        if self._journal_thread is not None:
-            self._journal_thread.join(max(0.0, deadline - time.monotonic()) + 1)
+        thread = self._journal_thread
+        if thread is not None:
+            thread.join(max(0.0, deadline - time.monotonic()) + 1)
+            if thread.is_alive():  # still inside one flush: neither it nor what waits behind it is journaled
+                self.lost_at_shutdown = max(self.lost_at_shutdown, self.pending_hints(), 1)
+                log.error(
+                    "changes_not_journaled",
+                    count=self.lost_at_shutdown,
+                    note="the journal thread is still working past the deadline; the next start's diff finds them",
+                )
         return self.lost_at_shutdown
 
     def close(self) -> None:
-        """Close the journal (unless its thread is somehow still in it) and the roots."""
-        if self.journal is not None and not (self._journal_thread and self._journal_thread.is_alive()):
+        """Close the journal and the roots, unless the journal thread still works in them (past the
+        shutdown deadline): then they stay open until the process ends, under it."""
+        if self._journal_thread is not None and self._journal_thread.is_alive():
+            return
+        if self.journal is not None:
             self.journal.close()
         for fd in self._root_fds:
             os.close(fd)

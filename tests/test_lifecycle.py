@@ -97,3 +97,36 @@ async def test_a_thread_that_dies_is_named_in_status_and_fails_liveness(
     finally:
         daemon.should_exit.set()
         await asyncio.wait_for(serving, 60)
+
+
+async def test_a_flush_still_running_at_the_shutdown_deadline_is_reported_not_journaled(
+    tmp_path: Path, workspace: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A flush longer than shutdown may wait (a huge start-up scan on a throttled CPU): the exit code and
+    the log say changes were not journaled, and the journal and roots stay open under the working thread."""
+    monkeypatch.setattr("codi2.daemon.SHUTDOWN_FLUSH_S", 0.0)
+    config = write_config(tmp_path / "codi2.toml", workspace, tmp_path / "audit.db")
+    daemon = Daemon(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None))
+    serving = asyncio.create_task(daemon.serve())
+    pipeline = daemon.pipeline
+    await eventually(lambda: daemon.status()["ready"] and daemon.status()["initial_scan"] == "done")
+    inside, release = threading.Event(), threading.Event()
+    flush = pipeline._flush
+
+    def slow_flush() -> None:
+        inside.set()
+        release.wait(60)
+        flush()
+
+    pipeline._flush = slow_flush  # type: ignore[method-assign]
+    try:
+        (workspace / "f").write_text("x")
+        assert await asyncio.to_thread(inside.wait, 30)
+        daemon.should_exit.set()
+        assert await asyncio.wait_for(serving, 60) == 1  # not 0: a change observed never reached the journal
+        assert pipeline.journal is not None and pipeline._root_fds, "closed under the thread still using them"
+    finally:
+        release.set()
+    await eventually(lambda: not pipeline.running)
+    pipeline.close()
+    assert pipeline._root_fds == []
