@@ -260,13 +260,11 @@ class Pipeline:
         """Blocking: open (or migrate, or recover) the journal and the roots."""
         path = self._journal_path
         fresh = not _has_journal(path)
-        recovered = False
         try:
             self.journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
-            recovered = True
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
@@ -289,11 +287,10 @@ class Pipeline:
             # first diff, or every entry would be `created` twice and what was deleted meanwhile never go.
             with self.journal.transaction():
                 self.journal.set_needs_rebuild(True)
-            self._fresh_remote = True
-        elif self._local_store is None and not recovered and _never_started(self.journal):
-            # A journal made by a first start that failed after opening it (the store could not be opened,
-            # the watcher could not start): still a first start, whose scan is the baseline.
-            self._fresh_remote = True
+        # A journal this start made, or one a first start made before failing (the store could not be
+        # opened, the watcher could not start): still a first start, whose scan is the baseline when the
+        # store holds no trail of these roots either. (A recovered journal holds a `gap` in its outbox.)
+        self._fresh_remote = self._local_store is None and _never_started(self.journal)
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
         self._reconciler = Reconciler(
             self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event

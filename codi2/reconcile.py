@@ -238,26 +238,23 @@ class Reconciler:
         known = self._get(self._names[root], key)
         disk = self._disk(root, rel, known)
         if disk is UNKNOWN:
-            # This name cannot be examined now (a directory above it is unreadable), but the other names
-            # of the file it was may be: a write through this one changed them too.
-            if links and known is not None and known.type == "file" and known.ino is not None:
-                yield from self._touch_links(root, key, known, origin)
-            return
-        if disk is None and known is None and created and not self._present(root, rel):
+            pass  # cannot be examined now (a directory above it unreadable): nothing to settle here
+        elif disk is None and known is None and created and not self._present(root, rel):
             # It appeared and vanished before anyone could look: it existed, with facts unknown.
             bare = _bare("dir" if is_dir else "file")
             yield from self._emit("created", root, rel, None, bare, origin)
             yield from self._emit("deleted", root, rel, None, bare, origin)
             return
-        if disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):  # type: ignore[union-attr]
+        elif disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):  # type: ignore[union-attr]
             self._file(root, rel, key, known, disk, origin)  # type: ignore[arg-type]
             yield
         else:
             yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
         # A write through one name of a hard-linked file changes every name, and inotify told us of one.
-        # The name may even be gone by now (deleted, moved away or replaced after the write): the other
-        # names of the inode it had still changed. Its indexed link count is no guide then: a link made
-        # by another name's creation found in a walk (`cp -al`) never updated it.
+        # The name may even be gone by now (deleted, moved away or replaced after the write), or beyond
+        # examining (a directory above it unreadable): the other names of the inode it had still changed.
+        # Its indexed link count is no guide then: a link made by another name's creation found in a walk
+        # (`cp -al`) never updated it.
         if not links:
             return
         now = disk if isinstance(disk, Facts) else None

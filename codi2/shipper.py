@@ -119,8 +119,6 @@ class Shipper:
         self._wake = threading.Condition()
         self._handoff: deque[OutboxBatch] = deque()
         self._renewed: Journal | None = None  # set (under _wake) once a recovered journal is committed
-        self._renewals = 0  # asked for, and taken up by the thread (both under _wake)
-        self._renewals_taken = 0
         self._stop = False
         self._deadline = float("inf")
         self._ack_failing = False
@@ -156,14 +154,12 @@ class Shipper:
         """Journal thread: the journal was recovered into a new file; ship from its start, busy or not."""
         with self._wake:
             self._renewed = journal
-            self._renewals += 1
-            wanted = self._renewals
             self._handoff.clear()
             self._wake.notify_all()
             # Blocking until the thread has let go of the old journal's batches (one in flight is abandoned,
             # or committed before this returns): the caller then reads the store to rebuild the index, and
             # an old batch landing after that read would be recorded twice (its changes diffed again).
-            self._wake.wait_for(lambda: self._renewals_taken >= wanted or not self.running, RENEW_WAIT_S)
+            self._wake.wait_for(lambda: self._renewed is None or not self.running, RENEW_WAIT_S)
 
     def _from_handoff(self, after: int) -> list[OutboxBatch]:
         """The batches right after `after` that are still in memory, in order (none if there is a gap)."""
@@ -185,8 +181,7 @@ class Shipper:
                 with self._wake:
                     renewed, self._renewed = self._renewed, None
                     if renewed is not None:
-                        self._renewals_taken = self._renewals
-                        self._wake.notify_all()
+                        self._wake.notify_all()  # renew() returns: the old journal's batches are let go
                 if renewed is not None:
                     reader.close()
                     journal = self._journal = renewed
@@ -267,10 +262,7 @@ class Shipper:
                 with self._wake:
                     if self._stop and time.monotonic() >= self._deadline:
                         return "stopped"
-                    if self._renewed is not None:
-                        return "renewed"
-                    self._wake.wait(delay)
-                    if self._renewed is not None:
+                    if self._wake.wait_for(lambda: self._renewed is not None, delay):
                         return "renewed"
                 delay = min(delay * 2, RETRY_MAX_S)
                 continue

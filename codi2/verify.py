@@ -95,10 +95,10 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
     if unread:  # committed after the first scan, or hidden from reads: a second scan tells them apart
         now = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
         unread = {cursor: where for cursor, where in unread.items() if cursor not in now}
-        hidden: dict[tuple[int, int], list[Any]] = {}
+        hidden: dict[tuple[int, int], tuple[StreamReport, int, list[Any]]] = {}  # per stream and batch
         for report, number, e in unread.values():
-            hidden.setdefault((id(report), number), [report, number]).append(e)
-        for report, number, *events in hidden.values():
+            hidden.setdefault((id(report), number), (report, number, []))[2].append(e)
+        for report, number, events in hidden.values():
             e = events[0]
             detail = (
                 f"{len(events)} of its events not in the tenant's trail as it is read (the store's index of them was"

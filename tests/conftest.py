@@ -34,6 +34,21 @@ hypothesis.settings.register_profile("codi2", deadline=None)
 hypothesis.settings.load_profile("codi2")
 
 
+def run_codi2(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`python -m codi2 ARGS` in a process of its own, output captured, whatever its exit code."""
+    return subprocess.run(
+        [sys.executable, "-m", "codi2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
 def wait_for(predicate: Callable[[], Any], timeout: float = WAIT_S, interval: float = 0.05) -> Any:
     """Poll until `predicate` is truthy; fail the test with its last value otherwise."""
     deadline = time.monotonic() + timeout

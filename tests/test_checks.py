@@ -3,28 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import fakefdb
 import pytest
+from conftest import run_codi2
 
 from codi2.checks import PROBE_TENANT
 from codi2.sinks.fdb import FdbSink, parse_cluster_file
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "codi2", "test", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
+    return run_codi2("test", *args, env=env)
 
 
 def test_sqlite_store_passes_every_step(tmp_path: Path) -> None:
@@ -107,13 +99,7 @@ def test_daemon_on_fdb_without_client_library_is_one_line_and_exit_1(tmp_path: P
         f'[server]\nbind_addr = "127.0.0.1:0"\n[foundationdb]\ncluster_string = "a:b@127.0.0.1:4500"\n'
         f"[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "u", "--tenant-id", "t"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = run_codi2("--config", str(config), "--user-id", "u", "--tenant-id", "t")
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "codi2: cannot open the fdb store: libfdb_c, the FoundationDB client library for api_version 730,"

@@ -42,6 +42,7 @@ from trail_checks import (
     mount_tmpfs,
     nonroot,
     opened_deep,
+    overwrite_pages,
     sha,
     shared_tmp,
     umount,
@@ -641,7 +642,6 @@ def test_c10_sqlite_damaged_file_is_no_crash_loop(workspace: Path, daemon_factor
     """SQLite: the index lives in the store's file. A damaged index (its table's root page overwritten)
     is derived data: rebuilt from the trail beside it, which is kept. A file that is not a database at all
     must not make every start exit 1 either (a crash loop): the daemon starts, says so, records a gap."""
-    import sqlite3
 
     ws = workspace
     (ws / "kept.txt").write_text("kept")
@@ -651,14 +651,8 @@ def test_c10_sqlite_damaged_file_is_no_crash_loop(workspace: Path, daemon_factor
     assert daemon.terminate() == 0
     db_path = daemon.db
     if damage == "index-pages":
-        db = sqlite3.connect(db_path)
-        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        page_size = db.execute("PRAGMA page_size").fetchone()[0]
-        (root,) = db.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files'").fetchone()
-        db.close()
-        with open(db_path, "r+b") as f:
-            f.seek((root - 1) * page_size)
-            f.write(b"\xa5" * page_size)
+        root = "SELECT rootpage FROM sqlite_master WHERE name = 'files'"
+        overwrite_pages(db_path, lambda db: [db.execute(root).fetchone()[0]], b"\xa5")
     else:
         for suffix in ("-wal", "-shm"):
             Path(str(db_path) + suffix).unlink(missing_ok=True)
@@ -1387,26 +1381,32 @@ def store_daemon(tmp_path: Path, workspace: Path) -> Iterator[Callable[[Path], D
 
 
 @LAG
+@pytest.mark.parametrize("dest", ["stolen", "deep/er/stolen"], ids=["renamed", "moved-into-a-new-directory"])
 def test_v_the_state_dir_renamed_by_the_user_stays_out_of_the_trail(
-    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool
+    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool, dest: str
 ) -> None:
     """The entrypoint layout keeps the state (here with the SQLite store) in `<workspace>/.codi2`, which the
     user can rename. Known by path only, it became a new directory at the new name: watched, and the daemon's
-    own writes to its store recorded, each write a new event, forever."""
+    own writes to its store recorded, each write a new event, forever. Found by attack, moved into a new
+    directory (`mkdir -p deep/er && mv .codi2 deep/er/stolen`): the watcher's walk of a new directory watched
+    the state dir below it (only a directory attached by itself was checked against the daemon's own), and
+    hashing the store through its new name dropped SQLite's POSIX locks on it (a reader then took the WAL
+    away: `malformed`)."""
     ws = workspace
     db = ws / ".codi2" / "audit.db"
     daemon = store_daemon(db)
     (ws / "before.txt").write_text("1")
     _wait_recorded(daemon, "before.txt")
     with _maybe_lagging(daemon, lag):
-        (ws / ".codi2").rename(ws / "stolen")
-    daemon.db = ws / "stolen" / "audit.db"
+        (ws / dest).parent.mkdir(parents=True, exist_ok=True)
+        (ws / ".codi2").rename(ws / dest)
+    daemon.db = ws / dest / "audit.db"
     (ws / "after.txt").write_text("2")
     _wait_recorded(daemon, "after.txt")
     for i in range(3):  # more commits to the store, now at its new name
         (ws / f"more-{i}.txt").write_text(str(i))
         _wait_recorded(daemon, f"more-{i}.txt")
-    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel == "stolen" or rel.startswith("stolen/"))
+    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel == dest or rel.startswith(dest + "/"))
     assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
 
 
@@ -1434,20 +1434,8 @@ def _damage_index_pages(journal: Path) -> None:
     """Overwrite the pages of the journal's index (not its meta or outbox) under a running daemon: its next
     flush finds the file malformed. The WAL is checkpointed first and the shared memory cleared, so every
     connection reads the damaged file again."""
-    import sqlite3
-
-    db = sqlite3.connect(journal, isolation_level=None)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    pages = [n for (n,) in db.execute("SELECT pageno FROM dbstat WHERE name IN ('files', 'files_inode')")]
-    size = db.execute("PRAGMA page_size").fetchone()[0]
-    db.close()
-    assert pages
-    with open(journal, "r+b") as f:
-        for n in pages:
-            f.seek((n - 1) * size)
-            f.write(b"\xff" * size)
-    shm = Path(f"{journal}-shm")
-    shm.write_bytes(b"\0" * shm.stat().st_size)
+    index = "SELECT pageno FROM dbstat WHERE name IN ('files', 'files_inode')"
+    overwrite_pages(journal, lambda db: [n for (n,) in db.execute(index)], b"\xff")
 
 
 def test_idle_journal_damaged_while_running_is_recovered_at_once(
@@ -1550,30 +1538,6 @@ def test_v_cp_al_copy_written_through_the_source_then_the_source_gone(
             (ws / "src" / "f2").rename(tmp_path / "f2")
     events = final_check(daemon, ws)
     assert _folded(events, ws, "copy/f2").sha256 == sha("2 written through src")
-
-
-@LAG
-def test_v_the_state_dir_moved_into_a_new_directory_stays_out_of_the_trail(
-    store_daemon: Callable[[Path], DaemonProcess], workspace: Path, lag: bool
-) -> None:
-    """Found by attack: `mkdir -p deep/er && mv .codi2 deep/er/stolen`. The watcher's walk of a new directory
-    watched the state dir below it (only a directory attached by itself was checked against the daemon's
-    own), so every write of the daemon to its store became an event, forever, and hashing the store through
-    its new name dropped SQLite's POSIX locks on it (a reader then took the WAL away: `malformed`)."""
-    ws = workspace
-    db = ws / ".codi2" / "audit.db"
-    daemon = store_daemon(db)
-    (ws / "before.txt").write_text("1")
-    _wait_recorded(daemon, "before.txt")
-    with _maybe_lagging(daemon, lag):
-        (ws / "deep" / "er").mkdir(parents=True)
-        (ws / ".codi2").rename(ws / "deep" / "er" / "stolen")
-    daemon.db = ws / "deep" / "er" / "stolen" / "audit.db"
-    for i in range(3):  # more commits to the store, now at its new name
-        (ws / f"more-{i}.txt").write_text(str(i))
-        _wait_recorded(daemon, f"more-{i}.txt")
-    events = final_check(daemon, ws, ignored=lambda rel, is_dir: rel.startswith("deep/er/stolen"))
-    assert not [e for e in events if "stolen" in e.path or "stolen" in (e.dest_path or "")], describe(events)
 
 
 @LAG

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_codi2
 
 from codi2.config import ConfigError, load_settings
 
@@ -29,7 +29,6 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
 
     for name in list(os.environ):
         if name.startswith("CODI2_") or name in ("TENANT_ID", "USER_ID", "SESSION_ID"):
@@ -143,9 +142,7 @@ def test_shipped_configs_are_valid() -> None:
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "codi2", *args], capture_output=True, text=True, timeout=60, cwd=cwd, check=False
-    )
+    return run_codi2(*args, cwd=cwd)
 
 
 @pytest.mark.parametrize(
@@ -228,14 +225,7 @@ def test_cli_env_value_that_is_not_json_is_one_line_and_exit_2(
 ) -> None:
     path = tmp_path / "codi2.toml"
     path.write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", "codi2", "--config", str(path), "--user-id", "u", "--tenant-id", "t"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, **variables},
-    )
+    result = run_codi2("--config", str(path), "--user-id", "u", "--tenant-id", "t", env=variables)
     assert result.returncode == 2, result.stderr
     assert result.stderr.startswith(f"codi2: {fragment}") and result.stderr.count("\n") == 1, result.stderr
 

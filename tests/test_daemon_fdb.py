@@ -15,6 +15,7 @@ from pathlib import Path
 import fakefdb
 import pytest
 from conftest import WAIT_S, DaemonProcess, wait_for
+from trail_checks import run_verify
 
 from codi2.events import Event
 
@@ -162,16 +163,8 @@ def test_the_trail_verifies_across_faults_an_outage_a_kill_and_restarts(
     chain = daemon.status()["chain"]
     assert daemon.terminate() == 0
 
-    verify = ["verify", "--config", str(config), "--tenant-id", "t1", "--json", "--disk", str(workspace)]
-    result = subprocess.run(
-        [sys.executable, "-m", "codi2", *verify],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, **fakefdb.child_env(fake_libfdb_c, data)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = json.loads(result.stdout)
+    code, report, stderr = run_verify(config, "--disk", str(workspace), env=fakefdb.child_env(fake_libfdb_c, data))
+    assert code == 0, (report, stderr)
     [stream] = report["streams"]
     assert (stream["stream_id"], stream["head_batch"], stream["head_link"]) == (
         chain["stream_id"],

@@ -11,17 +11,28 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import ClassVar
 
 import fakefdb
 import pytest
-from conftest import WAIT_S, wait_for
-from trail_checks import FdbDaemon, assert_no_defects, converge, describe, write_fdb_config
+from conftest import WAIT_S, run_codi2, wait_for
+from trail_checks import (
+    FdbDaemon,
+    assert_no_defects,
+    converge,
+    describe,
+    overwrite_pages,
+    run_verify,
+    write_fdb_config,
+)
 
 StartFdb = Callable[..., FdbDaemon]
 
@@ -66,29 +77,17 @@ def check_trail(daemon: FdbDaemon, workspace: Path) -> None:
     assert_no_defects(events)
 
 
-def verify(config: Path, data: Path, lib: Path, workspace: Path) -> dict:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "codi2",
-            "verify",
-            "--config",
-            str(config),
-            "--tenant-id",
-            "t1",
-            "--json",
-            "--disk",
-            str(workspace),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, **fakefdb.child_env(lib, data)},
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads(result.stdout)
+def restart_and_check(start_fdb: StartFdb, workspace: Path) -> FdbDaemon:
+    """The next start: the trail folds to the disk without defects, and a clean stop."""
+    again = start_fdb()
+    check_trail(again, workspace)
+    assert again.terminate() == 0
+    return again
+
+
+def verify(config: Path, data: Path, lib: Path, workspace: Path) -> None:
+    code, report, stderr = run_verify(config, "--disk", str(workspace), env=fakefdb.child_env(lib, data))
+    assert code == 0, (report, stderr)
 
 
 # Shutdown at awkward moments, FoundationDB ------------------------------------------------------------
@@ -99,14 +98,10 @@ def test_sigterm_mid_burst_with_the_store_up_ships_everything(
 ) -> None:
     daemon = start_fdb()
     burst(workspace, "a", 400)
-    daemon.proc.send_signal(signal.SIGTERM)
-    code = daemon.proc.wait(WAIT_S)
-    daemon._reader.join(5)
+    code = daemon.terminate(WAIT_S)
     assert code == 0, daemon.logs[-10:]
     assert logged(daemon, "events_left_in_spool") == [], daemon.logs[-10:]
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    again = restart_and_check(start_fdb, workspace)
     assert logged(again, "events_left_in_spool") == []
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
@@ -119,16 +114,12 @@ def test_sigterm_during_an_outage_keeps_the_spool_for_the_next_start(
     burst(workspace, "a", 50)
     wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
     wait_for(lambda: daemon.status()["spool"]["events"] >= 51)
-    daemon.proc.send_signal(signal.SIGTERM)
-    daemon.proc.send_signal(signal.SIGTERM)  # twice
-    code = daemon.proc.wait(WAIT_S)
-    daemon._reader.join(5)
+    daemon.proc.send_signal(signal.SIGTERM)  # twice: here, and in terminate()
+    code = daemon.terminate(WAIT_S)
     assert code == 0, daemon.logs[-10:]
     assert logged(daemon, "events_left_in_spool"), daemon.logs[-10:]
     daemon.down.unlink()
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -140,14 +131,10 @@ def test_sigterm_right_after_an_outage_ends_ships_everything(
     burst(workspace, "a", 50)
     wait_for(lambda: daemon.status()["store"]["consecutive_failures"] >= 6)  # backing off by now
     daemon.down.unlink()
-    daemon.proc.send_signal(signal.SIGTERM)
-    code = daemon.proc.wait(WAIT_S)
-    daemon._reader.join(5)
+    code = daemon.terminate(WAIT_S)
     assert code == 0, daemon.logs[-10:]
     assert logged(daemon, "events_left_in_spool") == [], daemon.logs[-10:]
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
 
 
 def test_sigkill_mid_burst_during_an_outage_then_restart(
@@ -160,9 +147,7 @@ def test_sigkill_mid_burst_during_an_outage_then_restart(
     daemon.kill()
     daemon.down.unlink()
     burst(workspace, "c", 20)
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -179,13 +164,15 @@ def test_a_first_start_failing_at_the_store_leaves_the_next_start_a_first_start(
     (workspace / "found.txt").write_text("here before codi2")
     cluster = tmp_path / "fdb.cluster"
     cluster.unlink()
-    failed = subprocess.run(
-        [sys.executable, "-m", "codi2", "--config", str(fdb_config), "--user-id", "u1", "--tenant-id", "t1"],
-        capture_output=True,
-        text=True,
+    failed = run_codi2(
+        "--config",
+        str(fdb_config),
+        "--user-id",
+        "u1",
+        "--tenant-id",
+        "t1",
+        env=fakefdb.child_env(fake_libfdb_c, fdb_data),
         timeout=WAIT_S,
-        env={**os.environ, **fakefdb.child_env(fake_libfdb_c, fdb_data)},
-        check=False,
     )
     assert failed.returncode == 1
     assert failed.stderr.strip().splitlines()[-1].startswith("codi2: cannot open the fdb store: no FoundationDB")
@@ -225,9 +212,6 @@ class Poller:
         self._thread.start()
 
     def _get(self, path: str) -> tuple[int, str] | None:
-        import urllib.error
-        import urllib.request
-
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
                 return resp.status, resp.read().decode()
@@ -264,37 +248,29 @@ class Poller:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def test_status_and_metrics_answer_through_start_up_an_outage_and_shutdown(
-    workspace: Path, tmp_path: Path, fdb_data: Path, fake_libfdb_c: Path
+    workspace: Path, fdb_config: Path, start_fdb: StartFdb
 ) -> None:
     port = _free_port()
-    config = write_fdb_config(tmp_path / "codi2.toml", workspace, tmp_path / "fdb.cluster")
-    config.write_text(config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
+    fdb_config.write_text(fdb_config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
     for i in range(1500):  # watches to place: start-up takes a while
         (workspace / f"d{i // 50}" / f"e{i}").mkdir(parents=True)
     poller = Poller(port)
-    daemon = FdbDaemon(config, fdb_data, fake_libfdb_c)
     try:
+        daemon = start_fdb()
         daemon.down.touch()
         burst(workspace, "a", 30)
         wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
-        daemon.proc.send_signal(signal.SIGTERM)
-        assert daemon.proc.wait(WAIT_S) == 0
+        assert daemon.terminate(WAIT_S) == 0
         daemon.down.unlink()
-        again = FdbDaemon(config, fdb_data, fake_libfdb_c)
-        check_trail(again, workspace)
-        assert again.terminate() == 0
+        restart_and_check(start_fdb, workspace)
     finally:
         poller.stop()
-        daemon.kill()
-        daemon.down.unlink(missing_ok=True)
     assert poller.bad == [], poller.bad[:10]
     assert poller.seen.get("/status", 0) > 10
 
@@ -303,19 +279,8 @@ def test_status_and_metrics_answer_through_start_up_an_outage_and_shutdown(
 
 
 def _overwrite_first_page(journal: Path) -> None:
-    """The journal's header page overwritten (checkpointed first, shared memory cleared, so that every
-    connection reads the damaged file again)."""
-    import sqlite3
-
-    db = sqlite3.connect(journal, isolation_level=None)
-    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    size = db.execute("PRAGMA page_size").fetchone()[0]
-    db.close()
-    with open(journal, "r+b") as f:
-        f.write(b"\xa5" * size)
-    shm = Path(f"{journal}-shm")
-    if shm.exists():
-        shm.write_bytes(b"\0" * shm.stat().st_size)
+    """The journal's header page overwritten under the running daemon."""
+    overwrite_pages(journal, lambda db: [1], b"\xa5")
 
 
 def test_journal_header_damaged_under_an_idle_daemon_is_recovered_at_the_next_change(
@@ -334,9 +299,7 @@ def test_journal_header_damaged_under_an_idle_daemon_is_recovered_at_the_next_ch
     status = daemon.status()
     assert status["status"] == "ok" and status["ready"], status
     assert daemon.terminate() == 0
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
 
 
 def test_journal_header_damaged_with_batches_waiting_for_the_store_is_recovered_and_shipped(
@@ -361,9 +324,7 @@ def test_journal_header_damaged_with_batches_waiting_for_the_store_is_recovered_
     check_trail(daemon, workspace)
     assert daemon.terminate() == 0
     assert logged(daemon, "events_left_in_spool") == []
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -382,14 +343,10 @@ def test_state_dir_renamed_while_running_then_restart(
     status = daemon.status()
     assert status["ready"], status
     (workspace / "c.txt").write_text("c")
-    daemon.proc.send_signal(signal.SIGTERM)
-    code = daemon.proc.wait(WAIT_S)
-    daemon._reader.join(5)
+    code = daemon.terminate(WAIT_S)
     assert code == 0, daemon.logs[-10:]
     assert logged(daemon, "events_left_in_spool") == []
-    again = start_fdb()  # a new state dir; `moved` is the user's now
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)  # a new state dir; `moved` is the user's now
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -414,9 +371,7 @@ def test_sigterm_during_start_up_then_restart(
     rest = proc.stderr.read()
     assert proc.wait(WAIT_S) in (0, 1), rest[-2000:]
     assert "Traceback" not in rest, rest[-3000:]
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -434,12 +389,8 @@ def test_sigterm_right_after_the_journal_is_damaged_with_batches_waiting(
     _overwrite_first_page(workspace / ".codi2" / "journal.db")
     daemon.down.unlink()
     (workspace / "last.txt").write_text("last")
-    daemon.proc.send_signal(signal.SIGTERM)
-    code = daemon.proc.wait(WAIT_S)
-    daemon._reader.join(5)
+    code = daemon.terminate(WAIT_S)
     assert logged(daemon, "journal_thread_failed") == [] and logged(daemon, "shipper_failed") == []
     assert code == 0, daemon.logs[-10:]
-    again = start_fdb()
-    check_trail(again, workspace)
-    assert again.terminate() == 0
+    restart_and_check(start_fdb, workspace)
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)

@@ -4,7 +4,6 @@ mid-burst, its store locked away, restarted with a rotated key, and `codi2 verif
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sqlite3
@@ -13,9 +12,9 @@ import sys
 from collections.abc import Callable
 from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 from conftest import WAIT_S, DaemonProcess, wait_for
+from trail_checks import run_verify
 
 from codi2.chain import load_key
 
@@ -35,18 +34,6 @@ db.execute("BEGIN EXCLUSIVE")
 print("locked", flush=True)
 sys.stdin.readline()
 """
-
-
-def run_verify(config: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
-    """`codi2 verify --json` in a process of its own: exit code, report, stderr."""
-    result = subprocess.run(
-        [sys.executable, "-m", "codi2", "verify", "--config", str(config), "--tenant-id", "t1", "--json", *args],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-        env={**os.environ, **(env or {})},
-    )
-    return result.returncode, json.loads(result.stdout) if result.stdout else {}, result.stderr
 
 
 def test_the_trail_verifies_across_a_kill_an_outage_restarts_and_a_key_rotation(

@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import stat
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import fakefdb
-from conftest import DaemonProcess, wait_for
+from conftest import WAIT_S, DaemonProcess, run_codi2, wait_for
 
 from codi2.events import Event
 from codi2.replay import Entry, fold
@@ -442,14 +443,42 @@ class FdbDaemon(DaemonProcess):
         super().__init__(config, data, fakefdb.child_env(lib_dir, data), **kwargs)
 
     def events(self) -> list[Event]:
-        result = subprocess.run(
-            [sys.executable, "-m", "codi2", "events", "--config", str(self.config), "--tenant-id", "t1"],
-            capture_output=True,
-            text=True,
+        result = run_codi2(
+            "events",
+            "--config",
+            str(self.config),
+            "--tenant-id",
+            "t1",
+            env=fakefdb.child_env(self.lib_dir, self.db),
             timeout=120,
-            check=False,
-            env={**os.environ, **fakefdb.child_env(self.lib_dir, self.db)},
         )
         if result.returncode != 0:
             raise AssertionError(f"codi2 events failed: {result.stderr.strip()[-500:]}")
         return [Event.from_json(line) for line in result.stdout.splitlines()]
+
+
+# Tools on the trail and the daemon's files ----------------------------------------------------------------
+
+
+def run_verify(config: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+    """`codi2 verify --json` in a process of its own: exit code, report, stderr."""
+    result = run_codi2("verify", "--config", str(config), "--tenant-id", "t1", "--json", *args, env=env, timeout=WAIT_S)
+    return result.returncode, json.loads(result.stdout) if result.stdout else {}, result.stderr
+
+
+def overwrite_pages(db_path: Path, pages: Callable[[sqlite3.Connection], list[int]], fill: bytes) -> None:
+    """Overwrite the pages `pages` names of a SQLite file, in use by a daemon or not. The WAL is
+    checkpointed into the file first and the shared memory cleared, so every connection reads the damage."""
+    db = sqlite3.connect(db_path, isolation_level=None)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    numbers = pages(db)
+    size = db.execute("PRAGMA page_size").fetchone()[0]
+    db.close()
+    assert numbers
+    with open(db_path, "r+b") as f:
+        for n in numbers:
+            f.seek((n - 1) * size)
+            f.write(fill * size)
+    shm = Path(f"{db_path}-shm")
+    if shm.exists():
+        shm.write_bytes(b"\0" * shm.stat().st_size)
