@@ -14,7 +14,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, TypeVar
 
 import fakefdb
 import hypothesis
@@ -195,22 +195,36 @@ def workspace(tmp_path: Path) -> Path:
     return ws
 
 
+D = TypeVar("D", bound=DaemonProcess)
+
+
 @pytest.fixture
-def daemon_factory(tmp_path: Path, workspace: Path) -> Iterator[Callable[..., DaemonProcess]]:
+def spawned() -> Iterator[Callable[[D], D]]:
+    """Keeps every daemon a test starts (`spawned(DaemonProcess(...))`) and kills it when the test ends,
+    whatever the test did: the one teardown behind each fixture that starts daemons."""
     started: list[DaemonProcess] = []
 
+    def keep(daemon: D) -> D:
+        started.append(daemon)
+        return daemon
+
+    yield keep
+    for daemon in started:
+        daemon.kill()
+
+
+@pytest.fixture
+def daemon_factory(
+    tmp_path: Path, workspace: Path, spawned: Callable[[DaemonProcess], DaemonProcess]
+) -> Callable[..., DaemonProcess]:
     def start(
         extra: str = "", env: dict[str, str] | None = None, wrapper: tuple[str, ...] = (), settle: bool = True
     ) -> DaemonProcess:
         db = tmp_path / "audit.db"
         config = write_config(tmp_path / "codi2.toml", workspace, db, extra)
-        daemon = DaemonProcess(config, db, env, wrapper, settle=settle)
-        started.append(daemon)
-        return daemon
+        return spawned(DaemonProcess(config, db, env, wrapper, settle=settle))
 
-    yield start
-    for daemon in started:
-        daemon.kill()
+    return start
 
 
 def disk_state(root: Path, ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2")) -> dict:

@@ -1366,18 +1366,16 @@ def test_v_lost_state_volume_with_the_trail_kept_in_foundationdb(
 
 
 @pytest.fixture
-def store_daemon(tmp_path: Path, workspace: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+def store_daemon(
+    tmp_path: Path, workspace: Path, spawned: Callable[[DaemonProcess], DaemonProcess]
+) -> Callable[[Path], DaemonProcess]:
     """A daemon on `workspace` whose SQLite store is the given file (inside the workspace, for the tests of
     the daemon's own files there), killed at the end whatever the test did."""
-    started: list[DaemonProcess] = []
 
     def start(db: Path) -> DaemonProcess:
-        started.append(DaemonProcess(write_config(tmp_path / "codi2.toml", workspace, db), db))
-        return started[-1]
+        return spawned(DaemonProcess(write_config(tmp_path / "codi2.toml", workspace, db), db))
 
-    yield start
-    for daemon in started:
-        daemon.kill()
+    return start
 
 
 @LAG

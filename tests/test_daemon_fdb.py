@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import fakefdb
@@ -53,17 +53,11 @@ def data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start(config: Path, data: Path, fake_libfdb_c: Path) -> Iterator[Start]:
-    started: list[DaemonProcess] = []
-
+def start(config: Path, data: Path, fake_libfdb_c: Path, spawned: Callable[[DaemonProcess], DaemonProcess]) -> Start:
     def start(faults: str = "", seed: int = 1) -> DaemonProcess:
-        daemon = DaemonProcess(config, data, fakefdb.child_env(fake_libfdb_c, data, faults, seed))
-        started.append(daemon)
-        return daemon
+        return spawned(DaemonProcess(config, data, fakefdb.child_env(fake_libfdb_c, data, faults, seed)))
 
-    yield start
-    for daemon in started:
-        daemon.kill()
+    return start
 
 
 def stored(config: Path, data: Path, lib_dir: Path) -> list[Event]:

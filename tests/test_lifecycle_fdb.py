@@ -48,17 +48,13 @@ def fdb_data(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def start_fdb(fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path) -> Iterator[StartFdb]:
-    started: list[FdbDaemon] = []
-
+def start_fdb(
+    fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, spawned: Callable[[FdbDaemon], FdbDaemon]
+) -> Iterator[StartFdb]:
     def start(**kwargs: object) -> FdbDaemon:
-        daemon = FdbDaemon(fdb_config, fdb_data, fake_libfdb_c, **kwargs)  # type: ignore[arg-type]
-        started.append(daemon)
-        return daemon
+        return spawned(FdbDaemon(fdb_config, fdb_data, fake_libfdb_c, **kwargs))  # type: ignore[arg-type]
 
     yield start
-    for daemon in started:
-        daemon.kill()
     Path(f"{fdb_data}.down").unlink(missing_ok=True)
 
 
