@@ -121,6 +121,10 @@ class Daemon:
             on_overflow=self._overflow,
         )
         self.shipper: Shipper | None = None  # built once the journal and the store are open
+        self._ready_checks = {  # /readyz names each; /status and the metric say whether all hold
+            "watches": lambda: self._armed and self.watcher.is_alive(),
+            "pipeline": lambda: self._armed and self._pipeline_running(),
+        }
         self.health = HealthServer(self._app(), s.server.host, s.server.port)
         self._armed = False
         self._deadline = 0.0  # monotonic: when shutdown gives up flushing
@@ -296,17 +300,13 @@ class Daemon:
             "watcher": lambda: not self._armed or self.watcher.is_alive(),
             "pipeline": lambda: not self._armed or self._pipeline_running(),
         }
-        ready = {
-            "watches": lambda: self._armed and self.watcher.is_alive(),
-            "pipeline": lambda: self._armed and self._pipeline_running(),
-        }
-        return build_app(live=live, ready=ready, status=self.status, registry=self.metrics.registry)
+        return build_app(live=live, ready=self._ready_checks, status=self.status, registry=self.metrics.registry)
 
     def _pipeline_running(self) -> bool:
         return self.pipeline.running and (self.shipper is None or self.shipper.running)
 
     def _ready(self) -> bool:
-        return self._armed and self.watcher.is_alive() and self._pipeline_running()
+        return all(check() for check in self._ready_checks.values())
 
     def status(self) -> dict[str, Any]:
         degraded = self.store.degraded() + self.pipeline.degraded() + self.watcher.degraded()
