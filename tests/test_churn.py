@@ -831,7 +831,11 @@ def test_c12_paths_far_past_path_max(workspace: Path, daemon_factory: Start, lag
         write_at(fd, "deepest.txt", b"rewritten")
         write_at(fd, "second.txt", b"second")
         os.mkdir("below", dir_fd=fd)
-        write_at(os.open("below", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd), "x", b"x")
+        below = os.open("below", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        try:
+            write_at(below, "x", b"x")
+        finally:
+            os.close(below)
     events = converge(daemon, ws)
     assert _folded(events, ws, deepest).sha256 == sha("rewritten")
     (ws / "top" / names[0]).rename(ws / "top" / "short")  # the whole chain moves with one rename
