@@ -160,19 +160,24 @@ def lstat_at(dir_fd: int, name: bytes) -> Facts | None:
         raise
 
 
-def read_facts(dir_fd: int, name: bytes, known: Facts | None, hash_max: int) -> Facts | None:
+def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None, hash_max: int) -> Facts | None:
     """The entry's facts with the sha256 of a regular file, read through one descriptor (open, fstat,
-    read): the hash belongs to exactly the inode the stat describes. The hash of `known` is reused when
-    the stat says nothing changed. None when absent; raises Unreadable when it may not be examined.
+    read): the hash belongs to exactly the inode the stat describes. `st` is the entry's lstat, taken by
+    the caller: only a regular file is ever opened, for opening a FIFO counts as its reader (a writer
+    waiting for one would be released, then write into a pipe nobody reads) and opening a device may act
+    on it. The hash of `known` is reused when the stat says nothing changed. None when absent; raises
+    Unreadable when it may not be examined.
 
     A write racing the read has its own inotify event, read after this window, so it is looked at again;
     and a hash taken within RACY_NS of the file's ctime never lets the next look skip hashing, for a
     write in the same timestamp tick would leave the stat unchanged."""
+    if not stat.S_ISREG(st.st_mode):
+        return facts_of(st)
     try:
         fd = os.open(name, O_FILE, dir_fd=dir_fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EWOULDBLOCK):
-            # a symlink (O_NOFOLLOW), a socket, or a file we may not open: its stat is still known
+            # replaced since the lstat (O_NOFOLLOW), or a file we may not open: its stat is still known
             facts = lstat_at(dir_fd, name)
             if facts is not None and facts.type == "file" and known is not None and facts.same_stat(known):
                 facts.sha256 = known.sha256

@@ -3,7 +3,6 @@ private paths (its state directory, the SQLite store) wherever they sit under a 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import stat
 from collections.abc import Iterable
@@ -27,12 +26,7 @@ class IgnoreRules:
         # of them elsewhere in the tree must never be opened, for closing any descriptor of a file drops
         # every POSIX lock this process holds on it, and SQLite's locks protect the WAL.
         self._private_files: set[tuple[int, int]] = set()
-        self._root_devs: set[int] = set()
-        self.check_before_open = False  # a private file shares a file system with a root: it can be linked
         self._roots = [os.fsencode(r) for r in roots]
-        for r in self._roots:
-            with contextlib.suppress(OSError):
-                self._root_devs.add(os.stat(r).st_dev)
         self.add_private(private)
         # A pattern with a slash before its end is anchored to a place in the tree, so renaming a
         # directory can change what is ignored below it; bare names (".git", "*.log") cannot.
@@ -87,7 +81,6 @@ class IgnoreRules:
                 continue
             if stat.S_ISREG(st.st_mode):
                 self._private_files.add((st.st_dev, st.st_ino))
-                self.check_before_open = self.check_before_open or st.st_dev in self._root_devs
 
     def private_file(self, dev: int | None, ino: int | None) -> bool:
         """Whether this file is one of the daemon's own (a hard link to it), whatever its name."""

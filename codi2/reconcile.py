@@ -40,13 +40,15 @@ DiskState = Facts | None | _Unknown
 
 @dataclass(slots=True)
 class _DiskEntry:
-    """One entry of a walk. `facts` (no hash yet) is None when it may not be examined; `unlistable`
-    marks a directory whose listing failed: what the index holds below either stays untouched."""
+    """One entry of a walk: its lstat and the facts from it (no hash yet), both None when it may not be
+    examined; `unlistable` marks a directory whose listing failed: what the index holds below either
+    stays untouched."""
 
     key: bytes
     rel: bytes
     name: bytes
     dir_fd: int
+    st: os.stat_result | None
     facts: Facts | None
     unlistable: bool = False
 
@@ -69,29 +71,31 @@ def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive:
                 continue
             entry = pending.pop()
             child = parent + b"/" + entry if parent else entry
+            st: os.stat_result | None
             try:
-                facts: Facts | None = facts_of(os.stat(entry, dir_fd=pfd, follow_symlinks=False))
+                st = os.stat(entry, dir_fd=pfd, follow_symlinks=False)
             except OSError as exc:
                 if exc.errno in ABSENT_ERRNOS:
                     continue  # gone between the listing and the stat
-                facts = None
+                st = None
+            facts = None if st is None else facts_of(st)
             if facts is not None and excluded(rules, root, child, facts):
                 continue
             if facts is None or facts.type != "dir" or not recursive:
-                yield _DiskEntry(key_of(child), child, entry, pfd, facts)
+                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
                 continue
             try:
                 cfd = os.open(entry, O_DIR, dir_fd=pfd)
             except OSError:
-                yield _DiskEntry(key_of(child), child, entry, pfd, facts, unlistable=True)
+                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
                 continue
             try:
                 names = _names_in(cfd)
             except OSError:
                 os.close(cfd)
-                yield _DiskEntry(key_of(child), child, entry, pfd, facts, unlistable=True)
+                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
                 continue
-            yield _DiskEntry(key_of(child), child, entry, pfd, facts)
+            yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
             stack.append((child, cfd, names))
     finally:
         for _, pfd, _ in stack:
@@ -466,15 +470,15 @@ class Reconciler:
 
     def _hashed(self, entry: _DiskEntry, known: Facts | None) -> Facts | None:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
-        facts = entry.facts
-        assert facts is not None
+        facts, st = entry.facts, entry.st
+        assert facts is not None and st is not None
         if facts.type != "file":
             return facts
         if known is not None and known.sha256 is not None and facts.same_stat(known):
             facts.sha256 = known.sha256
             return facts
         try:
-            return read_facts(entry.dir_fd, entry.name, known, self._hash_max)
+            return read_facts(entry.dir_fd, entry.name, st, known, self._hash_max)
         except Unreadable:
             facts.sha256 = known.sha256 if known is not None and facts.same_stat(known) else None
             return facts
@@ -513,9 +517,10 @@ class Reconciler:
         parent, entry = split(rel)
         try:
             dfd = self.cache.get(root, parent)
-            if self._rules.check_before_open and self._private_link(dfd, entry):
+            st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino):
                 return None  # a hard link to the daemon's own file: never opened, out of the trail
-            facts = read_facts(dfd, entry, known, self._hash_max)
+            facts = read_facts(dfd, entry, st, known, self._hash_max)
         except Unreadable:
             return UNKNOWN
         except OSError as exc:
@@ -527,15 +532,6 @@ class Reconciler:
         if facts is not None and excluded(self._rules, root, rel, facts):
             return None  # ignored where it is now: out of the trail
         return facts
-
-    def _private_link(self, dfd: int, entry: bytes) -> bool:
-        """Whether the entry is one of the daemon's own files (the state shares the workspace's file
-        system, so it can be linked): a bare lstat, on the path of every file a burst writes."""
-        try:
-            st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
-        except OSError:
-            return False  # whatever it is, reading it says so
-        return stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino)
 
     def _present(self, root: int, rel: bytes) -> bool:
         """Whether something is at `rel` now, though out of the trail (a link to the daemon's own file)."""

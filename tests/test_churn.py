@@ -1180,6 +1180,40 @@ def test_v_special_files_are_recorded_and_never_block(workspace: Path, daemon_fa
         server.close()
 
 
+def _waiting_writer(fifo: Path) -> subprocess.Popen:
+    """`echo payload > fifo`, blocked in its open until the FIFO has a reader."""
+    proc = subprocess.Popen(["sh", "-c", 'echo "$1" > "$0"', str(fifo), f"{fifo.name}-payload"])
+    wait_for(lambda: Path(f"/proc/{proc.pid}/wchan").read_text() == "wait_for_partner", interval=0.01)
+    return proc
+
+
+@LAG
+def test_v_a_writer_waiting_on_a_fifo_is_left_waiting(workspace: Path, daemon_factory: Start, lag: bool) -> None:
+    """Looking at a FIFO never opens it: an open counts as its reader, which would release a writer
+    waiting for one into a pipe nobody reads (its data thrown away, or SIGPIPE)."""
+    ws = workspace
+    os.mkfifo(ws / "early")
+    writers = {"early": _waiting_writer(ws / "early")}  # found by the start-up walk
+    daemon = daemon_factory()
+    wait_for(lambda: "early" in ever_named(daemon.events()))
+    with _maybe_lagging(daemon, lag):
+        os.mkfifo(ws / "late")
+        writers["late"] = _waiting_writer(ws / "late")
+        (ws / "late").chmod(0o600)  # a change the daemon looks at
+    try:
+        events = converge(daemon, ws)
+        assert _folded(events, ws, "late").mode == 0o600
+        assert {name: w.poll() for name, w in writers.items()} == {"early": None, "late": None}
+        for name, writer in writers.items():
+            assert (ws / name).read_bytes() == f"{name}-payload\n".encode()
+            assert writer.wait(WAIT_S) == 0
+        final_check(daemon, ws)
+    finally:
+        for writer in writers.values():
+            writer.kill()
+            writer.wait()
+
+
 # Also settle --------------------------------------------------------------------------------------------------
 
 
