@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import os
+import resource
 import signal
 import time
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,7 @@ class Daemon:
                     roots=[str(r) for r in self.settings.watch_roots],
                     watches=self.watcher.state.watches,
                     health_port=self.health.port,
+                    open_files_limit=resource.getrlimit(resource.RLIMIT_NOFILE)[0],
                 )
                 await self.should_exit.wait()
             finally:
@@ -160,6 +162,7 @@ class Daemon:
         watcher and the start-up diff. The stack stops them in reverse: read every change the kernel
         queued (a watcher barrier), journal it, ship what the store takes in time, close."""
         s = self.settings
+        _raise_open_files_limit()
         try:
             await self.health.start()
         except OSError as exc:
@@ -341,6 +344,16 @@ class Daemon:
             "store": self.store.snapshot(self.settings.backend),
             "last_commit": rfc3339(last_commit) if last_commit else None,
         }
+
+
+def _raise_open_files_limit() -> None:
+    """The soft limit on open descriptors raised to the hard one: the watcher and the reconciler hold one
+    per level of the tree they walk, and 1024, a common soft default, is shallower than a generated tree
+    may be. Short of descriptors all the same, they report it and try again, never skip silently."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _with_companions(db: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import resource
 import stat
 import time
 from collections import OrderedDict
@@ -24,6 +25,10 @@ O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTT
 # What "not there" looks like from a path: the entry or a parent is gone, or a parent is not a directory
 # (ELOOP: a component is now a symlink, which the tree never follows).
 ABSENT_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.ELOOP})
+# Out of descriptors or memory: the process's state, not the entry's. Never read as "this directory may
+# not be looked at" (which leaves its subtree as the index has it): the work fails, is reported, and is
+# done again.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
 HASH_CHUNK = 1 << 20
 # File timestamps tick coarsely: a write in the same tick right after the hash would leave the stat as it
 # was. A hash taken within this long of the file's ctime is not trusted to skip the next one ("racy").
@@ -113,10 +118,22 @@ class DirCache:
     def __init__(self, root_fds: list[int]) -> None:
         self._roots = root_fds
         self._open: OrderedDict[tuple[int, bytes], int] = OrderedDict()
+        # An eighth of the descriptors the process may hold at most: the walks and the watcher need theirs.
+        self._max_open = max(4, min(self.MAX_OPEN, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 8))
 
     def get(self, root: int, rel: bytes) -> int:
         """The descriptor of directory `rel` (borrowed: valid until the next `get` or `close`), opened
-        from the nearest cached ancestor one component at a time. Raises OSError."""
+        from the nearest cached ancestor one component at a time. Out of descriptors, it gives back every
+        one it caches and tries once more. Raises OSError."""
+        try:
+            return self._get(root, rel)
+        except OSError as exc:
+            if exc.errno not in RESOURCE_ERRNOS or not self._open:
+                raise
+        self.close()
+        return self._get(root, rel)
+
+    def _get(self, root: int, rel: bytes) -> int:
         key = (root, rel)
         fd = self._open.get(key)
         if fd is not None:
@@ -137,7 +154,7 @@ class DirCache:
             os.close(fd)
             raise
         self._open[key] = fd
-        if len(self._open) > self.MAX_OPEN:
+        if len(self._open) > self._max_open:
             _, oldest = self._open.popitem(last=False)
             os.close(oldest)
         return fd

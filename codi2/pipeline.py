@@ -30,7 +30,7 @@ from codi2 import legacy
 from codi2.chain import ChainKey
 from codi2.config import STATE_DIR_NAME
 from codi2.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
-from codi2.fs import O_DIR, Facts
+from codi2.fs import O_DIR, RESOURCE_ERRNOS, Facts
 from codi2.hints import Hint, Move, Rescan, Touch
 from codi2.ignore import IgnoreRules
 from codi2.journal import (
@@ -96,6 +96,13 @@ def _never_started(journal: Journal) -> bool:
 def _environmental(exc: BaseException) -> bool:
     """A failure of the disk or the database (worth retrying), as opposed to a bug in handling one change."""
     return isinstance(exc, OSError | sqlite3.Error)
+
+
+def _hint(exc: BaseException) -> str:
+    """What an operator can do about a failing flush."""
+    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
+        return "raise the open-file limit of the container (nofile) or free memory; the changes wait and are retried"
+    return "free disk space under the state dir"
 
 
 class Window:
@@ -580,7 +587,7 @@ class Pipeline:
         )
         self._metrics.journal_errors.labels(error=str(code)).inc()
         if health.state != "error":
-            log.error("journal_write_failed", error=str(exc), code=code, hint="free disk space under the state dir")
+            log.error("journal_write_failed", error=str(exc), code=code, hint=_hint(exc))
             self.journal_health = JournalHealth(
                 state="error", error=f"{code}: {exc}", initial_scan=health.initial_scan, rebuilds=health.rebuilds
             )

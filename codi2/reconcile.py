@@ -20,7 +20,18 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from codi2.events import Action, Event, Origin
-from codi2.fs import ABSENT_ERRNOS, O_DIR, DirCache, Facts, Unreadable, facts_of, lstat_at, read_facts, split
+from codi2.fs import (
+    ABSENT_ERRNOS,
+    O_DIR,
+    RESOURCE_ERRNOS,
+    DirCache,
+    Facts,
+    Unreadable,
+    facts_of,
+    lstat_at,
+    read_facts,
+    split,
+)
 from codi2.hints import Hint, Move, Touch
 from codi2.ignore import IgnoreRules
 from codi2.journal import Journal, key_of, rel_of, subtree_bounds
@@ -59,8 +70,10 @@ def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive:
     stack: list[tuple[bytes, int, list[bytes]]] = [(rel, os.dup(fd), [])]
     try:
         stack[0] = (rel, stack[0][1], _names_in(stack[0][1]))
-    except OSError:
+    except OSError as exc:
         os.close(stack.pop()[1])
+        if exc.errno in RESOURCE_ERRNOS:
+            raise
         return
     try:
         while stack:
@@ -86,13 +99,17 @@ def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive:
                 continue
             try:
                 cfd = os.open(entry, O_DIR, dir_fd=pfd)
-            except OSError:
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise
                 yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
                 continue
             try:
                 names = _names_in(cfd)
-            except OSError:
+            except OSError as exc:
                 os.close(cfd)
+                if exc.errno in RESOURCE_ERRNOS:
+                    raise
                 yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
                 continue
             yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
@@ -429,6 +446,8 @@ class Reconciler:
         try:
             fd = self.cache.get(root, rel)
         except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise
             if exc.errno in ABSENT_ERRNOS:
                 yield from self.touch(root, rel, origin)
             return  # unreadable: what is below stays as the index has it

@@ -657,7 +657,11 @@ class Watcher:
             node = Node(parent.root, parent, name, wd, st.st_dev, st.st_ino)
             self._register(node)
             self._place(parent, name, node)
-            self._walk_new(node, fd)
+            try:
+                self._walk_new(node, fd)
+            except OSError as exc:  # its own listing
+                self._drop(node)
+                return self._unwatched_node(parent, name, st, exc.strerror or str(exc), quiet=quiet)
             # Watched from now on: what it holds must be looked at after this moment, whatever a walk of
             # its parent saw before (the pipeline walks a directory it is told was created).
             self._out.append(Touch(parent.root, node.locate(self._gen) or b"", True, True))
@@ -692,10 +696,13 @@ class Watcher:
 
     def _walk_new(self, top: Node, top_fd: int) -> None:
         """Watch every non-ignored directory below a newly watched one, depth first, holding one
-        descriptor per level: depth is unlimited, and the walk never leaves through a symlink."""
+        descriptor per level: depth is unlimited, and the walk never leaves through a symlink. A
+        directory below it that cannot be listed (out of descriptors) is left unwatched, so it is reported
+        and tried again; raises OSError when `top` itself cannot be."""
         stack: list[tuple[Node, int, bytes, list[tuple[bytes, bool | None, int]]]] = []
         try:
-            stack.append((top, os.dup(top_fd), top.locate(self._gen) or b"", self._listing(top, top_fd)))
+            entries = list_dir(top_fd)
+            stack.append((top, os.dup(top_fd), top.locate(self._gen) or b"", entries))
             while stack:
                 node, fd, where, entries = stack[-1]
                 if not entries:
@@ -728,17 +735,17 @@ class Watcher:
                 child = Node(node.root, node, name, wd, st.st_dev, st.st_ino)
                 self._register(child)
                 self._place(node, name, child)
-                stack.append((child, cfd, rel, self._listing(child, cfd)))
+                try:
+                    entries = list_dir(cfd)
+                except OSError as exc:
+                    os.close(cfd)
+                    self._drop(child)
+                    self._unwatched_node(node, name, st, exc.strerror or str(exc), quiet=False)
+                    continue
+                stack.append((child, cfd, rel, entries))
         finally:
             for _, fd, _, _ in stack:
                 os.close(fd)
-
-    def _listing(self, node: Node, fd: int) -> list[tuple[bytes, bool | None, int]]:
-        try:
-            return list_dir(fd)
-        except OSError as exc:
-            log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
-            return []
 
     # Tree changes ----------------------------------------------------------------------------------
 

@@ -1214,6 +1214,78 @@ def test_v_a_writer_waiting_on_a_fifo_is_left_waiting(workspace: Path, daemon_fa
             writer.wait()
 
 
+# Out of file descriptors ------------------------------------------------------------------------------------
+
+PRLIMIT = shutil.which("prlimit")
+needs_prlimit = pytest.mark.skipif(PRLIMIT is None, reason="prlimit (util-linux) is not installed")
+
+
+def _open_files_limit(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no open-file limit in /proc/PID/limits")
+
+
+@needs_prlimit
+def test_r_the_soft_open_file_limit_is_raised_to_the_hard_one(workspace: Path, daemon_factory: Start) -> None:
+    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=128:4096", "--"))
+    assert _open_files_limit(daemon.proc.pid) == (4096, 4096)
+    assert [line["open_files_limit"] for line in daemon.logs if line.get("event") == "codi2_ready"] == [4096]
+
+
+@needs_prlimit
+@LAG
+def test_r_new_directories_under_a_low_descriptor_limit_are_all_recorded(
+    workspace: Path, daemon_factory: Start, lag: bool
+) -> None:
+    """64 descriptors at most (soft and hard): the reconciler's directory cache stays within them, and
+    what it cannot open is never read as "not to be looked into"."""
+    ws = workspace
+    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=64:64", "--"))
+    with _maybe_lagging(daemon, lag):
+        for i in range(200):
+            (ws / f"s{i}").mkdir()
+            (ws / f"s{i}" / "f.txt").write_text(f"{i}\n")
+    events = final_check(daemon, ws)
+    assert sum(1 for e in events if e.path.endswith("/f.txt") and e.action == "created") == 200
+
+
+@needs_prlimit
+@LAG
+def test_r_a_tree_deeper_than_the_descriptor_limit_is_reported_then_healed(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, lag: bool
+) -> None:
+    """A walk holds a descriptor per level: past the limit it cannot finish. The daemon says so (a
+    directory unwatched, the flush failing with its reason) instead of a status "ok" over a partial
+    trail, keeps what waits, and converges once the tree is gone."""
+    ws = workspace
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    deep = outside
+    for i in range(70):
+        deep = deep / f"n{i}"
+    deep.mkdir(parents=True)
+    (deep / "bottom.txt").write_text("at the bottom")
+    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=64:64", "--"))
+    with _maybe_lagging(daemon, lag):
+        (outside / "n0").rename(ws / "n0")
+        (ws / "beside.txt").write_text("waits with the tree")
+
+    def reported() -> bool:
+        s = daemon.status()
+        journal = s["journal"]
+        return bool(s["unwatched"]) and journal["state"] == "error" and "Too many open files" in journal["error"]
+
+    wait_for(reported)
+    failed = [line for line in daemon.logs if line.get("event") == "journal_write_failed"]
+    assert failed and all("open-file limit" in line["hint"] for line in failed)
+    shutil.rmtree(ws / "n0")
+    events = final_check(daemon, ws)
+    assert "beside.txt" in ever_named(events)
+
+
 # Also settle --------------------------------------------------------------------------------------------------
 
 
