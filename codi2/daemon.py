@@ -120,6 +120,7 @@ class Daemon:
             s.state_dir / "barrier",
             on_hints=self.pipeline.feed,
             on_overflow=self._overflow,
+            on_descriptors_back=self._descriptors_back,
         )
         self.shipper: Shipper | None = None  # built once the journal and the store are open
         self._ready_checks = {  # /readyz names each; /status and the metric say whether all hold
@@ -251,11 +252,17 @@ class Daemon:
         self.metrics.inotify_overflows.inc()
         self.pipeline.note_gap("inotify_overflow", None)
 
+    def _descriptors_back(self) -> None:
+        """Watcher thread, once it recrawled every tree after running out of descriptors: what it could not
+        follow meanwhile is recorded as its end state, and the trail notes the lost history."""
+        self.pipeline.note_gap("out_of_descriptors", None)
+
     async def _retry_unwatched(self) -> None:
-        """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically."""
+        """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically;
+        so is the recrawl of a watcher that ran out of descriptors."""
         while True:
             await asyncio.sleep(self.settings.monitoring.rescan_interval_s)
-            if self.watcher.state.unwatched:
+            if self.watcher.state.unwatched or self.watcher.state.out_of_descriptors:
                 self.watcher.request(self.watcher.retry_unwatched)
 
     def _gauges(self) -> None:

@@ -44,7 +44,7 @@ from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
 from codi2.events import Origin
-from codi2.fs import ABSENT_ERRNOS, O_DIR, list_dir, open_dir
+from codi2.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, list_dir, open_dir
 from codi2.hints import Hint, Move, Rescan, Touch
 from codi2.ignore import IgnoreRules
 
@@ -76,6 +76,12 @@ GATHER_EVENTS = 512
 GATHER_S = 0.002
 SMALL_READ_BYTES = 4096
 EVENT = struct.Struct("iIII")
+
+
+class Starved(Exception):
+    """Out of file descriptors (or memory) while handling: a directory that cannot be opened now is not
+    gone, so nothing may be concluded from it. Handling stops at that step, and every tree is recrawled
+    once descriptors are back (as after a queue overflow)."""
 
 
 class Node:
@@ -148,6 +154,7 @@ class WatcherState:
     unwatched: dict[str, str] = field(default_factory=dict)
     handler_errors: int = 0
     roots_gone: list[str] = field(default_factory=list)
+    out_of_descriptors: bool = False
 
 
 class _Backlog:
@@ -216,6 +223,7 @@ class Watcher:
         barrier_dir: Path,
         on_hints: Callable[[list[Hint]], None],
         on_overflow: Callable[[], None] | None = None,
+        on_descriptors_back: Callable[[], None] | None = None,
         max_backlog: int = MAX_BACKLOG_EVENTS,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
@@ -223,6 +231,7 @@ class Watcher:
         self._barrier_dir = barrier_dir
         self._on_hints = on_hints
         self._on_overflow = on_overflow
+        self._on_descriptors_back = on_descriptors_back
         self.state = WatcherState()
         self._ifd: int | None = None
         self._root_fds: list[int] = []
@@ -327,6 +336,8 @@ class Watcher:
             )
         if ws.overflows:
             reasons.append(f"inotify queue overflowed {ws.overflows} times")
+        if ws.out_of_descriptors:
+            reasons.append("the watcher is out of file descriptors: every tree is recrawled when they are back")
         if ws.handler_errors:
             reasons.append(f"{ws.handler_errors} inotify events failed to be handled (see the logs)")
         reasons += [f"watch root gone: {root}" for root in ws.roots_gone]
@@ -341,6 +352,7 @@ class Watcher:
             "inotify_overflows": ws.overflows,
             "inotify_backlog_high_water": self._backlog.high_water,
             "recrawls": ws.recrawls,
+            "out_of_descriptors": ws.out_of_descriptors,
         }
 
     # Barriers --------------------------------------------------------------------------------------
@@ -425,6 +437,8 @@ class Watcher:
                 for event in payload:
                     try:
                         self._handle(*event)
+                    except Starved as exc:
+                        self._starved(exc)
                     except Exception:  # one bad event must not stop the watching of the whole workspace
                         self.state.handler_errors += 1
                         log.exception("inotify_event_failed", event=repr(event))
@@ -433,6 +447,8 @@ class Watcher:
     def _guarded(self, fn: Callable[[], None]) -> None:
         try:
             fn()
+        except Starved as exc:
+            self._starved(exc)
         except Exception:
             self.state.handler_errors += 1
             log.exception("watcher_step_failed", step=getattr(fn, "__name__", repr(fn)))
@@ -584,7 +600,12 @@ class Watcher:
         where = node.locate(self._gen)
         if where is None:
             raise FileNotFoundError(errno.ENOENT, "not in the tree")
-        fd = open_dir(self._root_fds[node.root], where)
+        try:
+            fd = open_dir(self._root_fds[node.root], where)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise Starved(exc.strerror) from exc
+            raise
         st = os.fstat(fd)
         if (st.st_dev, st.st_ino) != node.ident:
             os.close(fd)
@@ -910,6 +931,8 @@ class Watcher:
         try:
             listing = list_dir(fd)
         except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise Starved(exc.strerror) from exc
             log.warning("directory_unlistable", path=os.fsdecode(node.locate(self._gen) or b""), error=exc.strerror)
             return
         where = node.locate(self._gen) or b""
@@ -947,9 +970,15 @@ class Watcher:
         return placed
 
     def retry_unwatched(self) -> None:
-        """Handler thread (through `request`): try every unwatched directory again, and diff the tree of
-        each one against the index (a new watch may have missed changes; a still unwatched one is only
-        covered by these periodic diffs)."""
+        """Handler thread (through `request`): after running out of descriptors, recrawl every tree; try
+        every unwatched directory again, and diff the tree of each one against the index (a new watch may
+        have missed changes; a still unwatched one is only covered by these periodic diffs)."""
+        if self.state.out_of_descriptors:
+            self._recrawl_all()  # still short: raises Starved, and the next try is the next tick's
+            self.state.out_of_descriptors = False
+            log.info("watcher_descriptors_back")
+            if self._on_descriptors_back is not None:
+                self._on_descriptors_back()
         for node in list(self._unwatched):
             parent = node.parent
             if parent is None or node.locate(self._gen) is None:
@@ -977,6 +1006,13 @@ class Watcher:
             overflows=self.state.overflows,
             hint="raise fs.inotify.max_queued_events; a recrawl recovers the changes",
         )
+        self._recrawl_all()
+        if self._on_overflow is not None:
+            self._on_overflow()
+
+    def _recrawl_all(self) -> None:
+        """Events were lost, or never handled whole: recrawl every tree (watching what appeared), settle
+        everything that waited for a barrier, and diff every root."""
         self._settle_moves()
         for node in self._root_nodes:
             self._recrawl(node, recursive=True)
@@ -991,8 +1027,15 @@ class Watcher:
         self._hand_off()
         with self._barrier_cond:
             self._barrier_cond.notify_all()
-        if self._on_overflow is not None:
-            self._on_overflow()
+
+    def _starved(self, exc: Starved) -> None:
+        if not self.state.out_of_descriptors:
+            log.error(
+                "watcher_out_of_descriptors",
+                error=str(exc),
+                hint="raise the open-file limit (nofile); every tree is recrawled when descriptors are back",
+            )
+        self.state.out_of_descriptors = True
 
     def _refresh_state(self) -> None:
         self.state.watches = len(self._nodes)
