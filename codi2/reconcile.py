@@ -173,6 +173,7 @@ class Reconciler:
         self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
         self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
         self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
+        self._links_touched = 0  # bumped when other names of a file are settled: a walk's index rows age
 
     def prefetch(self, hints: list[Hint]) -> None:
         """Read the index rows of the window's paths in a few queries instead of one each."""
@@ -294,6 +295,7 @@ class Reconciler:
         me = (self._names[root], key)
         dev, ino = linked.dev or 0, linked.ino or 0
         others = [n for n in self._j.linked(dev, ino) if n != me]
+        self._links_touched += bool(others)
         for other_root, other_key in others:
             if other_root in self._names:
                 yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
@@ -468,6 +470,7 @@ class Reconciler:
                 if d.facts is not None:
                     full = self._hashed(d, None)
                     yield from self._settle(root, d.rel, d.key, None, full, origin, descend=not recursive)
+                    yield from self._linked_news(root, d.key, None, full, origin)
                 if d.facts is None or d.unlistable:
                     kept = d.key + b"\x00"
                 d = next(disk, None)
@@ -485,7 +488,19 @@ class Reconciler:
                     if full is None or full.type != ifacts.type:
                         gone = ikey + b"\x00"
                     yield from self._settle(root, d.rel, d.key, ifacts, full, origin, descend=not recursive)
+                    yield from self._linked_news(root, d.key, ifacts, full, origin)
                 d, i = next(disk, None), next(index, None)
+
+    def _linked_news(
+        self, root: int, key: bytes, known: Facts | None, disk: Facts | None, origin: Origin
+    ) -> Iterator[None]:
+        """A walk found a hard-linked file new or changed at this name: whatever wrote it (while its
+        directory was outside the tree, or the daemon down) changed its other names too, and no event of
+        theirs said so."""
+        if disk is None or disk.type != "file" or (disk.nlink or 0) < 2:
+            return
+        if known is None or known.type != "file" or content_changed(known, disk):
+            yield from self._touch_links(root, key, disk, origin)
 
     def _hashed(self, entry: _DiskEntry, known: Facts | None) -> Facts | None:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
@@ -518,8 +533,11 @@ class Reconciler:
                 return
             for key, facts in rows:
                 if recursive or key.count(b"\x00") == depth:
+                    touched = self._links_touched
                     yield key, facts
                     start = key + b"\x00"
+                    if self._links_touched != touched:
+                        break  # other names of a file were settled meanwhile: read on from the index as it is
                 else:
                     start = b"\x00".join(key.split(b"\x00")[: depth + 1]) + b"\x01"
                     break

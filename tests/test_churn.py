@@ -960,6 +960,30 @@ def test_c15_a_write_through_one_hard_link_updates_every_name(
     final_check(again, ws)
 
 
+@LAG
+def test_c15_a_write_through_a_hard_link_while_its_directory_was_outside_updates_every_name(
+    workspace: Path, tmp_path: Path, daemon_factory: Start, lag: bool
+) -> None:
+    """No event names the other links of a file written while its directory was outside the tree: the
+    walk that finds the directory back, and the file changed in it, looks at them."""
+    ws = workspace
+    (ws / "a").mkdir()
+    (ws / "b").mkdir()
+    (ws / "b" / "f").write_text("before")
+    os.link(ws / "b" / "f", ws / "a" / "link")
+    daemon = daemon_factory()
+    with _maybe_lagging(daemon, lag):
+        (ws / "b").rename(tmp_path / "b")
+    converge(daemon, ws)
+    with open(tmp_path / "b" / "f", "r+") as f:  # in place: ws/a/link changes with it
+        f.write("AFTER!")
+    with _maybe_lagging(daemon, lag):
+        (tmp_path / "b").rename(ws / "b")
+    events = converge(daemon, ws)
+    assert {_folded(events, ws, p).sha256 for p in ("a/link", "b/f")} == {sha("AFTER!")}
+    final_check(daemon, ws)
+
+
 # 16. A watch root that is missing or a symlink -------------------------------------------------------------
 
 
