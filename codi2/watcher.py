@@ -269,7 +269,11 @@ class Watcher:
             check_root(root)
         ifd = inotify_init()
         if ifd < 0:
-            raise OSError(errno.EMFILE, "cannot create an inotify instance: raise fs.inotify.max_user_instances")
+            raise OSError(
+                errno.EMFILE,
+                "cannot create an inotify instance: raise fs.inotify.max_user_instances, or the open-file limit"
+                " (nofile)",
+            )
         os.set_inheritable(ifd, False)
         self._ifd = ifd
         try:

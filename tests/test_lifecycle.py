@@ -52,7 +52,10 @@ async def test_a_start_up_failing_at_its_last_step_stops_everything_that_had_sta
 
     with pytest.raises(StartupError) as failed:
         await asyncio.wait_for(daemon.serve(), 60)
-    assert str(failed.value) == ("cannot watch: cannot create an inotify instance: raise fs.inotify.max_user_instances")
+    assert str(failed.value) == (
+        "cannot watch: cannot create an inotify instance: raise fs.inotify.max_user_instances, or the open-file"
+        " limit (nofile)"
+    )
 
     started = daemon.pipeline.journal is not None and daemon.health.port is not None
     assert started, "the failure came before the later components started: the test proves nothing"
