@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -1185,8 +1186,6 @@ def test_v_hard_link_written_then_the_written_name_moved_away(
 
 
 def test_v_special_files_are_recorded_and_never_block(workspace: Path, daemon_factory: Start) -> None:
-    import socket
-
     ws = workspace
     daemon = daemon_factory()
     with lagging(daemon):
@@ -1244,6 +1243,11 @@ PRLIMIT = shutil.which("prlimit")
 needs_prlimit = pytest.mark.skipif(PRLIMIT is None, reason="prlimit (util-linux) is not installed")
 
 
+def _nofile(soft: int, hard: int) -> tuple[str, ...]:
+    """A `wrapper` that starts the daemon with this open-file limit."""
+    return (str(PRLIMIT), f"--nofile={soft}:{hard}", "--")
+
+
 def _open_files_limit(pid: int) -> tuple[int, int]:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
@@ -1254,7 +1258,7 @@ def _open_files_limit(pid: int) -> tuple[int, int]:
 
 @needs_prlimit
 def test_r_the_soft_open_file_limit_is_raised_to_the_hard_one(workspace: Path, daemon_factory: Start) -> None:
-    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=128:4096", "--"))
+    daemon = daemon_factory(wrapper=_nofile(128, 4096))
     assert _open_files_limit(daemon.proc.pid) == (4096, 4096)
     assert [line["open_files_limit"] for line in daemon.logs if line.get("event") == "codi2_ready"] == [4096]
 
@@ -1267,7 +1271,7 @@ def test_r_new_directories_under_a_low_descriptor_limit_are_all_recorded(
     """64 descriptors at most (soft and hard): the reconciler's directory cache stays within them, and
     what it cannot open is never read as "not to be looked into"."""
     ws = workspace
-    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=64:64", "--"))
+    daemon = daemon_factory(wrapper=_nofile(64, 64))
     with _maybe_lagging(daemon, lag):
         for i in range(200):
             (ws / f"s{i}").mkdir()
@@ -1292,7 +1296,7 @@ def test_r_a_tree_deeper_than_the_descriptor_limit_is_reported_then_healed(
         deep = deep / f"n{i}"
     deep.mkdir(parents=True)
     (deep / "bottom.txt").write_text("at the bottom")
-    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=64:64", "--"))
+    daemon = daemon_factory(wrapper=_nofile(64, 64))
     with _maybe_lagging(daemon, lag):
         (outside / "n0").rename(ws / "n0")
         (ws / "beside.txt").write_text("waits with the tree")
@@ -1315,14 +1319,10 @@ def test_r_a_watcher_out_of_descriptors_keeps_its_watches_and_recrawls(workspace
     """Idle connections to the health port use up every descriptor while directories are created: a
     directory the watcher cannot open now is not gone (its watches were dropped, status "ok"). The watcher
     says so, and recrawls every tree once descriptors are back; the trail notes the gap."""
-    import socket
-
     ws = workspace
     (ws / "a").mkdir()
     (ws / "a" / "f").write_text("f")
-    daemon = daemon_factory(
-        env={"CODI2_MONITORING__RESCAN_INTERVAL_S": "1"}, wrapper=(str(PRLIMIT), "--nofile=64:64", "--")
-    )
+    daemon = daemon_factory(env={"CODI2_MONITORING__RESCAN_INTERVAL_S": "1"}, wrapper=_nofile(64, 64))
     assert daemon.port is not None
     fds = Path(f"/proc/{daemon.proc.pid}/fd")
     conns = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(100)]
