@@ -22,6 +22,7 @@ run: $(STAMP)
 test: $(STAMP) promtool
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 # The trail-fidelity state machine at length: 200 examples of up to 20 steps each against a real daemon on

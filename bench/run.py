@@ -34,9 +34,9 @@ from common import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from codi2.events import EventQuery
-from codi2.replay import disk_state, fold
-from codi2.sinks.sqlite import SqliteSink
+from codi2.stores.sqlite import SqliteSink
+from codi2.trail.events import EventQuery
+from codi2.trail.replay import disk_state, fold
 
 WRITER = """
 import os, sys

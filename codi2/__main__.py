@@ -1,5 +1,5 @@
 """`python -m codi2` runs the CLI."""
 
-from codi2.cli import main
+from codi2.cli.main import main
 
 raise SystemExit(main())

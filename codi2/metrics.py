@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from codi2.events import ACTIONS
+from codi2.trail.events import ACTIONS
 
 DROP_REASONS = ("shutdown_timeout", "pipeline_error")
 

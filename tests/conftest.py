@@ -21,8 +21,8 @@ import hypothesis
 import pytest
 from hypothesis import settings
 
-from codi2.events import Event, EventQuery
-from codi2.sinks.sqlite import SqliteSink
+from codi2.stores.sqlite import SqliteSink
+from codi2.trail.events import Event, EventQuery
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
 # Hypothesis fails an example slower than 200 ms by default: on a shared 2-core machine that is timing.
@@ -233,7 +233,7 @@ def disk_state(root: Path, ignores: tuple[str, ...] = (".git", "node_modules", "
     import hashlib
     import stat
 
-    from codi2.replay import Entry
+    from codi2.trail.replay import Entry
 
     state = {}
     for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):

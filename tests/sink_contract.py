@@ -16,11 +16,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tamper import Tamper
 
-from codi2 import chain
-from codi2.chain import ChainHead, ChainKey, make_key
-from codi2.events import EVENT_KEYS, Batch, Event, EventQuery, encode_events, rfc3339, uuid7
-from codi2.sinks import Sink, StoredBatch
-from codi2.verify import Report, verify
+from codi2.stores.base import Sink, StoredBatch
+from codi2.trail import chain
+from codi2.trail.chain import ChainHead, ChainKey, make_key
+from codi2.trail.events import EVENT_KEYS, Batch, Event, EventQuery, encode_events, rfc3339, uuid7
+from codi2.trail.verify import Report, verify
 
 _seq = itertools.count(1)
 

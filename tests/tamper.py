@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 import fdb.tuple as fdbtuple
 
-from codi2.events import BatchHeader, Event, encode_event
-from codi2.sinks import Cursor, StoredBatch
-from codi2.sinks.fdb import FdbSink
-from codi2.sinks.fdb import encode_event as fdb_value
+from codi2.stores.base import Cursor, StoredBatch
+from codi2.stores.fdb import FdbSink
+from codi2.stores.fdb import encode_event as fdb_value
+from codi2.trail.events import BatchHeader, Event, encode_event
 
 
 class Tamper(Protocol):

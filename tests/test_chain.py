@@ -22,12 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sink_contract import make_event
 
-from codi2 import chain
-from codi2.chain import ChainHead, load_key, make_key
-from codi2.events import EVENT_KEYS, Event, encode_event
-from codi2.journal import Journal, OutboxReader, move_aside
-from codi2.sinks.sqlite import LocalStore, SqliteSink
-from codi2.verify import verify
+from codi2.journal.journal import Journal, OutboxReader, move_aside
+from codi2.stores.sqlite import LocalStore, SqliteSink
+from codi2.trail import chain
+from codi2.trail.chain import ChainHead, load_key, make_key
+from codi2.trail.events import EVENT_KEYS, Event, encode_event
+from codi2.trail.verify import verify
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "trail-format.md"
 

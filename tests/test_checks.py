@@ -11,8 +11,8 @@ import fakefdb
 import pytest
 from conftest import run_codi2
 
-from codi2.checks import PROBE_TENANT
-from codi2.sinks.fdb import FdbSink, parse_cluster_file
+from codi2.cli.checks import PROBE_TENANT
+from codi2.stores.fdb import FdbSink, parse_cluster_file
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -51,8 +51,8 @@ from trail_checks import (
     write_fdb_config,
 )
 
-from codi2.events import Event, parse_time
-from codi2.replay import fold, fold_events
+from codi2.trail.events import Event, parse_time
+from codi2.trail.replay import fold, fold_events
 
 Start = Callable[..., DaemonProcess]
 LAG = pytest.mark.parametrize("lag", [True, False], ids=["lagging", "keeping-up"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_config import SEED_TOML
 
+from codi2.cli.config_reference import SEED_KEYS, Key, tables
 from codi2.config import Settings, load_settings
-from codi2.config_reference import SEED_KEYS, Key, tables
 
 REPO = Path(__file__).resolve().parent.parent
 DOC = REPO / "docs" / "config.md"

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from conftest import DaemonProcess, disk_state, wait_for
 
-from codi2.events import EVENT_KEYS
-from codi2.replay import fold
+from codi2.trail.events import EVENT_KEYS
+from codi2.trail.replay import fold
 
 Start = Callable[..., DaemonProcess]
 

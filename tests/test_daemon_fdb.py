@@ -17,7 +17,7 @@ import pytest
 from conftest import WAIT_S, DaemonProcess, wait_for
 from trail_checks import run_verify
 
-from codi2.events import Event
+from codi2.trail.events import Event
 
 Start = Callable[..., DaemonProcess]
 

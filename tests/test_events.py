@@ -11,10 +11,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sink_contract import make_event
 
-from codi2.events import EVENT_KEYS, Event, EventQuery, parse_time, rfc3339, uuid7
-from codi2.hints import Hint, Move, Rescan, Touch
-from codi2.pipeline import Window
-from codi2.replay import Entry, fold
+from codi2.pipeline.pipeline import Window
+from codi2.trail.events import EVENT_KEYS, Event, EventQuery, parse_time, rfc3339, uuid7
+from codi2.trail.replay import Entry, fold
+from codi2.watch.hints import Hint, Move, Rescan, Touch
 
 
 def test_uuid7_is_rfc9562_version_7_and_unique() -> None:

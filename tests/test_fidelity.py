@@ -66,7 +66,7 @@ from trail_checks import (
     write_fdb_config,
 )
 
-from codi2.replay import fold
+from codi2.trail.replay import fold
 
 DIRS = ["a", "b", "a/c", "node_modules"]
 PATHS = [*DIRS, *(f"{d}/f{i}" for d in ["", *DIRS] for i in range(3))]

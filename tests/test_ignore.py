@@ -8,7 +8,7 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from codi2.ignore import IgnoreRules
+from codi2.disk.ignore import IgnoreRules
 
 NAMES = st.sampled_from(["a", "node_modules", ".git", "keep.log", "x.log", "build", "dist", "src", "caf\xe9"])
 PATTERN_SETS = st.sampled_from(

@@ -14,10 +14,18 @@ import pytest
 from conftest import disk_state, read_events, wait_for, write_config
 from sink_contract import make_event
 
-from codi2 import legacy
-from codi2.fs import Facts
-from codi2.journal import Journal, JournalCorrupt, OutboxBatch, OutboxReader, key_of, rel_of, salvage_outbox
-from codi2.replay import fold
+from codi2.disk.fs import Facts
+from codi2.journal import legacy
+from codi2.journal.journal import (
+    Journal,
+    JournalCorrupt,
+    OutboxBatch,
+    OutboxReader,
+    key_of,
+    rel_of,
+    salvage_outbox,
+)
+from codi2.trail.replay import fold
 
 LEGACY = Path(__file__).parent / "data" / "legacy-v0.tar.gz"
 LEGACY_ROOT = Path("/tmp/codi2-legacy-v0")

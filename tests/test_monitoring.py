@@ -23,11 +23,11 @@ import yaml
 from conftest import DaemonProcess, write_config
 from prometheus_client.parser import text_string_to_metric_families
 
-from codi2.config_reference import tables
-from codi2.events import Event
+from codi2.cli.config_reference import tables
 from codi2.metrics import DROP_REASONS
 from codi2.provisioning.render import render
 from codi2.provisioning.spec import WorkspaceSpec
+from codi2.trail.events import Event
 
 REPO = Path(__file__).resolve().parent.parent
 CODE = REPO / "codi2"

@@ -13,7 +13,7 @@ import pytest
 from conftest import DaemonProcess, disk_state, wait_for
 from tls_certs import issue
 
-from codi2.replay import fold
+from codi2.trail.replay import fold
 
 Start = Callable[..., DaemonProcess]
 

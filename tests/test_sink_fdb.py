@@ -21,10 +21,10 @@ from sink_contract import SinkContract, batch_of, chain_of, make_event
 from tamper import FdbTamper, Tamper
 
 from codi2.config import load_settings
-from codi2.events import Batch, Event, EventQuery, uuid7
-from codi2.sinks import Sink, StoreError
-from codi2.sinks.fdb import FdbSink, load_fdb, resolve_cluster_file
-from codi2.verify import verify
+from codi2.stores.base import Sink, StoreError
+from codi2.stores.fdb import FdbSink, load_fdb, resolve_cluster_file
+from codi2.trail.events import Batch, Event, EventQuery, uuid7
+from codi2.trail.verify import verify
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import pytest
 from sink_contract import SinkContract, batch_of, chain_of, make_event
 from tamper import SqliteTamper, Tamper
 
-from codi2.sinks import Sink, StoredBatch, StoreError
-from codi2.sinks.sqlite import SqliteSink
-from codi2.verify import verify
+from codi2.stores.base import Sink, StoredBatch, StoreError
+from codi2.stores.sqlite import SqliteSink
+from codi2.trail.verify import verify
 
 
 class TestSqliteSink(SinkContract):
@@ -49,7 +49,7 @@ def test_reader_refuses_a_missing_store(tmp_path: Path) -> None:
 
 
 def test_locked_store_fails_then_recovers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("codi2.sinks.sqlite.BUSY_TIMEOUT_S", 0.1)
+    monkeypatch.setattr("codi2.stores.sqlite.BUSY_TIMEOUT_S", 0.1)
     sink = SqliteSink(tmp_path / "audit.db")
     other = sqlite3.connect(tmp_path / "audit.db", isolation_level=None)
     other.execute("BEGIN EXCLUSIVE")
@@ -63,7 +63,7 @@ def test_locked_store_fails_then_recovers(tmp_path: Path, monkeypatch: pytest.Mo
         other.execute("ROLLBACK")
         other.close()
     sink.write_batch(batch_of(make_event("after")))
-    from codi2.events import EventQuery
+    from codi2.trail.events import EventQuery
 
     assert [e.path for _, e in sink.read(EventQuery("t1"))] == ["after"]
     sink.close()

@@ -15,15 +15,15 @@ import fdb.fdboptions
 import pytest
 from tls_certs import DAY, NOW, TlsFiles, issue, other_key
 
+from codi2.cli.tls import file_problems
 from codi2.config import ConfigError, load_settings
-from codi2.tls import file_problems
 
 # Records every network option and the network's set-up as the bindings hand them to libfdb_c.
 RECORD_NETWORK_CALLS = """
 import json, sys
 from pathlib import Path
 from codi2.config import load_settings
-from codi2.sinks import fdb as fdb_sink
+from codi2.stores import fdb as fdb_sink
 
 fdb = fdb_sink.load_fdb(730)  # as open_fdb_sink does first; the library's functions exist from here
 capi, calls = fdb.impl._capi, []

@@ -16,7 +16,7 @@ from pathlib import Path
 from conftest import WAIT_S, DaemonProcess, wait_for
 from trail_checks import run_verify
 
-from codi2.chain import load_key
+from codi2.trail.chain import load_key
 
 Start = Callable[..., DaemonProcess]
 WRITER = """

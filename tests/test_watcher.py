@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from codi2.hints import Hint, Move, Rescan, Touch
-from codi2.ignore import IgnoreRules
-from codi2.watcher import Watcher
+from codi2.disk.ignore import IgnoreRules
+from codi2.watch.hints import Hint, Move, Rescan, Touch
+from codi2.watch.watcher import Watcher
 
 IGNORES = [".git", "node_modules", "target", "dist"]
 

@@ -34,8 +34,8 @@ from typing import Any
 import fakefdb
 from conftest import WAIT_S, DaemonProcess, run_codi2, wait_for
 
-from codi2.events import Event
-from codi2.replay import Entry, fold
+from codi2.trail.events import Event
+from codi2.trail.replay import Entry, fold
 
 IGNORED_NAMES = frozenset({".git", "node_modules", "target", "dist", ".codi2"})
 NOBODY = 65534
@@ -159,7 +159,7 @@ def trail_defects(events: Iterable[Event]) -> list[str]:
 
 
 def _fold_one(state: dict[tuple[str, str], Event], e: Event) -> None:
-    from codi2.replay import fold_events
+    from codi2.trail.replay import fold_events
 
     fold_events([e], state)
 

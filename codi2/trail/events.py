@@ -188,7 +188,7 @@ def decode_events(body: bytes) -> list[Event]:
 
 @dataclass(slots=True, frozen=True)
 class BatchHeader:
-    """A batch's place in its stream's hash chain (`codi2.chain` makes it; docs/trail-format.md). A stream is
+    """A batch's place in its stream's hash chain (`codi2.trail.chain` makes it; docs/trail-format.md). A stream is
     one journal's sequence of batches; `link` commits to `prev` (the link of batch `number - 1`), this
     header and the batch's events, so a store that loses, alters, reorders or gains anything shows it."""
 

@@ -2,7 +2,7 @@
 
 WAL mode and `synchronous=FULL`: a batch the sink acknowledged survives a power cut. One transaction per
 batch; `INSERT OR IGNORE` on the event id makes a replayed batch land once. `pos` is the commit order.
-`body` is the event's compact record (`codi2.events.encode_event`); rows written by 0.1 hold JSON text
+`body` is the event's compact record (`codi2.trail.events.encode_event`); rows written by 0.1 hold JSON text
 and read back the same.
 
 The daemon keeps its journal in this same file, so an event is committed to the store in the very
@@ -23,8 +23,8 @@ from pathlib import Path
 
 import structlog
 
-from codi2.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
-from codi2.sinks import Cursor, StoredBatch, StoreError
+from codi2.stores.base import Cursor, StoredBatch, StoreError
+from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS batches (
 """
 BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
-log = structlog.get_logger("codi2.sinks.sqlite")
+log = structlog.get_logger("codi2.stores.sqlite")
 
 
 def _last_pos(db: sqlite3.Connection) -> int:

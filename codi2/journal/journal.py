@@ -10,18 +10,18 @@ Tables:
   path relative to its root with `/` written as `\\x00`, so key order is depth-first order (a directory,
   then everything below it, then its next sibling) and a subtree is one key range.
 - `outbox`: batches not yet acknowledged by the store, in commit order; `body` holds the events'
-  compact records (`codi2.events.encode_events`), each versioned so any later release reads it, and
-  `header` the batch's place in the hash chain (`codi2.chain.encode_header`).
+  compact records (`codi2.trail.events.encode_events`), each versioned so any later release reads it, and
+  `header` the batch's place in the hash chain (`codi2.trail.chain.encode_header`).
 - `meta`: format version, stream id, the next event sequence number, the chain's head (`chain_batches`,
   `chain_head`), and `needs_rebuild` when the index may be ahead of the trail (a lost record) and must be
   derived again from the store.
 
-Every batch is sealed into its stream's hash chain (`codi2.chain`) by `append`, in the transaction that
+Every batch is sealed into its stream's hash chain (`codi2.trail.chain`) by `append`, in the transaction that
 makes it durable: a batch replayed after a crash carries the same link, and the head moves only when the
 batch is committed.
 
 A corrupt journal never stops the daemon: it is moved aside, whatever outbox rows still check out are
-carried over, and the index is rebuilt (see `codi2.pipeline`).
+carried over, and the index is rebuilt (see `codi2.pipeline.pipeline`).
 """
 
 from __future__ import annotations
@@ -41,12 +41,12 @@ from typing import Any, Protocol
 import msgspec
 import structlog
 
-from codi2 import chain
-from codi2.chain import ChainHead, ChainKey
-from codi2.events import Batch, BatchHeader, Event, decode_events, encode_event, now_rfc3339, uuid7
-from codi2.fs import Facts
+from codi2.disk.fs import Facts
+from codi2.trail import chain
+from codi2.trail.chain import ChainHead, ChainKey
+from codi2.trail.events import Batch, BatchHeader, Event, decode_events, encode_event, now_rfc3339, uuid7
 
-log = structlog.get_logger("codi2.journal")
+log = structlog.get_logger("codi2.journal.journal")
 
 FORMAT_VERSION = 1
 FILE_NAME = "journal.db"

@@ -19,12 +19,12 @@ from typing import Any
 
 import structlog
 
-from codi2.events import Batch, parse_time, rfc3339
-from codi2.journal import Journal, OutboxBatch, OutboxReader, is_corruption
+from codi2.journal.journal import Journal, OutboxBatch, OutboxReader, is_corruption
 from codi2.metrics import Metrics
-from codi2.sinks import BatchWriter
+from codi2.stores.base import BatchWriter
+from codi2.trail.events import Batch, parse_time, rfc3339
 
-log = structlog.get_logger("codi2.shipper")
+log = structlog.get_logger("codi2.ship.shipper")
 
 RETRY_MAX_S = 5.0
 SHIP_CHUNK = 16

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import structlog
 
-from codi2.events import Event
-from codi2.fs import Facts
-from codi2.journal import Journal, key_of
+from codi2.disk.fs import Facts
+from codi2.journal.journal import Journal, key_of
+from codi2.trail.events import Event
 
-log = structlog.get_logger("codi2.legacy")
+log = structlog.get_logger("codi2.journal.legacy")
 
 LEGACY_KEYS = (
     "id",

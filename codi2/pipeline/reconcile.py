@@ -19,8 +19,7 @@ import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from codi2.events import Action, Event, Origin
-from codi2.fs import (
+from codi2.disk.fs import (
     ABSENT_ERRNOS,
     O_DIR,
     RESOURCE_ERRNOS,
@@ -32,9 +31,10 @@ from codi2.fs import (
     read_facts,
     split,
 )
-from codi2.hints import Hint, Move, Touch
-from codi2.ignore import IgnoreRules
-from codi2.journal import Journal, key_of, rel_of, subtree_bounds
+from codi2.disk.ignore import IgnoreRules
+from codi2.journal.journal import Journal, key_of, rel_of, subtree_bounds
+from codi2.trail.events import Action, Event, Origin
+from codi2.watch.hints import Hint, Move, Touch
 
 CHUNK = 512
 

@@ -26,14 +26,11 @@ from typing import Any
 
 import structlog
 
-from codi2 import legacy
-from codi2.chain import ChainKey
 from codi2.config import STATE_DIR_NAME
-from codi2.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
-from codi2.fs import O_DIR, RESOURCE_ERRNOS, Facts
-from codi2.hints import Hint, Move, Rescan, Touch
-from codi2.ignore import IgnoreRules
-from codi2.journal import (
+from codi2.disk.fs import O_DIR, RESOURCE_ERRNOS, Facts
+from codi2.disk.ignore import IgnoreRules
+from codi2.journal import legacy
+from codi2.journal.journal import (
     Journal,
     JournalCorrupt,
     LocalStore,
@@ -45,12 +42,15 @@ from codi2.journal import (
     salvage_outbox,
 )
 from codi2.metrics import Metrics
-from codi2.reconcile import Reconciler
-from codi2.replay import fold_events
-from codi2.shipper import StoreMonitor
-from codi2.sinks import TrailReader
+from codi2.pipeline.reconcile import Reconciler
+from codi2.ship.shipper import StoreMonitor
+from codi2.stores.base import TrailReader
+from codi2.trail.chain import ChainKey
+from codi2.trail.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
+from codi2.trail.replay import fold_events
+from codi2.watch.hints import Hint, Move, Rescan, Touch
 
-log = structlog.get_logger("codi2.pipeline")
+log = structlog.get_logger("codi2.pipeline.pipeline")
 
 JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root

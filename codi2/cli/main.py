@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 from codi2 import __version__
 from codi2.config import ConfigError, Settings, load_settings
-from codi2.events import ACTIONS, Event, EventQuery, parse_time
+from codi2.trail.events import ACTIONS, Event, EventQuery, parse_time
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 FILE, DIRECTORY = "file", "directory"  # what an option's value completes with (shtab, in `_completion`)
@@ -265,9 +265,9 @@ def _load(args: argparse.Namespace, **cli: Any) -> Settings:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from codi2.daemon import Daemon, StartupError
-    from codi2.events import Identity
+    from codi2.daemon.daemon import Daemon, StartupError
     from codi2.logs import configure_logging
+    from codi2.trail.events import Identity
 
     settings = _load(args, user_id=args.user_id, tenant_id=args.tenant_id, session_id=args.session_id)
     missing = [name for name in ("tenant_id", "user_id") if not getattr(settings, name)]
@@ -285,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _test(args: argparse.Namespace) -> int:
-    from codi2.checks import render, run_checks
+    from codi2.cli.checks import render, run_checks
 
     settings = _load(args, tenant_id=args.tenant_id)
     steps = []
@@ -357,7 +357,7 @@ def _workspace_spec(args: argparse.Namespace) -> Any:
 
 def _tls_files(args: argparse.Namespace) -> dict[str, str]:
     """The TLS files to put into the Secret, checked first: a bad key would reach every workspace."""
-    from codi2.tls import file_problems
+    from codi2.cli.tls import file_problems
 
     if (args.fdb_tls_cert is None) != (args.fdb_tls_key is None):
         raise UsageError("--fdb-tls-cert and --fdb-tls-key go together: give both or neither")
@@ -412,7 +412,7 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _config_reference() -> int:
-    from codi2.config_reference import render
+    from codi2.cli.config_reference import render
 
     print(render(), end="")
     return EXIT_OK
@@ -435,7 +435,7 @@ def _completion(args: argparse.Namespace) -> int:
 
 
 def _events(args: argparse.Namespace) -> int:
-    from codi2.sinks import open_sink
+    from codi2.stores.base import open_sink
 
     settings = _load(args, tenant_id=args.tenant_id)
     if not settings.tenant_id:
@@ -481,10 +481,10 @@ def _since(args: argparse.Namespace) -> datetime | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from codi2 import verify
-    from codi2.chain import load_key
     from codi2.config import STATE_DIR_NAME
-    from codi2.sinks import open_sink
+    from codi2.stores.base import open_sink
+    from codi2.trail import verify
+    from codi2.trail.chain import load_key
 
     settings = _load(args, tenant_id=args.tenant_id, user_id=args.user_id)
     if not settings.tenant_id:
@@ -512,7 +512,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _replay(rows: Iterator[tuple[Any, Event]]) -> int:
-    from codi2.replay import fold
+    from codi2.trail.replay import fold
 
     state = fold(event for _, event in rows)
     for (root, path), entry in sorted(state.items()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from codi2.events import Origin
+from codi2.trail.events import Origin
 
 
 class Touch(NamedTuple):

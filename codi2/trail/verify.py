@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from codi2.chain import ZERO, ChainKey, expected_link
-from codi2.events import BatchHeader, EventQuery, encode_events, parse_time
-from codi2.replay import disk_state, fold
-from codi2.sinks import Cursor, StoredBatch, TrailReader
+from codi2.stores.base import Cursor, StoredBatch, TrailReader
+from codi2.trail.chain import ZERO, ChainKey, expected_link
+from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
+from codi2.trail.replay import disk_state, fold
 
 UNCHAINED_LISTED = 100  # events in no batch named one by one; the rest are counted
 

@@ -31,10 +31,10 @@ from typing import Any, TypeVar
 import fdb
 import fdb.tuple as fdbtuple
 
+from codi2.cli.tls import set_network_options as set_tls_options
 from codi2.config import Settings
-from codi2.events import Batch, BatchHeader, Event, EventQuery
-from codi2.sinks import Cursor, StoredBatch, StoreError
-from codi2.tls import set_network_options as set_tls_options
+from codi2.stores.base import Cursor, StoredBatch, StoreError
+from codi2.trail.events import Batch, BatchHeader, Event, EventQuery
 
 VALUE_FORMAT = 1
 CHAIN_FORMAT = 1

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from codi2.events import Event
+from codi2.trail.events import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +63,7 @@ def fold(events: Iterable[Event]) -> State:
 
 def disk_state(root: Path, ignore_patterns: Iterable[str]) -> State:
     """What a complete trail of `root` must fold to: every non-ignored entry, files with their sha256."""
-    from codi2.ignore import IgnoreRules
+    from codi2.disk.ignore import IgnoreRules
 
     rules = IgnoreRules(ignore_patterns)
     raw_root = os.fsencode(root)

@@ -3,8 +3,8 @@
 events' records. Removing, altering, reordering or inserting anything in a store therefore changes a
 link that the next batch commits to; with a key, nobody without it can compute a consistent chain again.
 
-The journal seals a batch in the transaction that makes it durable (`codi2.journal`), so a batch replayed
-after a crash carries the same link; every sink stores the header with the batch; `codi2.verify` checks
+The journal seals a batch in the transaction that makes it durable (`codi2.journal.journal`), so a batch replayed
+after a crash carries the same link; every sink stores the header with the batch; `codi2.trail.verify` checks
 it. docs/trail-format.md describes the format for anyone writing a verifier of their own. Imports only
 the event model.
 """
@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import msgspec
 
-from codi2.events import BatchHeader
+from codi2.trail.events import BatchHeader
 
 FORMAT = 1
 ZERO = bytes(32)  # the `prev` of a stream's first batch
@@ -61,8 +61,8 @@ def load_key(path: Path) -> ChainKey:
 
 
 def records(bodies: list[bytes]) -> bytes:
-    """Events' records (`codi2.events.encode_event`) as one msgpack array, the form the link covers;
-    equal to `codi2.events.encode_events` of the same events."""
+    """Events' records (`codi2.trail.events.encode_event`) as one msgpack array, the form the link covers;
+    equal to `codi2.trail.events.encode_events` of the same events."""
     return _encoder.encode([msgspec.Raw(body) for body in bodies])
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from codi2.config import Settings
-from codi2.events import Batch, BatchHeader, Event, EventQuery
+from codi2.trail.events import Batch, BatchHeader, Event, EventQuery
 
 Cursor = int | bytes
 
@@ -82,9 +82,9 @@ class Sink(BatchWriter, TrailReader, Protocol):
 def open_sink(settings: Settings, *, create: bool = True) -> Sink:
     """Open the configured backend. `create=False` is for readers: a missing store is an error."""
     if settings.backend == "sqlite":
-        from codi2.sinks.sqlite import SqliteSink
+        from codi2.stores.sqlite import SqliteSink
 
         return SqliteSink(settings.sqlite_file, create=create)
-    from codi2.sinks.fdb import open_fdb_sink
+    from codi2.stores.fdb import open_fdb_sink
 
     return open_fdb_sink(settings, writer=create)

@@ -12,9 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from codi2 import tls
+from codi2.cli import tls
 from codi2.config import Settings
-from codi2.sinks import Sink, StoreError
+from codi2.stores.base import Sink, StoreError
 
 PROBE_TENANT = "codi2-selftest"
 
@@ -47,7 +47,7 @@ def _timed(name: str, fn: Callable[[], str]) -> Step:
 
 def _hint(exc: StoreError) -> str | None:
     if exc.code in ("libfdb_c_missing", "libfdb_c_version"):
-        from codi2.sinks.fdb import bindings_series
+        from codi2.stores.fdb import bindings_series
 
         return (
             f"install foundationdb-clients {bindings_series()}, the series of the installed Python bindings"
@@ -73,7 +73,7 @@ def run_checks(settings: Settings, config_path: Path | None) -> Iterator[Step]:
 
 
 def _sqlite_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], str]]]:
-    from codi2.sinks.sqlite import SqliteSink
+    from codi2.stores.sqlite import SqliteSink
 
     state: dict[str, Sink] = {}
 
@@ -96,7 +96,7 @@ def _sqlite_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[
 
 
 def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], str]]]:
-    from codi2.sinks import fdb as fdb_sink
+    from codi2.stores import fdb as fdb_sink
 
     state: dict[str, Any] = {}
     api = settings.foundationdb.api_version

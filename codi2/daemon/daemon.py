@@ -18,19 +18,19 @@ from typing import Any
 import structlog
 
 from codi2 import __version__
-from codi2.chain import load_key
 from codi2.config import ConfigError, Settings
-from codi2.events import Identity, rfc3339
-from codi2.health import HealthServer, build_app
-from codi2.ignore import IgnoreRules
-from codi2.journal import FILE_NAME, JournalUnavailable
+from codi2.daemon.health import HealthServer, build_app
+from codi2.disk.ignore import IgnoreRules
+from codi2.journal.journal import FILE_NAME, JournalUnavailable
 from codi2.metrics import Metrics
-from codi2.pipeline import Pipeline
-from codi2.shipper import Shipper, StoreMonitor
-from codi2.sinks import open_sink
-from codi2.watcher import Watcher, check_root
+from codi2.pipeline.pipeline import Pipeline
+from codi2.ship.shipper import Shipper, StoreMonitor
+from codi2.stores.base import open_sink
+from codi2.trail.chain import load_key
+from codi2.trail.events import Identity, rfc3339
+from codi2.watch.watcher import Watcher, check_root
 
-log = structlog.get_logger("codi2.daemon")
+log = structlog.get_logger("codi2.daemon.daemon")
 
 SHUTDOWN_FLUSH_S = 20.0
 WATCHER_DRAIN_S = 5.0
@@ -93,7 +93,7 @@ class Daemon:
         self.store = StoreMonitor(self.metrics)
         local = None
         if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
-            from codi2.sinks.sqlite import LocalStore
+            from codi2.stores.sqlite import LocalStore
 
             local = LocalStore()
         self.pipeline = Pipeline(

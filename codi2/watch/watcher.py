@@ -43,12 +43,12 @@ import structlog
 from watchdog.observers.inotify_c import InotifyConstants as IN
 from watchdog.observers.inotify_c import inotify_add_watch, inotify_init, inotify_rm_watch
 
-from codi2.events import Origin
-from codi2.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, list_dir, open_dir
-from codi2.hints import Hint, Move, Rescan, Touch
-from codi2.ignore import IgnoreRules
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, list_dir, open_dir
+from codi2.disk.ignore import IgnoreRules
+from codi2.trail.events import Origin
+from codi2.watch.hints import Hint, Move, Rescan, Touch
 
-log = structlog.get_logger("codi2.watcher")
+log = structlog.get_logger("codi2.watch.watcher")
 
 # No IN_DONT_FOLLOW: watches are placed through /proc/self/fd/N of a directory opened with O_NOFOLLOW,
 # a magic link that must be followed to reach exactly the directory that was opened and checked.

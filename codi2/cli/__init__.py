@@ -1,0 +1,1 @@
+"""The `codi2` command line."""

@@ -1,0 +1,1 @@
+"""The daemon: builds the stages from settings, runs them, answers probes and serves metrics."""

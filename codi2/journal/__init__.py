@@ -1,0 +1,1 @@
+"""Stage 3, journal: journal.db, the file-state index and the outbox, written only by the journal thread."""

@@ -1,0 +1,1 @@
+"""Stage 2, pipeline: hints gathered in a batch window and reconciled against the index into events."""
