@@ -23,6 +23,7 @@ from pydantic import (
     AfterValidator,
     AliasChoices,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -65,6 +66,23 @@ def _check_bind_addr(value: str) -> str:
 
 BindAddr = Annotated[str, AfterValidator(_check_bind_addr)]
 
+
+def _check_path(value: Path) -> Path:
+    """A NUL cannot reach a system call: refused here rather than as a crash at the first open."""
+    if "\x00" in str(value):
+        raise ValueError("path contains a NUL byte")
+    return value
+
+
+def _nonempty_path(value: Any) -> Any:
+    """pydantic turns "" into Path("."), so an empty string is refused before it becomes a path."""
+    if isinstance(value, str | bytes) and not value:
+        raise ValueError("empty path: name a directory or file")
+    return value
+
+
+FilePath = Annotated[Path, BeforeValidator(_nonempty_path), AfterValidator(_check_path)]
+
 # Below 610, `on_error` resets a transaction's timeout and retry limit, which the FDB sink relies on.
 FDB_API_MIN = 610
 
@@ -87,7 +105,7 @@ class Section(BaseModel):
     its description: `codi2 config reference` reads it from this source into docs/config.md (pydantic's
     `use_attribute_docstrings` would parse this file at every start of the daemon)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ServerSettings(Section):
@@ -105,7 +123,7 @@ class ServerSettings(Section):
 
 
 class FoundationDBSettings(Section):
-    cluster_file: Path | None = None
+    cluster_file: FilePath | None = None
     """The FoundationDB cluster file, used when it exists; `FDB_CLUSTER_FILE` in the environment wins over it."""
     cluster_string: str | None = None
     """The cluster string (`desc:id@host:port`), written to `<state dir>/fdb.cluster` when no cluster file
@@ -123,15 +141,15 @@ class FoundationDBSettings(Section):
     batch_bytes: int = Field(default=1_000_000, ge=10_000, le=1_000_000)
     """One transaction's size as FoundationDB counts it (mutations and conflict ranges); larger batches are
     split. FoundationDB advises at most 1 MB."""
-    event_id_retention_hours: float = Field(default=168.0, gt=0)
+    event_id_retention_hours: float = Field(default=168.0, gt=0, le=24 * 365 * 10)
     """How long event ids are kept so that an event re-sent (after a crash or an unknown commit result)
     lands once, in hours; it must exceed how long a batch can wait in the spool."""
-    tls_cert_file: Path | None = None
+    tls_cert_file: FilePath | None = None
     """codi2's client certificate (PEM) for mutual TLS with the cluster; set with `tls_key_file`. Without TLS
     the connection is neither encrypted nor authenticated (docs/security.md)."""
-    tls_key_file: Path | None = None
+    tls_key_file: FilePath | None = None
     """The private key of `tls_cert_file` (PEM, without a passphrase)."""
-    tls_ca_file: Path | None = None
+    tls_ca_file: FilePath | None = None
     """The CA bundle (PEM) the cluster's certificates are checked against."""
     tls_verify_peers: str | None = None
     """FoundationDB's peer verification pattern, e.g. `Check.Valid=1,S.CN=fdb-server`; unset, the client's
@@ -145,19 +163,37 @@ class FoundationDBSettings(Section):
 
 
 class MonitoringSettings(Section):
-    watch_paths: list[Path] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
+    watch_paths: list[FilePath] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
     """Directories watched recursively; every change below them becomes an audit event."""
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
     """Gitignore-style patterns of trees that get no watch and no events; a bare name matches at any depth."""
-    hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=1 << 40)
     """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`."""
     initial_scan: Literal["record", "silent"] = "record"
     """On the very first start: `record` emits `created` (origin `baseline`) for everything there, so the
     trail is complete from day one; `silent` only notes it in the index (0.1's default). 0.1's spellings
     `events` and `baseline` are read as `record` and `silent`."""
-    rescan_interval_s: float = Field(default=60.0, ge=1.0)
+    rescan_interval_s: float = Field(default=60.0, ge=1.0, le=86_400.0)
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
     the index, in seconds."""
+
+    @field_validator("watch_paths")
+    @classmethod
+    def _disjoint(cls, paths: list[Path]) -> list[Path]:
+        """Roots may not overlap (after resolving symlinks): the watcher gives each directory one watch, so a
+        change inside the overlap would reach only one root's trail, and each root must be complete."""
+        resolved = [(p, Path(os.path.realpath(p))) for p in paths]
+        for i, (a, ra) in enumerate(resolved):
+            for b, rb in resolved[i + 1 :]:
+                if ra == rb:
+                    raise ValueError(f"{a} and {b} are the same directory ({ra}): list it once")
+                inner, outer = (b, a) if rb.is_relative_to(ra) else (a, b) if ra.is_relative_to(rb) else (None, None)
+                if inner is not None:
+                    raise ValueError(
+                        f"{inner} lies inside {outer} (after resolving symlinks): overlapping roots are refused:"
+                        f" keep only {outer}, which covers it"
+                    )
+        return paths
 
     @field_validator("initial_scan", mode="before")
     @classmethod
@@ -167,7 +203,7 @@ class MonitoringSettings(Section):
 
 
 class SpoolSettings(Section):
-    max_bytes: int = Field(default=1 << 30, ge=1 << 20)
+    max_bytes: int = Field(default=1 << 30, ge=1 << 20, le=1 << 50)
     """Bytes of journaled, uncommitted batches at which journaling pauses until the store catches up; changes
     meanwhile coalesce (a `gap` event marks it), none is dropped."""
     fsync: bool = True
@@ -178,20 +214,20 @@ class SpoolSettings(Section):
 class StorageSettings(Section):
     backend: Literal["sqlite", "fdb"] | None = None
     """The store: unset means `fdb` when a cluster is named (`cluster_file` or `cluster_string`), else `sqlite`."""
-    sqlite_path: Path | None = None
+    sqlite_path: FilePath | None = None
     """The SQLite database of the `sqlite` backend; unset means `<state dir>/audit.db`."""
 
 
 class StateSettings(Section):
-    dir: Path | None = None
+    dir: FilePath | None = None
     """The daemon's own files (spool, index, barrier), never watched or audited; unset means
     `<first watch path>/.codi2`."""
 
 
 class BatchingSettings(Section):
-    max_events: int = Field(default=1000, ge=1)
+    max_events: int = Field(default=1000, ge=1, le=100_000)
     """Flush a batch once it holds this many events."""
-    max_bytes: int = Field(default=1_000_000, ge=1024)
+    max_bytes: int = Field(default=1_000_000, ge=1024, le=1 << 30)
     """Flush a batch once its events reach this many (estimated) bytes."""
     max_delay_ms: int = Field(default=200, ge=1, le=60_000)
     """Flush a batch at the latest this many milliseconds after its first change; also the window in which
@@ -199,7 +235,7 @@ class BatchingSettings(Section):
 
 
 class IntegritySettings(Section):
-    key_file: Path | None = None
+    key_file: FilePath | None = None
     """A file holding the key (at least 32 bytes, e.g. `head -c 32 /dev/urandom`; mount it from a Secret) that
     makes every batch's chain link an HMAC-SHA256 instead of a SHA-256, so that someone who can write the
     store but lacks the key cannot forge a consistent trail. Its id is recorded in each batch it seals: to
@@ -380,6 +416,8 @@ def load_settings(path: Path | None, **cli: Any) -> Settings:
         raise ConfigError(_settings_error(exc)) from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: tables or arrays nested too deeply to read") from None
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

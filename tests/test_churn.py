@@ -1316,25 +1316,24 @@ def test_r_a_tree_deeper_than_the_descriptor_limit_is_reported_then_healed(
 
 @needs_prlimit
 def test_r_a_watcher_out_of_descriptors_keeps_its_watches_and_recrawls(workspace: Path, daemon_factory: Start) -> None:
-    """Idle connections to the health port use up every descriptor while directories are created: a
+    """Every descriptor in use while directories are created (the soft limit lowered, from outside, to what
+    the daemon holds: the health port can no longer be used for this, its connections are capped): a
     directory the watcher cannot open now is not gone (its watches were dropped, status "ok"). The watcher
     says so, and recrawls every tree once descriptors are back; the trail notes the gap."""
     ws = workspace
     (ws / "a").mkdir()
     (ws / "a" / "f").write_text("f")
     daemon = daemon_factory(env={"CODI2_MONITORING__RESCAN_INTERVAL_S": "1"}, wrapper=_nofile(64, 64))
-    assert daemon.port is not None
-    fds = Path(f"/proc/{daemon.proc.pid}/fd")
-    conns = [socket.create_connection(("127.0.0.1", daemon.port)) for _ in range(100)]
+    pid = str(daemon.proc.pid)
+    held = len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    subprocess.run([str(PRLIMIT), "--pid", pid, f"--nofile={held}:64"], check=True)
     try:
-        wait_for(lambda: len(list(fds.iterdir())) >= 64)
         (ws / "a" / "sub").mkdir()
         (ws / "a" / "sub" / "g").write_text("g")
         (ws / "new").mkdir()
         wait_for(lambda: any(line.get("event") == "watcher_out_of_descriptors" for line in daemon.logs))
     finally:
-        for conn in conns:
-            conn.close()
+        subprocess.run([str(PRLIMIT), "--pid", pid, "--nofile=64:64"], check=True)
     wait_for(lambda: not (s := daemon.status())["out_of_descriptors"] and s["status"] == "ok")
     (ws / "a" / "later").write_text("a is still watched")
     (ws / "a" / "sub" / "later").write_text("so is a/sub")

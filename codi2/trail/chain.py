@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
+import stat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +25,7 @@ from codi2.trail.events import BatchHeader
 FORMAT = 1
 ZERO = bytes(32)  # the `prev` of a stream's first batch
 KEY_MIN_BYTES = 32
+KEY_MAX_BYTES = 4096  # a key file is a secret of a few dozen bytes; anything far larger is a mistake
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
@@ -50,9 +53,22 @@ def load_key(path: Path) -> ChainKey:
     """The key in a file (a mounted Secret): its bytes without trailing CR and LF, at least 32 of them.
     Raises ValueError with one line that says what is wrong."""
     try:
-        secret = path.read_bytes().rstrip(b"\r\n")
+        # O_NONBLOCK: a FIFO planted at the path must not hang the daemon or `codi2 verify` before the type check.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file (a key is {KEY_MIN_BYTES} to {KEY_MAX_BYTES} bytes)")
+        # Bounded: /dev/zero or a huge file given by mistake must not be read into memory.
+        data = os.read(fd, KEY_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    if len(data) > KEY_MAX_BYTES:
+        raise ValueError(f"{path} holds more than {KEY_MAX_BYTES} bytes; a key is {KEY_MIN_BYTES} to {KEY_MAX_BYTES}")
+    secret = data.rstrip(b"\r\n")
     if len(secret) < KEY_MIN_BYTES:
         raise ValueError(
             f"{path} holds {len(secret)} bytes; a key needs at least {KEY_MIN_BYTES} (head -c 32 /dev/urandom > FILE)"
