@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks: codi2 and inotifywait as measured subprocesses, /proc readings."""
+"""Shared pieces of the benchmarks: codi2 (on SQLite, or on FoundationDB over the fake libfdb_c),
+inotifywait and watchman as measured subprocesses, the import floor, /proc readings."""
 
 from __future__ import annotations
 
@@ -13,9 +14,16 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 INOTIFY_EVENTS = "create,modify,close_write,attrib,moved_from,moved_to,delete"
+REPO = Path(__file__).resolve().parent.parent
+FAKELIBFDB_SOURCE_ENV = "CODI2_FAKELIBFDB_SRC"
+# The two libraries the design names for the health server and the settings: their import is the floor
+# under codi2's start-up and memory, measured with the same interpreter in the same run.
+CREATED_JSONL = ("--action", "created", "--format", "jsonl")
+IMPORT_FLOOR = "import aiohttp.web, pydantic_settings"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -51,6 +59,19 @@ def inotify_watches(pid: int) -> int:
     return count
 
 
+def import_floor() -> dict[str, float]:
+    """`python -c "import aiohttp.web, pydantic_settings"` with this interpreter: its wall time from the
+    start to its exit, and its max RSS (the kernel's peak for the process, from wait4)."""
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, "-c", IMPORT_FLOOR])
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.monotonic() - started
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        sys.exit(f"bench: {IMPORT_FLOOR!r} exited {proc.returncode}")
+    return {"wall_s": wall, "rss_mb": usage.ru_maxrss / 1024}
+
+
 def ensure_tool(binary: str, package: str) -> str:
     """The baseline's binary, installed from Debian's package when missing (root, apt)."""
     found = shutil.which(binary)
@@ -73,32 +94,101 @@ def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return time.monotonic() - started
 
 
-class Codi2:
-    """`codi2 run` on SQLite in `base`, with a fresh state dir and store every time."""
+class FakeFdb:
+    """The fake libfdb_c (`../shared/fakelibfdb`, an SQLite file behind the C API) built into `base`, for
+    the real `fdb` bindings of child processes: they find it through LD_LIBRARY_PATH, as a deployment finds
+    the real library, so nothing in the venv changes. Built as tests/fakefdb.py builds it."""
 
-    def __init__(self, base: Path, workspace: Path, *, max_delay_ms: int = 200, extra_env: dict | None = None) -> None:
+    def __init__(self, base: Path) -> None:
+        source = self.source()
+        self.lib_dir = base / "fakelibfdb"
+        result = subprocess.run(
+            ["make", "-C", str(source), f"BUILD={self.lib_dir}", "CFLAGS=-O2 -Wl,-soname,libfdb_c.so"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if result.returncode != 0:
+            sys.exit(f"bench: building the fake libfdb_c failed (gcc, make, libsqlite3-dev?):\n{result.stderr}")
+
+    @staticmethod
+    def source() -> Path:
+        """$CODI2_FAKELIBFDB_SRC, else ../shared/fakelibfdb beside the repo, else /work/shared/fakelibfdb."""
+        for candidate in (os.environ.get(FAKELIBFDB_SOURCE_ENV), REPO.parent / "shared" / "fakelibfdb"):
+            if candidate and (Path(candidate) / "fake_fdb_c.c").is_file():
+                return Path(candidate)
+        fallback = Path("/work/shared/fakelibfdb")
+        if (fallback / "fake_fdb_c.c").is_file():
+            return fallback
+        sys.exit(f"bench: no fake libfdb_c source: set {FAKELIBFDB_SOURCE_ENV} or check out ../shared/fakelibfdb")
+
+    def env(self, data: Path, *, count_reads: bool) -> dict[str, str]:
+        """A child's variables: the library, its data file, and whether its reads are counted too."""
+        env = {
+            "LD_LIBRARY_PATH": os.pathsep.join(filter(None, [str(self.lib_dir), os.environ.get("LD_LIBRARY_PATH")])),
+            "FAKEFDB_DATA": str(data),
+        }
+        if count_reads:
+            env["FAKEFDB_COUNT_READS"] = "1"
+        return env
+
+    @staticmethod
+    def counters(data: Path) -> dict[str, Any]:
+        """What the fake counted over every process on `data` (commits, and reads where counted)."""
+        path = Path(f"{data}.counters.json")
+        counted: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"commits": 0}
+        return counted
+
+
+class Codi2:
+    """`codi2 run` in `base` with a fresh state dir and store every time: on SQLite, or on FoundationDB
+    over the fake libfdb_c when `fdb` is given (its data file `fdb.sqlite`, reads counted)."""
+
+    def __init__(self, base: Path, workspace: Path, *, max_delay_ms: int = 200, fdb: FakeFdb | None = None) -> None:
         self.db = base / "audit.db"
+        self.data = base / "fdb.sqlite"
         self.state = base / "state"
-        for path in (self.state, self.db, Path(f"{self.db}-wal"), Path(f"{self.db}-shm")):
+        self.fdb = fdb
+        stale = [self.state]
+        for path in (self.db, self.data):
+            stale += [path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}.counters.json")]
+        for path in stale:
             if path.is_dir():
                 shutil.rmtree(path)
             else:
                 path.unlink(missing_ok=True)
-        config = base / "codi2.toml"
-        config.write_text(
+        self.config = base / "codi2.toml"
+        if fdb is None:
+            store = f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(self.db))}\n'
+            env: dict[str, str] = {}
+        else:
+            cluster = base / "fdb.cluster"
+            cluster.write_text("bench:fake@127.0.0.1:4500\n")  # never read by the fake
+            store = f'[storage]\nbackend = "fdb"\n[foundationdb]\ncluster_file = {json.dumps(str(cluster))}\n'
+            env = fdb.env(self.data, count_reads=True)
+        self.config.write_text(
             f'[server]\nbind_addr = "127.0.0.1:0"\n[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n'
-            f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(self.db))}\n'
-            f"[state]\ndir = {json.dumps(str(self.state))}\n[batching]\nmax_delay_ms = {max_delay_ms}\n"
+            f"{store}[state]\ndir = {json.dumps(str(self.state))}\n[batching]\nmax_delay_ms = {max_delay_ms}\n"
             '[logging]\nlevel = "info"\nformat = "json"\n'
         )
         self.log = base / "codi2.log"
         self.started = time.monotonic()
         with open(self.log, "w") as stderr:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "codi2", "--config", str(config), "--user-id", "bench", "--tenant-id", "bench"],
+                [
+                    sys.executable,
+                    "-m",
+                    "codi2",
+                    "--config",
+                    str(self.config),
+                    "--user-id",
+                    "bench",
+                    "--tenant-id",
+                    "bench",
+                ],
                 stderr=stderr,
                 stdout=subprocess.DEVNULL,
-                env={**os.environ, **(extra_env or {})},
+                env={**os.environ, **env},
             )
         self.pid = self.proc.pid
         self.port = self._port()
@@ -108,7 +198,8 @@ class Codi2:
         while time.monotonic() < deadline:
             for line in self.log.read_text().splitlines():
                 if '"codi2_ready"' in line:
-                    return json.loads(line)["health_port"]
+                    port: int = json.loads(line)["health_port"]
+                    return port
             if self.proc.poll() is not None:
                 sys.exit(f"bench: codi2 exited: {self.log.read_text()[-2000:]}")
             time.sleep(0.01)
@@ -120,24 +211,64 @@ class Codi2:
         def ready() -> bool:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=2) as resp:
-                    return resp.status == 200
+                    return bool(resp.status == 200)
             except OSError:
                 return False
 
         poll_until(ready, 120, interval=0.005)
         return time.monotonic() - self.started
 
-    def query(self, sql: str) -> list[tuple]:
+    def scanned(self) -> bool:
+        """The start-up diff is done: what follows is the scenario's own work."""
+        return bool(self.status()["initial_scan"] == "done")
+
+    def query(self, sql: str) -> list[tuple[Any, ...]]:
         with sqlite3.connect(self.db, timeout=10) as conn:
             return conn.execute(sql).fetchall()
 
     def count_files(self) -> int:
         """Files recorded as created (a `/` in the path: the burst's files, not its directories)."""
-        return self.query("SELECT count(*) FROM events WHERE action = 'created' AND instr(path, '/') > 0")[0][0]
+        if self.fdb is not None:
+            return self._count_files_fdb(self.fdb)
+        return int(self.query("SELECT count(*) FROM events WHERE action = 'created' AND instr(path, '/') > 0")[0][0])
 
-    def status(self) -> dict:
+    def _count_files_fdb(self, fdb: FakeFdb) -> int:
+        """The trail as `codi2 events` prints it from the store, in a process of its own (reads not counted)."""
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "codi2",
+                "events",
+                "--config",
+                str(self.config),
+                "--tenant-id",
+                "bench",
+                *CREATED_JSONL,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, **fdb.env(self.data, count_reads=False)},
+        )
+        return sum(1 for line in result.stdout.splitlines() if "/" in json.loads(line)["path"])
+
+    def shipped(self) -> bool:
+        """Nothing waits in the journal's outbox: every event so far is in the store."""
+        return self.metric("codi2_spool_events") == 0
+
+    def metric(self, name: str) -> float:
+        """One unlabelled series of /metrics (a counter's `_total`, a gauge)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(f"{name} "):
+                    return float(line.split()[1])
+        raise KeyError(name)
+
+    def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=5) as resp:
-            return json.loads(resp.read())
+            status: dict[str, Any] = json.loads(resp.read())
+            return status
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -199,9 +330,10 @@ class Watchman:
         self.call(["watch", self.tree])
         self.clock = self.call(["clock", self.tree])["clock"]
 
-    def call(self, command: list) -> dict:
+    def call(self, command: list[Any]) -> dict[str, Any]:
         out = subprocess.run([*self._args, "-j"], input=json.dumps(command), capture_output=True, check=True, text=True)
-        return json.loads(out.stdout)
+        answer: dict[str, Any] = json.loads(out.stdout)
+        return answer
 
     def hashed(self) -> int:
         """Files the server reports, since the start, with their sha1."""
