@@ -2,10 +2,11 @@
 
 The parts, split as Watchman splits them: `inotify` is the kernel (the instance, its watches, the reader
 thread and its backlog), `tree` the view (watched directories by watch descriptor and inode, verified
-against the disk), `barriers` the cookies (marks in the kernel queue). This module is what is left: it
-reads events in kernel order, in one handler thread that owns the tree, and interprets each against the
-tree as the earlier events left it, which is the tree as it was when the event was queued, however far
-the daemon lags behind the disk.
+against the disk), `barriers` the cookies (marks in the kernel queue). This module is what is left:
+`Watcher` reads events in kernel order, in one handler thread that owns the tree, and interprets each
+against the tree as the earlier events left it, which is the tree as it was when the event was queued,
+however far the daemon lags behind the disk; `Healer` grows the tree (watches on new directories) and
+mends it (recrawls), as Watchman's crawler does for its watchers.
 
 Verify before trusting. Placing a watch, moving a node or forgetting one is checked against what the
 disk holds now (the inode at that name, read through directory descriptors, never through a symlink).
@@ -35,7 +36,6 @@ import structlog
 
 from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, list_dir
 from codi2.disk.ignore import IgnoreRules
-from codi2.trail.events import Origin
 from codi2.watch.barriers import Barriers
 from codi2.watch.hints import Hint, Move, Rescan, Touch
 from codi2.watch.inotify import IN, MAX_BACKLOG_EVENTS, Inotify
@@ -108,15 +108,11 @@ class Watcher:
         self._barriers = Barriers(barrier_dir)
         self._tree = Tree([os.fsencode(r) for r in roots])
         self._handler: threading.Thread | None = None
-        # Healing: work that waits for a barrier, {node: barrier seq, 0 until one is requested}.
-        self._suspects: dict[Node, int] = {}
-        self._deep_suspects: set[Node] = set()
-        self._displaced: dict[Node, int] = {}
-        self._unassigned = False
-        # Interpretation: what one read buffer has said so far.
+        self._out: list[Hint] = []  # hints not yet handed on, from both interpretation and healing
+        self._healer = Healer(self._tree, self._inotify, rules, self.state, self._out)
+        # What the read buffer being interpreted has said so far.
         self._pending: dict[int, _PendingMove] = {}
         self._written: set[tuple[int, bytes]] = set()  # files written in this read buffer
-        self._out: list[Hint] = []
 
     # Life cycle ------------------------------------------------------------------------------------
 
@@ -133,7 +129,7 @@ class Watcher:
                 wd = self._inotify.watch_fd(fd, WATCH_MASK)
                 if wd < 0:
                     raise OSError(-wd, f"cannot watch: {os.strerror(-wd)}", os.fsdecode(root))
-                self._walk_new(self._tree.add_root(index, wd, st), fd)
+                self._healer.walk_new(self._tree.add_root(index, wd, st), fd)
         except BaseException:
             self._close()
             raise
@@ -229,24 +225,22 @@ class Watcher:
 
     def _end_of_buffer(self) -> None:
         self._written.clear()
-        if self._pending or self._unassigned:
+        if self._pending or self._healer.unassigned:
             # The partner of a rename may sit in the next read, and suspects wait until all is read.
             seq = self._barriers.request()
             if seq is None:
                 self._settle_moves()
-                self._heal(None)
-            elif self._unassigned:
-                for pending in (self._suspects, self._displaced):
-                    for node, assigned in pending.items():
-                        if not assigned:
-                            pending[node] = seq
-            self._unassigned = False
+                self._healer.heal(None)
+            elif self._healer.unassigned:
+                self._healer.assign(seq)
+            self._healer.unassigned = False
         self._hand_off()
         self._refresh_state()
 
     def _hand_off(self) -> None:
         if self._out:
-            out, self._out = self._out, []
+            out = self._out.copy()
+            self._out.clear()  # in place: the healer appends to the same list
             self._on_hints(out)
 
     def _handle(self, wd: int, mask: int, cookie: int, name: bytes) -> None:
@@ -302,13 +296,13 @@ class Watcher:
         if not is_dir:
             return
         if mask & IN.IN_CREATE:
-            self._attach(node, name)
+            self._healer.attach(node, name)
         elif mask & IN.IN_DELETE:
             self._child_deleted(node, name)
         elif mask & IN.IN_ATTRIB:
             child = node.children.get(name)
             if child is None or child.wd is None:  # a permission change may have made it watchable
-                self._attach(node, name)
+                self._healer.attach(node, name)
 
     # Renames --------------------------------------------------------------------------------------
 
@@ -322,27 +316,27 @@ class Watcher:
         if src is None or src.ignored:  # moved in from outside, or out of an ignored name
             self._out.append(Touch(parent.root, rel, True, is_dir))
             if is_dir:
-                self._attach(parent, name)
+                self._healer.attach(parent, name)
             return
         child = src.child
         if not is_dir or child is None:
             self._out.append(Move(parent.root, src.path, rel, is_dir, None))
             if is_dir:
-                self._attach(parent, name)
+                self._healer.attach(parent, name)
             return
         if self._tree.ident_at(parent, name) == child.ident:
             self._out.append(Move(parent.root, src.path, rel, True, child.ino))
-            self._place(parent, name, child)
+            self._healer.place(parent, name, child)
             if self._rules.path_dependent:
-                self._suspect(child, deep=True)  # what is ignored below it may differ at its new place
+                self._healer.suspect(child, deep=True)  # what is ignored below it may differ at its new place
             return
         # The node we hold for the old name is not what moved: a newer directory took the name while we
         # lagged, or the one that moved has moved on. Let the pipeline check the disk, and look again.
         self._out.append(Move(parent.root, src.path, rel, True, None))
         if self._tree.ident_at(src.parent, src.name) != child.ident:
-            self._displace(child)
-        self._suspect(src.parent)
-        self._suspect(parent)
+            self._healer.displace(child)
+        self._healer.suspect(src.parent)
+        self._healer.suspect(parent)
 
     def _settle_moves(self) -> None:
         """Renames whose partner never came: moved out of every watched tree."""
@@ -355,16 +349,166 @@ class Watcher:
         self._out.append(Touch(move.parent.root, move.path))
         child = move.child
         if child is not None and move.parent.children.get(move.name) is child:
-            self._drop(child)
+            self._healer.drop(child)
+
+    def _child_deleted(self, parent: Node, name: bytes) -> None:
+        child = parent.children.get(name)
+        if child is not None and self._tree.ident_at(parent, name) != child.ident:
+            self._healer.drop(child)
+
+    def _self_gone(self, node: Node) -> None:
+        """IN_DELETE_SELF: the directory was removed (its parent's IN_DELETE follows)."""
+        if node.is_root:
+            self._root_gone(node)
+            return
+        where = self._tree.where(node)
+        if where is not None:
+            self._out.append(Touch(node.root, where))
+        self._healer.drop(node)
+
+    def _watch_removed(self, node: Node) -> None:
+        """IN_IGNORED for a watch we still hold: the kernel dropped it without our asking (a file system
+        unmounted, a deletion we had not read of). Look again at its parent."""
+        self._tree.watch_lost(node)
+        if node.is_root:
+            self._root_gone(node)
+            return
+        where = self._tree.where(node)
+        parent = node.parent
+        if where is not None and parent is not None:
+            self._out.append(Touch(node.root, where))
+            self._healer.suspect(parent)
+        self._healer.drop(node)
+
+    def _root_gone(self, node: Node) -> None:
+        root = os.fsdecode(self._tree.roots[node.root])
+        if root not in self.state.roots_gone:
+            self.state.roots_gone.append(root)
+            log.error("watch_root_gone", root=root, hint="restart codi2 once the directory is back")
+
+    # Barriers and recovery -------------------------------------------------------------------------
+
+    def _on_barrier(self, seen: int) -> None:
+        """Everything queued before barrier `seen` has been read: act on what waited for it."""
+        self._settle_moves()
+        self._healer.heal(seen)
+        self._hand_off()
+        self._barriers.wake()
+
+    def retry_unwatched(self) -> None:
+        """Handler thread (through `request`): after running out of descriptors, recrawl every tree; try
+        every unwatched directory again, and diff the tree of each one against the index (a new watch may
+        have missed changes; a still unwatched one is only covered by these periodic diffs)."""
+        if self.state.out_of_descriptors:
+            self._recrawl_all()  # still short: raises Starved, and the next try is the next tick's
+            self.state.out_of_descriptors = False
+            log.info("watcher_descriptors_back")
+            if self._on_descriptors_back is not None:
+                self._on_descriptors_back()
+        self._healer.retry_unwatched()
+        self._hand_off()
+        self._refresh_state()
+
+    def _on_overflow_event(self) -> None:
+        """Events were lost: recrawl every tree (watching what appeared) and diff every root."""
+        self.state.overflows += 1
+        log.error(
+            "inotify_queue_overflow",
+            overflows=self.state.overflows,
+            hint="raise fs.inotify.max_queued_events; a recrawl recovers the changes",
+        )
+        self._recrawl_all()
+        if self._on_overflow is not None:
+            self._on_overflow()
+
+    def _recrawl_all(self) -> None:
+        """Events were lost, or never handled whole: recrawl every tree (watching what appeared), settle
+        everything that waited for a barrier, and diff every root."""
+        self._settle_moves()
+        for node in self._tree.root_nodes:
+            self._healer.recrawl(node, recursive=True)
+        # Everything asked of a barrier so far is settled by this recrawl: some of those barriers' own
+        # events may have been dropped with the rest.
+        self._barriers.settle_all()
+        self._healer.settle()
+        self._hand_off()
+        self._barriers.wake()
+
+    def _starved(self, exc: Starved) -> None:
+        if not self.state.out_of_descriptors:
+            log.error(
+                "watcher_out_of_descriptors",
+                error=str(exc),
+                hint="raise the open-file limit (nofile); every tree is recrawled when descriptors are back",
+            )
+        self.state.out_of_descriptors = True
+
+    def _refresh_state(self) -> None:
+        self.state.watches = self._tree.watches
+        unwatched = self._tree.unwatched_report()
+        if unwatched is not None:
+            self.state.unwatched = unwatched
+
+
+class Healer:
+    """Growing the tree and mending it: watches placed on new directories (and the walk below them), and
+    the recrawls of what the watcher cannot vouch for. Suspect and displaced directories wait for a
+    barrier (`assign`), so that everything queued about them is read before they are looked at again.
+    Hints go to the watcher's `out`, in order with its own. Handler thread only, as the tree."""
+
+    def __init__(self, tree: Tree, inotify: Inotify, rules: IgnoreRules, state: WatcherState, out: list[Hint]) -> None:
+        self._tree = tree
+        self._inotify = inotify
+        self._rules = rules
+        self._state = state
+        self._out = out
+        # Work that waits for a barrier: {node: barrier seq, 0 until one is requested}.
+        self._suspects: dict[Node, int] = {}
+        self._deep_suspects: set[Node] = set()
+        self._displaced: dict[Node, int] = {}
+        self.unassigned = False  # some of them wait for a barrier not yet requested
+
+    def assign(self, seq: int) -> None:
+        """Barrier `seq` was requested: what waits for one is looked at once it has been read."""
+        for pending in (self._suspects, self._displaced):
+            for node, assigned in pending.items():
+                if not assigned:
+                    pending[node] = seq
+
+    def settle(self) -> None:
+        """After every tree was recrawled: nothing waits any more, and what was displaced and not found
+        again is forgotten."""
+        self._suspects.clear()
+        self._deep_suspects.clear()
+        self._heal_displaced(None)
+
+    def retry_unwatched(self) -> None:
+        """Try every unwatched directory again, and ask for the tree of each one to be diffed."""
+        for node in self._tree.unwatched():
+            parent = node.parent
+            if parent is None or self._tree.where(node) is None:
+                self._tree.unmark_unwatched(node)
+                continue
+            try:
+                pfd = self._tree.dir_fd(parent)
+            except OSError:
+                continue
+            try:
+                placed = self._retry(node, pfd)
+            finally:
+                os.close(pfd)
+            where = self._tree.where(placed) if placed is not None else None
+            if where is not None:
+                self._out.append(Rescan(node.root, where, True))
 
     # Watches ---------------------------------------------------------------------------------------
 
-    def _attach(self, parent: Node, name: bytes) -> None:
+    def attach(self, parent: Node, name: bytes) -> None:
         """Watch the directory at parent/name now and everything below it that is not ignored."""
         try:
             pfd = self._tree.dir_fd(parent)
         except OSError:
-            self._suspect(parent)  # the parent itself moved: settle once everything is read
+            self.suspect(parent)  # the parent itself moved: settle once everything is read
             return
         try:
             self._attach_at(parent, pfd, name)
@@ -383,7 +527,7 @@ class Watcher:
         except OSError as exc:
             if exc.errno in ABSENT_ERRNOS:
                 if existing is not None:
-                    self._displace(existing)  # gone or no longer a directory: its events will say where
+                    self.displace(existing)  # gone or no longer a directory: its events will say where
                 return None
             return self._unwatched_at(parent, pfd, name, exc.strerror or str(exc), quiet=quiet)
         try:
@@ -397,24 +541,24 @@ class Watcher:
             if known is not None and known.wd is not None and known is not existing:
                 # A directory we watch, found at a new place: take it there and diff its whole tree.
                 old_parent = known.parent if self._tree.where(known) is not None else None
-                self._place(parent, name, known)
+                self.place(parent, name, known)
                 self._displaced.pop(known, None)
                 if old_parent is not None:
-                    self._suspect(old_parent)
+                    self.suspect(old_parent)
                 self._out.append(Rescan(known.root, self._tree.where(known) or b"", True))
                 return known
             if existing is not None:
-                self._displace(existing)
+                self.displace(existing)
             wd = self._inotify.watch_fd(fd, WATCH_MASK)
             if wd < 0:
                 return self._unwatched_node(parent, name, st, self._watch_error(-wd), quiet=quiet)
             node = Node(parent.root, parent, name, wd, st.st_dev, st.st_ino)
             self._tree.register(node)
-            self._place(parent, name, node)
+            self.place(parent, name, node)
             try:
-                self._walk_new(node, fd)
+                self.walk_new(node, fd)
             except OSError as exc:  # its own listing
-                self._drop(node)
+                self.drop(node)
                 return self._unwatched_node(parent, name, st, exc.strerror or str(exc), quiet=quiet)
             # Watched from now on: what it holds must be looked at after this moment, whatever a walk of
             # its parent saw before (the pipeline walks a directory it is told was created).
@@ -436,7 +580,7 @@ class Watcher:
         """A directory we could not watch stays in the tree (renames carry it) and is diffed periodically."""
         node = Node(parent.root, parent, name, None, st.st_dev, st.st_ino)
         node.reason = reason
-        self._place(parent, name, node)
+        self.place(parent, name, node)
         self._tree.mark_unwatched(node)
         if not quiet:
             log.warning("directory_unwatched", path=os.fsdecode(self._tree.where(node) or b""), reason=reason)
@@ -448,7 +592,7 @@ class Watcher:
             return "inotify watch limit reached: raise fs.inotify.max_user_watches"
         return os.strerror(code)
 
-    def _walk_new(self, top: Node, top_fd: int) -> None:
+    def walk_new(self, top: Node, top_fd: int) -> None:
         """Watch every non-ignored directory below a newly watched one, depth first, holding one
         descriptor per level: depth is unlimited, and the walk never leaves through a symlink. A
         directory below it that cannot be listed (out of descriptors) is left unwatched, so it is reported
@@ -488,12 +632,12 @@ class Watcher:
                     continue
                 child = Node(node.root, node, name, wd, st.st_dev, st.st_ino)
                 self._tree.register(child)
-                self._place(node, name, child)
+                self.place(node, name, child)
                 try:
                     entries = list_dir(cfd)
                 except OSError as exc:
                     os.close(cfd)
-                    self._drop(child)
+                    self.drop(child)
                     self._unwatched_node(node, name, st, exc.strerror or str(exc), quiet=False)
                     continue
                 stack.append((child, cfd, rel, entries))
@@ -503,23 +647,23 @@ class Watcher:
 
     # Tree changes ----------------------------------------------------------------------------------
 
-    def _place(self, parent: Node, name: bytes, node: Node) -> None:
+    def place(self, parent: Node, name: bytes, node: Node) -> None:
         """Put `node` at parent/name, taking it from wherever it was; what was there is displaced."""
         old = self._tree.place(parent, name, node)
         if old is not None:
-            self._displace(old)
+            self.displace(old)
 
-    def _displace(self, node: Node) -> None:
+    def displace(self, node: Node) -> None:
         """Out of the tree, kept by inode until the next barrier: a recrawl may find it elsewhere."""
         parent = node.parent
         self._tree.orphan(node)
         if node not in self._displaced:
             self._displaced[node] = 0
-            self._unassigned = True
+            self.unassigned = True
         if parent is not None:
-            self._suspect(parent)
+            self.suspect(parent)
 
-    def _drop(self, node: Node) -> None:
+    def drop(self, node: Node) -> None:
         """Forget a directory and everything below it, removing their watches."""
         nodes, released = self._tree.forget(node)
         for n in nodes:
@@ -528,58 +672,16 @@ class Watcher:
         for wd in released:
             self._inotify.unwatch(wd)
 
-    def _suspect(self, node: Node, *, deep: bool = False) -> None:
+    def suspect(self, node: Node, *, deep: bool = False) -> None:
         if deep:
             self._deep_suspects.add(node)
         if node not in self._suspects:
             self._suspects[node] = 0
-            self._unassigned = True
-
-    def _child_deleted(self, parent: Node, name: bytes) -> None:
-        child = parent.children.get(name)
-        if child is not None and self._tree.ident_at(parent, name) != child.ident:
-            self._drop(child)
-
-    def _self_gone(self, node: Node) -> None:
-        """IN_DELETE_SELF: the directory was removed (its parent's IN_DELETE follows)."""
-        if node.is_root:
-            self._root_gone(node)
-            return
-        where = self._tree.where(node)
-        if where is not None:
-            self._out.append(Touch(node.root, where))
-        self._drop(node)
-
-    def _watch_removed(self, node: Node) -> None:
-        """IN_IGNORED for a watch we still hold: the kernel dropped it without our asking (a file system
-        unmounted, a deletion we had not read of). Look again at its parent."""
-        self._tree.watch_lost(node)
-        if node.is_root:
-            self._root_gone(node)
-            return
-        where = self._tree.where(node)
-        parent = node.parent
-        if where is not None and parent is not None:
-            self._out.append(Touch(node.root, where))
-            self._suspect(parent)
-        self._drop(node)
-
-    def _root_gone(self, node: Node) -> None:
-        root = os.fsdecode(self._tree.roots[node.root])
-        if root not in self.state.roots_gone:
-            self.state.roots_gone.append(root)
-            log.error("watch_root_gone", root=root, hint="restart codi2 once the directory is back")
+            self.unassigned = True
 
     # Healing ---------------------------------------------------------------------------------------
 
-    def _on_barrier(self, seen: int) -> None:
-        """Everything queued before barrier `seen` has been read: act on what waited for it."""
-        self._settle_moves()
-        self._heal(seen)
-        self._hand_off()
-        self._barriers.wake()
-
-    def _heal(self, seen: int | None) -> None:
+    def heal(self, seen: int | None) -> None:
         """Recrawl the suspects whose barrier has passed, and those found in the read this barrier ends
         (a little early at worst, and everything is checked against the disk again): whoever waits on a
         barrier then sees the tree healed. Then forget the displaced directories no recrawl found again."""
@@ -590,7 +692,7 @@ class Watcher:
             deep = node in self._deep_suspects
             self._deep_suspects.discard(node)
             if self._tree.where(node) is not None:
-                self._recrawl(node, recursive=deep)
+                self.recrawl(node, recursive=deep)
         self._heal_displaced(seen)
 
     def _heal_displaced(self, seen: int | None) -> None:
@@ -598,9 +700,9 @@ class Watcher:
         for node in lost:
             self._displaced.pop(node, None)
             if self._tree.where(node) is None:
-                self._drop(node)
+                self.drop(node)
 
-    def _recrawl(self, top: Node, *, recursive: bool, origin: Origin = "rescan") -> None:
+    def recrawl(self, top: Node, *, recursive: bool) -> None:
         """List directories again, match their subdirectories to nodes by inode, watch what is new and
         displace what is gone; then ask the pipeline to diff the same tree against the index."""
         node = top
@@ -612,9 +714,9 @@ class Watcher:
                 parent = node.parent
                 if node.is_root or parent is None:
                     return
-                self._displace(node)
+                self.displace(node)
                 node, recursive = parent, True
-        self.state.recrawls += 1
+        self._state.recrawls += 1
         stack = [node]
         while stack:
             current = stack.pop()
@@ -628,7 +730,7 @@ class Watcher:
                 os.close(fd)
         where = self._tree.where(node)
         if where is not None:
-            self._out.append(Rescan(node.root, where, recursive, origin))
+            self._out.append(Rescan(node.root, where, recursive))
 
     def _relist(self, node: Node, fd: int, descend: list[Node] | None) -> None:
         try:
@@ -661,7 +763,7 @@ class Watcher:
             self._attach_at(node, fd, name)
         for name, child in list(node.children.items()):
             if name not in present:
-                self._displace(child)
+                self.displace(child)
 
     def _retry(self, node: Node, parent_fd: int) -> Node | None:
         """Try again to watch a directory that could not be watched before."""
@@ -671,77 +773,6 @@ class Watcher:
         if placed is not None and placed.wd is not None:
             log.info("directory_watched", path=os.fsdecode(self._tree.where(placed) or b""))
         return placed
-
-    def retry_unwatched(self) -> None:
-        """Handler thread (through `request`): after running out of descriptors, recrawl every tree; try
-        every unwatched directory again, and diff the tree of each one against the index (a new watch may
-        have missed changes; a still unwatched one is only covered by these periodic diffs)."""
-        if self.state.out_of_descriptors:
-            self._recrawl_all()  # still short: raises Starved, and the next try is the next tick's
-            self.state.out_of_descriptors = False
-            log.info("watcher_descriptors_back")
-            if self._on_descriptors_back is not None:
-                self._on_descriptors_back()
-        for node in self._tree.unwatched():
-            parent = node.parent
-            if parent is None or self._tree.where(node) is None:
-                self._tree.unmark_unwatched(node)
-                continue
-            try:
-                pfd = self._tree.dir_fd(parent)
-            except OSError:
-                continue
-            try:
-                placed = self._retry(node, pfd)
-            finally:
-                os.close(pfd)
-            where = self._tree.where(placed) if placed is not None else None
-            if where is not None:
-                self._out.append(Rescan(node.root, where, True))
-        self._hand_off()
-        self._refresh_state()
-
-    def _on_overflow_event(self) -> None:
-        """Events were lost: recrawl every tree (watching what appeared) and diff every root."""
-        self.state.overflows += 1
-        log.error(
-            "inotify_queue_overflow",
-            overflows=self.state.overflows,
-            hint="raise fs.inotify.max_queued_events; a recrawl recovers the changes",
-        )
-        self._recrawl_all()
-        if self._on_overflow is not None:
-            self._on_overflow()
-
-    def _recrawl_all(self) -> None:
-        """Events were lost, or never handled whole: recrawl every tree (watching what appeared), settle
-        everything that waited for a barrier, and diff every root."""
-        self._settle_moves()
-        for node in self._tree.root_nodes:
-            self._recrawl(node, recursive=True)
-        # Everything asked of a barrier so far is settled by this recrawl: some of those barriers' own
-        # events may have been dropped with the rest.
-        self._barriers.settle_all()
-        self._suspects.clear()
-        self._deep_suspects.clear()
-        self._heal_displaced(None)
-        self._hand_off()
-        self._barriers.wake()
-
-    def _starved(self, exc: Starved) -> None:
-        if not self.state.out_of_descriptors:
-            log.error(
-                "watcher_out_of_descriptors",
-                error=str(exc),
-                hint="raise the open-file limit (nofile); every tree is recrawled when descriptors are back",
-            )
-        self.state.out_of_descriptors = True
-
-    def _refresh_state(self) -> None:
-        self.state.watches = self._tree.watches
-        unwatched = self._tree.unwatched_report()
-        if unwatched is not None:
-            self.state.unwatched = unwatched
 
 
 def check_root(root: bytes) -> None:
