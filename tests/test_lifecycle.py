@@ -46,7 +46,7 @@ async def test_a_start_up_failing_at_its_last_step_stops_everything_that_had_sta
     # The watcher starts last, after the health server, the locks, the journal, the store and its threads.
     # It fails as it does when the user has used up fs.inotify.max_user_instances (a limit shared with
     # every process of the user, too racy to exhaust for real in a test).
-    monkeypatch.setattr("codi2.watch.watcher.inotify_init", lambda: -1)
+    monkeypatch.setattr("codi2.watch.inotify.inotify_init", lambda: -1)
     daemon = Daemon(settings, Identity("t1", "u1", None, None))
     daemon_fds_from = _open_fds()
 

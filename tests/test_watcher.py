@@ -78,12 +78,7 @@ def lagging(watcher: Watcher) -> Iterator[None]:
 
 def watched_paths(watcher: Watcher) -> dict[bytes, int]:
     """Every attached watched directory by path, with its inode (from the watcher's own tree)."""
-    out = {}
-    for node in watcher._nodes.values():
-        where = node.locate(watcher._gen)
-        if where is not None:
-            out[where] = node.ino
-    return out
+    return {where: node.ino for where, node in watcher._tree.watched_paths().items()}
 
 
 def assert_watches_match_disk(watcher: Watcher, ws: Path) -> None:
