@@ -44,6 +44,7 @@ def _normalise(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
+    """The names `_normalise` knows, read from the parser: no list of them to drift from the registrations."""
     return [
         name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
     ]
