@@ -12,8 +12,8 @@ from typing import Any, Protocol
 import fdb.tuple as fdbtuple
 
 from codi2.stores.base import Cursor, StoredBatch
-from codi2.stores.fdb import FdbSink
-from codi2.stores.fdb import encode_event as fdb_value
+from codi2.stores.fdb.codec import encode_event as fdb_value
+from codi2.stores.fdb.sink import FdbSink
 from codi2.trail.events import BatchHeader, Event, encode_event
 
 

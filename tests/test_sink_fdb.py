@@ -22,7 +22,8 @@ from tamper import FdbTamper, Tamper
 
 from codi2.config import load_settings
 from codi2.stores.base import Sink, StoreError
-from codi2.stores.fdb import FdbSink, load_fdb, resolve_cluster_file
+from codi2.stores.fdb.client import load_fdb, resolve_cluster_file
+from codi2.stores.fdb.sink import FdbSink
 from codi2.trail.events import Batch, Event, EventQuery, uuid7
 from codi2.trail.verify import verify
 

@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -60,7 +61,8 @@ log = structlog.get_logger("codi2.stores.sqlite")
 
 
 def _last_pos(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT coalesce(max(pos), 0) FROM events").fetchone()[0]
+    pos: int = db.execute("SELECT coalesce(max(pos), 0) FROM events").fetchone()[0]
+    return pos
 
 
 def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = None) -> None:
@@ -110,7 +112,7 @@ class LocalStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
-                if cursor.rowcount:
+                if cursor.rowcount and cursor.lastrowid is not None:
                     moved[pos] = cursor.lastrowid
                 kept += 1
         except sqlite3.Error as exc:
@@ -181,7 +183,7 @@ class SqliteSink:
         sql += " ORDER BY pos"
         yield from query.select((pos, _decode(body)) for pos, body in self._query(sql, args))
 
-    def _query(self, sql: str, args: list[object]) -> Iterator[tuple[object, ...]]:
+    def _query(self, sql: str, args: list[object]) -> Iterator[tuple[Any, ...]]:
         """Rows from a connection of its own, so a long or followed read never holds the writer's lock."""
         try:
             with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as reader:
