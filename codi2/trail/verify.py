@@ -106,7 +106,7 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
             )
             report.breaks.append(Break("event_removed", number, detail))
     unchained = trail - chained
-    listed = []
+    listed: list[Break] = []
     if unchained:
         for cursor, e in sink.read(EventQuery(tenant_id, since=since)):
             if cursor in unchained and len(listed) < UNCHAINED_LISTED:
