@@ -481,7 +481,6 @@ def _since(args: argparse.Namespace) -> datetime | None:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from codi2.config import STATE_DIR_NAME
     from codi2.stores.base import open_sink
     from codi2.trail import verify
     from codi2.trail.chain import load_key
@@ -501,8 +500,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         report = verify.verify(sink, settings.tenant_id, keys, since)
         if args.disk is not None:
-            ignores = [*settings.monitoring.ignore_patterns, STATE_DIR_NAME]
-            report.disk = verify.compare_disk(sink, settings.tenant_id, args.disk, settings.user_id, ignores)
+            report.disk = verify.compare_disk(sink, settings, args.disk)
     except verify.VerifyError as exc:
         raise UsageError(str(exc)) from None
     finally:
