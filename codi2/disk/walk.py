@@ -8,6 +8,7 @@ file without a hash), nothing followed, no PATH_MAX limit, the same hashing limi
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,4 +150,10 @@ def _seen(entry: DiskEntry, hash_max: int) -> Seen | None:
         if exc.errno in ABSENT_ERRNOS:
             return None
         return Seen(entry.rel, facts, f"its contents could not be read: {exc.strerror or exc}")
-    return None if hashed is None else Seen(entry.rel, hashed)
+    if hashed is None:
+        return None
+    if hashed.sha256 is None and stat.S_ISREG(st.st_mode) and st.st_size <= hash_max:
+        # Within the limit but not hashed: it could not be opened (permission, a lease), or it yielded more
+        # than the limit by the time it was read (grown meanwhile, or a /proc file whose size is 0).
+        return Seen(entry.rel, hashed, "its contents could not be read (not permitted, or past hash_max_bytes)")
+    return Seen(entry.rel, hashed)
