@@ -265,6 +265,7 @@ def _load(args: argparse.Namespace, **cli: Any) -> Settings:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from codi2.daemon.build import build
     from codi2.daemon.daemon import Daemon, StartupError
     from codi2.logs import configure_logging
     from codi2.trail.events import Identity
@@ -276,7 +277,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UsageError(f"{' and '.join(missing)} required to run (set {flags})")
     configure_logging(settings.logging.level, settings.logging.format)
     identity = Identity(settings.tenant_id or "", settings.user_id or "", settings.session_id, settings.pod)
-    daemon = Daemon(settings, identity)
+    daemon = Daemon(build(settings, identity))
     try:
         return asyncio.run(daemon.serve())
     except StartupError as exc:
