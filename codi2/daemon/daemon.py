@@ -14,7 +14,7 @@ import signal
 import time
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
@@ -30,6 +30,7 @@ from codi2.watch.watcher import check_root
 log = structlog.get_logger("codi2.daemon.daemon")
 
 WATCHER_DRAIN_S = 5.0  # at most, of the shutdown deadline: reading what the kernel queued before the signal
+EXIT_FORCED = 1  # a second signal: the process ends without finishing the drain (README: exit codes)
 
 
 class StartupError(Exception):
@@ -69,8 +70,9 @@ class StateLock:
 
 class Daemon:
     """Starts the parts in order and stops them in reverse: each one that started is pushed onto an
-    `AsyncExitStack`, so a start-up that fails half-way stops exactly what had started. SIGTERM or SIGINT
-    drains until `[server] shutdown_timeout_s`. `/status` is composed of each part's own snapshot."""
+    `AsyncExitStack`, so a start-up that fails half-way stops exactly what had started. The first SIGTERM
+    or SIGINT drains until `[server] shutdown_timeout_s`; a second one ends the process at once.
+    `/status` is composed of each part's own snapshot."""
 
     def __init__(self, parts: Parts) -> None:
         self.parts = parts
@@ -223,8 +225,25 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
+        if self.should_exit.is_set():
+            self._force_exit(sig)
         log.info("shutdown_requested", signal=sig.name, timeout_s=self.settings.server.shutdown_timeout_s)
         self.should_exit.set()
+
+    def _force_exit(self, sig: signal.Signals) -> NoReturn:
+        """A second signal: whoever sent it wants the process gone now, not after the drain (a thread may be
+        blocked in the store's client for a while). It ends as a SIGKILL would, after one line saying what
+        was left: nothing is lost, the journal being durable; the next start ships what waits in the outbox,
+        and its diff finds what was observed but not journaled."""
+        journal = self.pipeline.journal
+        log.error(
+            "shutdown_forced",
+            signal=sig.name,
+            changes_not_journaled=self.pipeline.pending_hints(),
+            events_left_in_spool=journal.outbox_events if journal is not None else 0,
+            note="the next start ships the spool and its diff finds the changes",
+        )
+        os._exit(EXIT_FORCED)
 
     # What the health server reads ----------------------------------------------------------------
 
