@@ -194,6 +194,7 @@ class Daemon:
         self._armed = True
 
     async def _stop_watcher(self) -> None:
+        """The kernel's queue read to a barrier, within the shutdown deadline: what it holds is journaled."""
         drain = min(WATCHER_DRAIN_S, max(0.0, self._deadline - time.monotonic()))
         await asyncio.to_thread(self.watcher.stop, drain)
 
