@@ -170,9 +170,16 @@ class DaemonProcess:
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has ended and its last log lines are read."""
         code = self.proc.wait(timeout)
         self._reader.join(5)
         return code
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs if line.get("event") == event]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
