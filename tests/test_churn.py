@@ -474,8 +474,9 @@ def test_c08_backlog_acknowledged_on_a_full_disk_keeps_the_shipper_alive(
     small_disk: Path, tmp_path: Path, fake_libfdb_c: Path
 ) -> None:
     """FoundationDB: a backlog built in the journal during an outage is shipped once the cluster is back
-    while the disk is full. The acknowledgement (deleting the shipped batches from the journal) needs a
-    write, and must not kill the shipper. Once space is freed the trail converges."""
+    while the disk is full. The acknowledgement (the journal thread deleting the shipped batches) needs a
+    write, and must not kill the shipper; the rows, and the spool figures with them, stay until it works.
+    Once space is freed they go, and the trail converges."""
     ws = small_disk
     (ws / "node_modules").mkdir()
     daemon = _fdb_daemon(tmp_path, ws, fake_libfdb_c)
@@ -487,12 +488,14 @@ def test_c08_backlog_acknowledged_on_a_full_disk_keeps_the_shipper_alive(
         filler = fill(ws / "node_modules")
         _changes_needing_no_space(ws, 0, 300)
         daemon.down.unlink()
-        # The shipper commits the backlog and then removes it from the journal on the full disk.
-        wait_for(lambda: daemon.status()["spool"]["batches"] == 0 or daemon.get("/livez")[0] != 200, timeout=120)
+        # The shipper commits the backlog; removing it from the journal waits for space.
+        outage = {f"during-outage{i}.txt" for i in range(30)}
+        wait_for(lambda: outage <= {e.path for e in daemon.events()} or daemon.get("/livez")[0] != 200, timeout=120)
         failed = [line for line in daemon.logs if line.get("event") == "shipper_failed"]
         assert not failed, json.dumps(failed)[-1500:]
         assert daemon.get("/livez")[0] == 200, (daemon.get("/livez?verbose"), daemon.logs[-10:])
         filler.unlink()
+        wait_for(lambda: daemon.status()["spool"]["batches"] == 0)
         final_check(daemon, ws)
     finally:
         daemon.kill()

@@ -203,6 +203,7 @@ class Daemon:
 
     async def _stop_shipper(self, shipper: Shipper) -> None:
         await asyncio.to_thread(shipper.stop, self._deadline)
+        await asyncio.to_thread(self.pipeline.settle_acks)  # the journal thread has stopped before the shipper
         journal = self.pipeline.journal
         if journal is not None and journal.outbox_events:
             log.warning(

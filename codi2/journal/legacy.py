@@ -124,8 +124,8 @@ def _read_spool(directory: Path, applied: tuple[str, int] | None) -> tuple[list[
     if not directory.is_dir():
         return [], 0, 0
     try:
-        segment, offset = (directory / "ack").read_text().split()
-        ack: tuple[str, int] | None = (segment, int(offset))
+        segment, acked = (directory / "ack").read_text().split()
+        ack: tuple[str, int] | None = (segment, int(acked))
     except (OSError, ValueError):
         ack = None
     batches: list[tuple[str, list[Event]]] = []

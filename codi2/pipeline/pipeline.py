@@ -260,6 +260,8 @@ class Pipeline:
         self._rebuild_requested = False
         self._fresh_remote = False  # a new journal beside a remote store: its first rebuild may find nothing
         self._journal_thread: threading.Thread | None = None
+        self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
+        self._ack_failing = False
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -272,6 +274,7 @@ class Pipeline:
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
+        self.journal.on_ack = self._ack_posted
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
@@ -396,12 +399,43 @@ class Pipeline:
         if self._journal_thread is not None and self._journal_thread.is_alive():
             return
         if self.journal is not None:
+            self.settle_acks()
             self.journal.close()
         for fd in self._root_fds:
             os.close(fd)
         self._root_fds = []
 
     # Journal thread ------------------------------------------------------------------------------
+
+    def _ack_posted(self) -> None:
+        """The shipper's thread: the store took a batch; wake the journal thread, idle or not, to delete it."""
+        with self._lock:
+            self._lock.notify()
+
+    def _apply_acks(self) -> None:
+        """Journal thread (or the owner after it): delete what the store acknowledged, between flushes. A
+        failure (a full disk) keeps the rows and their figures, and is tried again a second later."""
+        journal = self.journal
+        if journal is None or not journal.acks_pending or time.monotonic() < self._ack_retry_at:
+            return
+        try:
+            journal.apply_acks()
+        except sqlite3.Error as exc:
+            if is_corruption(exc):
+                self._journal_failed(exc)
+                return
+            if not self._ack_failing:
+                log.warning("outbox_ack_failed", error=str(exc), note="the shipped rows stay until it works again")
+            self._ack_failing = True
+            self._ack_retry_at = time.monotonic() + 1.0
+        else:
+            self._ack_failing = False
+
+    def settle_acks(self) -> None:
+        """Once the journal thread has stopped, whoever stops the daemon owns the journal: the last
+        acknowledgements (the shipper drains after the journal thread) are applied here."""
+        if not self.running:
+            self._apply_acks()
 
     def _journal_loop(self) -> None:
         try:
@@ -414,10 +448,13 @@ class Pipeline:
         """One turn: take hints, flush when due. False once stopped and everything is committed."""
         with self._lock:
             timeout = self._wait_time()
+            if self.journal is not None and self.journal.acks_pending:  # checked under the lock: no lost wake-up
+                timeout = min(timeout, max(0.0, self._ack_retry_at - time.monotonic()))
             if not self._intake and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
             stopping = self._stopping
+        self._apply_acks()  # first: they make room in the outbox (`_outbox_full`)
         for hint in hints:
             self._window.add(hint)
         if self._window and self._deadline is None:
@@ -579,6 +616,7 @@ class Pipeline:
                 self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
             )
             self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
+            self.journal.on_ack = self._ack_posted
             self.on_new_journal(self.journal)  # the shipper reads the new file from its start
             return
         health = self.journal_health
