@@ -95,3 +95,12 @@ def test_a_rename_after_a_restore_carries_the_restored_hints() -> None:
     window.add(Move(0, b"d", b"e", True, None))
     window.restore([Touch(0, b"d/f", True)])
     assert window.take() == [Move(0, b"d", b"e", True, None), Touch(0, b"e/f", True)]
+
+
+def test_a_later_appearance_of_another_type_wins_its_type() -> None:
+    """dir -> file -> dir at one name within one window (issue #22, defect 2): the directory made last is
+    what the reconciler must walk, so the window must not keep the file's `created` hint."""
+    got = _window(Touch(0, b"d", False, True), Touch(0, b"d", True, False), Touch(0, b"d"), Touch(0, b"d", True, True))
+    assert got == [Touch(0, b"d", True, True)]
+    assert _window(Touch(0, b"d", True, True), Touch(0, b"d", True, False)) == [Touch(0, b"d", True, False)]
+    assert _window(Touch(0, b"d", True, True), Touch(0, b"d", False, True)) == [Touch(0, b"d", True, True)]

@@ -309,7 +309,7 @@ class Reconciler:
             self._file(root, rel, key, known, disk, origin)
             yield
         else:
-            yield from self._settle(root, rel, key, known, disk, origin, descend=True)
+            yield from self._settle(root, rel, key, known, disk, origin, descend=True, appeared=created)
         # A write through one name of a hard-linked file changes every name, and inotify told us of one.
         # The name may even be gone by now (deleted, moved away or replaced after the write), or beyond
         # examining (a directory above it unreadable): the other names of the inode it had still changed.
@@ -423,11 +423,13 @@ class Reconciler:
         origin: Origin,
         *,
         descend: bool,
+        appeared: bool = False,
     ) -> Iterator[None]:
         """Make the index (and the trail) say what the disk says at `rel`. The index is keyed by path:
         a file replaced by another file is `updated` when its content differs. A directory replaced by
-        another one (a new inode) is diffed entry by entry, since what was written into it before its
-        watch existed is only found by looking."""
+        another one is diffed entry by entry, since what was written into it before its watch existed is
+        only found by looking: another one by inode, or by the kernel's word (`appeared`) when the new one
+        has the old one's inode (ext4 reuses them at once)."""
         name = self._names[root]
         if disk is None:
             if known is not None:
@@ -450,7 +452,7 @@ class Reconciler:
             self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
         # Another directory at this name, or new permissions (what it held while we could not read it
         # was never seen): look at everything below it.
-        if disk.type == "dir" and descend and (changed or not same_entity(known, disk)):
+        if disk.type == "dir" and descend and (changed or appeared or not same_entity(known, disk)):
             yield from self._walk(root, rel, origin, recursive=True)
 
     def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:

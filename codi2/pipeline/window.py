@@ -38,8 +38,11 @@ class Window:
         key = (hint.root, hint.path)
         found = self._items.setdefault(key, hint)
         assert isinstance(found, Touch)
-        if hint.created and not found.created:
-            self._items[key] = hint  # keeps its place; remembers that it appeared
+        # A hint that says the entry appeared replaces one that does not (keeping its place), and so does
+        # a later appearance of another type: a directory removed, a file made and removed, a directory
+        # made again at one name (ext4 hands it the old inode) is a new directory to walk, not a file.
+        if hint.created and (not found.created or found.is_dir != hint.is_dir):
+            self._items[key] = hint
 
     def _rescan(self, hint: Rescan) -> None:
         key = ("rescan", hint.root, hint.path)
