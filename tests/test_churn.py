@@ -208,6 +208,37 @@ def test_c03_hard_link_into_a_recreated_directory_across_windows(workspace: Path
     final_check(daemon, ws)
 
 
+@pytest.mark.parametrize("between", ["file", "symlink"])
+def test_c03_directory_replaced_by_a_file_then_a_directory_within_one_window(
+    workspace: Path, daemon_factory: Start, between: str
+) -> None:
+    """rm -r d; touch d (or ln -s x d); rm d; mkdir d; echo 1 > d/f while lagging, so in one window and
+    written before the new d is watched: ext4 mostly hands the new directory the inode the index holds
+    for d, so only the window's `created` hints tell the two apart. What the new d holds is recorded
+    (issue #22, defect 2). Three rounds, each with the inode d had at its start."""
+    ws = workspace
+    (ws / "d").mkdir()
+    (ws / "d" / "old").write_text("old\n")
+    daemon = daemon_factory()
+    _wait_recorded(daemon, "d/old")
+    for round_ in range(3):
+        _wait_watches(daemon, 2 if round_ == 0 else 3)  # the root, d (and d/sub)
+        with lagging(daemon):
+            shutil.rmtree(ws / "d")
+            if between == "file":
+                (ws / "d").write_text("a file for a moment\n")
+            else:
+                (ws / "d").symlink_to("elsewhere")
+            (ws / "d").unlink()
+            (ws / "d").mkdir()
+            (ws / "d" / "f").write_text(f"{round_}\n")
+            (ws / "d" / "sub").mkdir()
+            (ws / "d" / "sub" / "g").write_text("g\n")
+        events = converge(daemon, ws)
+        assert _folded(events, ws, "d/f").sha256 == sha(f"{round_}\n"), describe(events)
+    final_check(daemon, ws)
+
+
 # 4. A directory rename racing a rescan (the start-up walk, an overflow) --------------------------------
 
 

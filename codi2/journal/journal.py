@@ -38,13 +38,7 @@ from typing import Protocol
 
 from codi2.journal import outbox
 from codi2.journal.index import Index
-from codi2.journal.index import key_of as key_of
-from codi2.journal.index import rel_of as rel_of
-from codi2.journal.index import subtree_bounds as subtree_bounds
 from codi2.journal.outbox import Ledger, OutboxBatch
-from codi2.journal.outbox import OutboxReader as OutboxReader
-from codi2.journal.recovery import move_aside as move_aside
-from codi2.journal.recovery import salvage_outbox as salvage_outbox
 from codi2.schema import Schema, SchemaTooNew, execute_script
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead, ChainKey
