@@ -30,7 +30,14 @@ class V1Writer:
         self.keys = Keys(root)
 
     def write_batch(self, batch: Batch) -> None:
-        fdb.transactional(self._write)(self.db, batch)
+        tr = self.db.create_transaction()
+        while True:
+            try:
+                self._write(tr, batch)
+                tr.commit().wait()
+                return
+            except fdb.FDBError as exc:
+                tr.on_error(exc).wait()
 
     def _write(self, tr: Any, batch: Batch) -> None:
         keys, vs = self.keys, fdbtuple.Versionstamp()

@@ -128,6 +128,7 @@ class FdbSink:
         timeout_ms: int = 5000,
         retry_limit: int = 10,
         batch_bytes: int = 1_000_000,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self._db = db
         self._tenant = tenant_id
@@ -135,6 +136,7 @@ class FdbSink:
         self._timeout_ms = timeout_ms
         self._retry_limit = retry_limit
         self._batch_bytes = batch_bytes
+        self._clock = clock  # the `t` index's: this pod's clock (tests set it)
         self._backlog = False
         self._streams: dict[tuple[str, str], _Written] = {}  # per (tenant, stream): registry and v1 head, once read
 
@@ -318,7 +320,7 @@ class FdbSink:
         """The `t` key of this second (blind: many pods write it without conflicting, the latest commit wins)
         and an `s` key per session the transaction wrote events of."""
         vs = fdbtuple.Versionstamp()
-        tr.set_versionstamped_value(self._keys.time_index(tenant, int(time.time())), codec.versionstamped_value(b""))
+        tr.set_versionstamped_value(self._keys.time_index(tenant, int(self._clock())), codec.versionstamped_value(b""))
         for session in sorted({e.session_id for e in events if e.session_id is not None}):
             tr.set_versionstamped_key(self._keys.session(tenant, session, vs), b"")
 
