@@ -19,6 +19,7 @@ from fdb_v1_writer import V1Writer
 from sink_contract import chain_of, make_event
 
 from codi2.stores.base import StoreError
+from codi2.stores.fdb import codec
 from codi2.stores.fdb.sink import FdbSink
 from codi2.trail.events import Event, EventQuery, uuid7
 from codi2.trail.verify import verify
@@ -154,3 +155,41 @@ def test_since_reads_from_the_time_index(
     print(f"\nread: full {full_keys} keys, {full_bytes} B; --since (last 1%) {keys} keys, {read_bytes} B")
     assert len(everything) == 20_000 and last == everything[-200:]
     assert keys <= 0.05 * full_keys and read_bytes <= 0.05 * full_bytes
+
+
+class _Options:
+    """A transaction's options, each call recorded before the real bindings (and the fake) take it."""
+
+    def __init__(self, options: Any, calls: list[tuple[str, tuple[Any, ...]]]) -> None:
+        self._options, self._calls = options, calls
+
+    def __getattr__(self, name: str) -> Any:
+        def call(*args: Any) -> Any:
+            self._calls.append((name, args))
+            return getattr(self._options, name)(*args)
+
+        return call
+
+
+def test_a_tenant_s_transactions_carry_its_tag_and_a_backlog_runs_at_batch_priority(
+    faulty: FaultyDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, tuple[Any, ...]]] = []
+    create = faulty.create_transaction
+
+    def recorded() -> Any:
+        tr = create()
+        monkeypatch.setattr(tr, "options", _Options(tr._tr.options, calls), raising=False)
+        return tr
+
+    monkeypatch.setattr(faulty, "create_transaction", recorded)
+    tenant = "tenant-1700000000000-with-a-long-id"
+    sink = FdbSink(faulty, tenant_id=tenant)
+    first, second = chain_of([make_event("a", tenant=tenant)], [make_event("b", tenant=tenant)])
+    sink.write_batch(first)
+    tags = {args for name, args in calls if name == "set_auto_throttle_tag"}
+    assert tags == {(codec.throttle_tag(tenant),)} and ("set_priority_batch", ()) not in calls
+    sink.draining_backlog(True)
+    sink.write_batch(second)
+    assert ("set_priority_batch", ()) in calls
+    assert [e.path for _, e in sink.read(EventQuery(tenant))] == ["a", "b"]
