@@ -17,21 +17,19 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 from codi2.disk.fs import (
     ABSENT_ERRNOS,
-    O_DIR,
     RESOURCE_ERRNOS,
     DirCache,
     Facts,
     Unreadable,
-    facts_of,
     lstat_at,
     read_facts,
     split,
 )
 from codi2.disk.ignore import IgnoreRules
+from codi2.disk.walk import DiskEntry, entries, excluded
 from codi2.journal.journal import Journal, key_of, rel_of, subtree_bounds
 from codi2.trail.events import Action, Event, Origin
 from codi2.watch.hints import Hint, Move, Touch
@@ -47,84 +45,6 @@ class _Unknown:
 
 UNKNOWN = _Unknown()
 DiskState = Facts | None | _Unknown
-
-
-@dataclass(slots=True)
-class _DiskEntry:
-    """One entry of a walk: its lstat and the facts from it (no hash yet), both None when it may not be
-    examined; `unlistable` marks a directory whose listing failed: what the index holds below either
-    stays untouched."""
-
-    key: bytes
-    rel: bytes
-    name: bytes
-    dir_fd: int
-    st: os.stat_result | None
-    facts: Facts | None
-    unlistable: bool = False
-
-
-def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive: bool) -> Iterator[_DiskEntry]:
-    """Entries below `rel` in key order (depth first, names sorted), one descriptor held per level;
-    `dir_fd` of an entry stays open until the next entry is asked for."""
-    stack: list[tuple[bytes, int, list[bytes]]] = [(rel, os.dup(fd), [])]
-    try:
-        stack[0] = (rel, stack[0][1], _names_in(stack[0][1]))
-    except OSError as exc:
-        os.close(stack.pop()[1])
-        if exc.errno in RESOURCE_ERRNOS:
-            raise
-        return
-    try:
-        while stack:
-            parent, pfd, pending = stack[-1]
-            if not pending:
-                os.close(pfd)
-                stack.pop()
-                continue
-            entry = pending.pop()
-            child = parent + b"/" + entry if parent else entry
-            st: os.stat_result | None
-            try:
-                st = os.stat(entry, dir_fd=pfd, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno in ABSENT_ERRNOS:
-                    continue  # gone between the listing and the stat
-                st = None
-            facts = None if st is None else facts_of(st)
-            if facts is not None and excluded(rules, root, child, facts):
-                continue
-            if facts is None or facts.type != "dir" or not recursive:
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
-                continue
-            try:
-                cfd = os.open(entry, O_DIR, dir_fd=pfd)
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
-                continue
-            try:
-                names = _names_in(cfd)
-            except OSError as exc:
-                os.close(cfd)
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
-                continue
-            yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
-            stack.append((child, cfd, names))
-    finally:
-        for _, pfd, _ in stack:
-            os.close(pfd)
-
-
-def _names_in(fd: int) -> list[bytes]:
-    """Names in a directory, sorted in reverse so that `pop()` gives them in key order."""
-    with os.scandir(fd) as it:
-        names = [os.fsencode(e.name) for e in it]
-    names.sort(reverse=True)
-    return names
 
 
 def content_changed(known: Facts, disk: Facts) -> bool:
@@ -454,7 +374,7 @@ class Reconciler:
                 yield from self.touch(root, rel, origin)
             return  # unreadable: what is below stays as the index has it
         name = self._names[root]
-        disk = _disk_entries(self._rules, root, rel, fd, recursive)
+        disk = entries(self._rules, root, rel, fd, recursive)
         index = self._index_entries(name, key_of(rel), recursive)
         d, i = next(disk, None), next(index, None)
         gone: bytes | None = None  # the index subtree below a directory just deleted or replaced
@@ -502,7 +422,7 @@ class Reconciler:
         if known is None or known.type != "file" or content_changed(known, disk):
             yield from self._touch_links(root, key, disk, origin)
 
-    def _hashed(self, entry: _DiskEntry, known: Facts | None) -> Facts | None:
+    def _hashed(self, entry: DiskEntry, known: Facts | None) -> Facts | None:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
         facts, st = entry.facts, entry.st
         assert facts is not None and st is not None
@@ -589,14 +509,6 @@ class Reconciler:
         if not self.silent:
             self.events.append(self._make(action, root, rel, dest, facts, origin))
             self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
-
-
-def excluded(rules: IgnoreRules, root: int, rel: bytes, facts: Facts) -> bool:
-    """Out of the trail: ignored at this path, or the daemon's own directory under any name."""
-    is_dir = facts.type == "dir"
-    if rules.ignored(root, rel, is_dir):
-        return True
-    return rules.private_dir(facts.dev, facts.ino) if is_dir else rules.private_file(facts.dev, facts.ino)
 
 
 def _bare(kind: str) -> Facts:

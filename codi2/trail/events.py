@@ -153,7 +153,7 @@ _decoder = msgspec.msgpack.Decoder()
 
 
 def event_record(e: Event) -> list[Any]:
-    record = [1, *e]
+    record: list[Any] = [1, *e]
     for i in _PATHS:
         if record[i + 1] is not None:
             record[i + 1] = os.fsencode(record[i + 1])
