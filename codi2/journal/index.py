@@ -36,12 +36,34 @@ def subtree_bounds(key: bytes) -> tuple[bytes, bytes]:
     return key + b"\x00", key + b"\x01"
 
 
+# SQLite's INTEGER is 64-bit signed; the kernel's values are not all within it: an mtime after 2262-04-11 is
+# past 2**63 nanoseconds, and inode and device numbers are unsigned 64-bit. Such a value is stored as a BLOB
+# of its decimal digits (a BLOB is never converted by column affinity, unlike text, which would become a
+# lossy REAL), and read back as the same int. Only those rows pay for it: the common path binds plain ints.
+_INT64 = range(-(2**63), 2**63)
+_WIDE = (1, 2, 3, 4, 5, 6, 7)  # size, mode, mtime_ns, ctime_ns, ino, dev, nlink in a row of FACT_COLUMNS
+
+
+def _wide(value: Any) -> Any:
+    return str(value).encode() if isinstance(value, int) and value not in _INT64 else value
+
+
+def _int(value: Any) -> Any:
+    return int(value) if isinstance(value, bytes) else value
+
+
 def _facts(row: tuple[Any, ...]) -> Facts:
+    if bytes in (type(row[3]), type(row[4]), type(row[5]), type(row[6])):
+        return Facts(*(_int(v) if i in _WIDE else v for i, v in enumerate(row)))
     return Facts(*row)
 
 
 def _values(f: Facts) -> tuple[Any, ...]:
     return (f.type, f.size, f.mode, f.mtime_ns, f.ctime_ns, f.ino, f.dev, f.nlink, f.sha256)
+
+
+def _wide_values(f: Facts) -> tuple[Any, ...]:
+    return tuple(_wide(v) for v in _values(f))
 
 
 class Index:
@@ -106,14 +128,15 @@ class Index:
     def put(self, root: str, key: bytes, facts: Facts) -> None:
         self._db.execute(
             "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self._root(root, create=True), key, *_values(facts)),
+            (self._root(root, create=True), key, *_wide_values(facts)),
         )
 
     def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
-        self._db.executemany(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows],
-        )
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        try:
+            self._db.executemany(sql, [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows])
+        except OverflowError:  # a value past 64 bits: again, those rows as BLOBs (a replace, so repeatable)
+            self._db.executemany(sql, [(self._root(root, create=True), key, *_wide_values(f)) for root, key, f in rows])
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)
@@ -137,7 +160,7 @@ class Index:
         """Every indexed name of an inode (an index search: `cp -al` of a big tree asks once per file)."""
         rows = self._db.execute(
             "SELECT roots.path, key FROM files JOIN roots ON roots.id = files.root WHERE dev = ? AND ino = ?",
-            (dev, ino),
+            (_wide(dev), _wide(ino)),
         )
         return [(path, key) for path, key in rows]
 
