@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE: the reader stopped reading
 FILE, DIRECTORY = "file", "directory"  # what an option's value completes with (shtab, in `codi2 completion`)
 
 Command = Callable[[argparse.Namespace], int]  # what a leaf parser's `func` default is: its exit code
