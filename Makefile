@@ -46,7 +46,8 @@ bench: $(STAMP)
 manifests: $(STAMP)
 	rm -f packaging/k8s/*.yaml
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
-		--session-id example-session --output-dir packaging/k8s
+		--session-id example-session --config config/codi2.toml --registry registry.example/coditect \
+		--output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
 
 # The generated parts of packaging/monitoring/ (dashboard, PrometheusRule) and docs/config.md; tests fail

@@ -267,7 +267,12 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
     (pod,) = [
         m
         for m in render(
-            WorkspaceSpec(user_id="alice", tenant_id="acme", codi2_config=(REPO / "config" / "codi2.toml").read_text())
+            WorkspaceSpec(
+                user_id="alice",
+                tenant_id="acme",
+                codi2_config=(REPO / "config" / "codi2.toml").read_text(),
+                registry="registry.example/coditect",
+            )
         )
         if m["kind"] == "Pod"
     ]
