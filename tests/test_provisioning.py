@@ -236,7 +236,7 @@ def test_entrypoint_layout_is_one_container_running_codi2() -> None:
     assert "initContainers" not in pod["spec"]
     (container,) = pod["spec"]["containers"]
     assert container["command"] == ["/usr/local/bin/codi2"]
-    assert container["image"] == f"{REGISTRY}/t2-workspace-pod:{__version__}"
+    assert container["image"] == f"{REGISTRY}/codi2-workspace:{__version__}"  # Dockerfile.workspace's target
     assert "CODI2_STATE__DIR" not in {e["name"] for e in container["env"]}
     assert {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]} == {
         "/workspace": False,

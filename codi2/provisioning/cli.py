@@ -62,7 +62,7 @@ def register(sub: Subparsers) -> None:
             "--registry",
             default=os.environ.get("CODI2_REGISTRY"),
             help="where the images are, e.g. gcr.io/PROJECT (default: $CODI2_REGISTRY): REGISTRY/t2-workspace-pod:TAG "
-            "and REGISTRY/codi2:TAG",
+            "and REGISTRY/codi2:TAG; with --layout entrypoint, REGISTRY/codi2-workspace:TAG",
         )
         p.add_argument("--tag", default=__version__, help=f"the images' tag (default: this release, {__version__})")
         p.add_argument("--image", help="the user's workspace image in full (default: REGISTRY/t2-workspace-pod:TAG)")

@@ -88,7 +88,8 @@ class WorkspaceSpec(BaseModel):
     tenant_id: Id
     session_id: Annotated[str, AfterValidator(check_id)] | None = None
     layout: Literal["sidecar", "entrypoint"] = "sidecar"
-    # Images: `<registry>/t2-workspace-pod:<tag>` and `<registry>/codi2:<tag>`, or named in full. No registry
+    # Images: `<registry>/t2-workspace-pod:<tag>` and `<registry>/codi2:<tag>` (entrypoint layout:
+    # `<registry>/codi2-workspace:<tag>` alone), or named in full. No registry
     # is assumed and no tag is `latest`: a pod runs exactly the release it was rendered for.
     registry: str | None = Field(default=None, min_length=1)
     image_tag: str = Field(default=__version__, min_length=1)
@@ -120,7 +121,10 @@ class WorkspaceSpec(BaseModel):
 
     @property
     def workspace_image(self) -> str:
-        return self.image or f"{self.registry}/t2-workspace-pod:{self.image_tag}"
+        """The user's image; in the entrypoint layout, Dockerfile.workspace's `workspace` target, whose
+        entrypoint is codi2 (the user's own image runs its own command and knows nothing of codi2)."""
+        name = "codi2-workspace" if self.layout == "entrypoint" else "t2-workspace-pod"
+        return self.image or f"{self.registry}/{name}:{self.image_tag}"
 
     @property
     def sidecar_image(self) -> str:
