@@ -27,6 +27,7 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    from codi2.daemon.build import build
     from codi2.daemon.daemon import Daemon, StartupError
     from codi2.logs import configure_logging
     from codi2.trail.events import Identity
@@ -38,7 +39,7 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError(f"{' and '.join(missing)} required to run (set {flags})")
     configure_logging(settings.logging.level, settings.logging.format)
     identity = Identity(settings.tenant_id or "", settings.user_id or "", settings.session_id, settings.pod)
-    daemon = Daemon(settings, identity)
+    daemon = Daemon(build(settings, identity))
     try:
         return asyncio.run(daemon.serve())
     except StartupError as exc:

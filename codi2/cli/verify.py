@@ -52,7 +52,6 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from codi2.config import STATE_DIR_NAME
     from codi2.stores.base import open_sink
     from codi2.trail import verify
     from codi2.trail.chain import load_key
@@ -72,8 +71,7 @@ def command(args: argparse.Namespace) -> int:
     try:
         report = verify.verify(sink, settings.tenant_id, keys, start)
         if args.disk is not None:
-            ignores = [*settings.monitoring.ignore_patterns, STATE_DIR_NAME]
-            report.disk = verify.compare_disk(sink, settings.tenant_id, args.disk, settings.user_id, ignores)
+            report.disk = verify.compare_disk(sink, settings, args.disk)
     except verify.VerifyError as exc:
         raise UsageError(str(exc)) from None
     finally:
