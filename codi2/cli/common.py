@@ -54,3 +54,15 @@ def config_arg(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, **cli: str | None) -> Settings:
     """The settings from `--config`, the environment and these flags (highest first: flags)."""
     return load_settings(args.config, **cli)
+
+
+def printable(path: str) -> str:
+    """A name as a person reads it on one line: bytes that are not UTF-8 as \\xNN, control characters such as
+    a newline as escapes, so one name stays on one line (a table row, a line of a report)."""
+    if path.isprintable():
+        return path
+    try:
+        text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: shown as Python writes it
+        return path.encode("unicode_escape").decode("ascii")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

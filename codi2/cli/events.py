@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from codi2.cli.common import EXIT_OK, UsageError, config_arg, load
+from codi2.cli.common import EXIT_OK, UsageError, config_arg, load, printable
 from codi2.trail.events import ACTIONS, Event, EventQuery, Origin, parse_time
 
 if TYPE_CHECKING:
@@ -161,29 +161,17 @@ def _replay(events: Iterator[Event], fmt: str, tenant: str) -> int:
             line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}
             print(json.dumps(line, separators=(",", ":")))
         else:
-            fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": _printable(root)}
-            print(REPLAY_TABLE.format(path=_printable(path), **fields))
+            fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": printable(root)}
+            print(REPLAY_TABLE.format(path=printable(path), **fields))
     if not state:
         _nothing("no entries: the selected events leave no file", tenant)
     return EXIT_OK
 
 
-def _printable(path: str) -> str:
-    """A name as a person reads it on one line: bytes that are not UTF-8 as \\xNN, control characters such as
-    a newline as escapes, so one event stays one table row."""
-    if path.isprintable():
-        return path
-    try:
-        text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a surrogate no file name decodes to: shown as Python writes it
-        return path.encode("unicode_escape").decode("ascii")
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
 def _table_row(e: dict[str, Any], *, header: bool) -> str:
-    path = _printable(e["path"])
+    path = printable(e["path"])
     if e["dest_path"] is not None:
-        path += f" -> {_printable(e['dest_path'])}"
+        path += f" -> {printable(e['dest_path'])}"
     uid, gid = e.get("uid"), e.get("gid")  # an event's owner, once events carry it
     row = TABLE.format(
         ts=e["ts"],
@@ -192,8 +180,8 @@ def _table_row(e: dict[str, Any], *, header: bool) -> str:
         size="-" if e["size"] is None else e["size"],
         mode="-" if e["mode"] is None else f"{e['mode']:04o}",
         origin=e["origin"],
-        user=_printable(e["user_id"]),
-        session=_printable(e["session_id"] or "-"),
+        user=printable(e["user_id"]),
+        session=printable(e["session_id"] or "-"),
         owner="-" if uid is None else f"{uid}:{gid}",
         path=path,
     )
