@@ -26,6 +26,7 @@ PATHLIB = Path.__new__.__globals__  # the real pathlib module's namespace
 REAL = dict(PATHLIB)  # kept in a dict: pyfakefs replaces a module's own name for Path, not a dict's
 SEED = (Path(__file__).resolve().parent.parent / "config" / "codi2.toml").read_text()
 CONFIG = "/home/op/codi2.toml"
+REGISTRY = ("--registry", "registry.example/coditect")
 
 
 def _tree() -> set[str]:
@@ -86,6 +87,6 @@ def test_codi2_test_writes_the_cluster_file_it_needs_to_a_temp_dir_only(
 def test_config_check_and_provision_render_write_nothing(laptop: set[str], capsys: pytest.CaptureFixture[str]) -> None:
     with _pathlib_path():
         assert main(["config", "check", "--config", CONFIG]) == 0
-        assert main(["provision", "render", "--user-id", "a", "--tenant-id", "t", "--config", CONFIG]) == 0
+        assert main(["provision", "render", "--user-id", "a", "--tenant-id", "t", "--config", CONFIG, *REGISTRY]) == 0
     assert "kind: Pod" in capsys.readouterr().out
     assert _tree() == laptop

@@ -40,7 +40,10 @@ def register(sub: Subparsers) -> None:
     config_arg(verify)
     verify.add_argument("--tenant-id", help="tenant to check (default: the configured identity, $TENANT_ID)")
     verify.add_argument(
-        "--since", metavar="ISO8601", help="check each stream from its first batch journaled at or after this time"
+        "--since",
+        metavar="TIME",
+        help="check each stream from its first batch journaled at or after this time (ISO 8601, or a span back "
+        "from now: 30m, 1h, 2d)",
     )
     key_file = verify.add_argument(
         "--key-file",
