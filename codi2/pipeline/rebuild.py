@@ -42,8 +42,7 @@ class IndexRebuild:
     def run(self, journal: Journal, trail: TrailReader | None, *, first_start: bool) -> Origin | None:
         """Replace the index with the trail's state. Returns the origin of the diff of every root that must
         follow, or None when it could not be done (it is tried again after a back-off, or a recovery)."""
-        health = self._flusher.health
-        health.initial_scan = "waiting"
+        self._flusher.health.initial_scan = "waiting"
         try:
             rows = self._derive(journal.path, trail)
         except Exception as exc:
