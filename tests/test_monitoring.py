@@ -114,16 +114,12 @@ def _log_events() -> set[str]:
 
 
 def _gap_causes() -> set[str]:
-    """The causes a `gap` event can name: `note_gap("cause", ...)`, `_gap_event("cause", ...)`,
-    `….gap("cause", ...)` and `_gap_reasons["cause"]` in codi2/."""
+    """The causes a `gap` event can name: `note_gap("cause", ...)`, the event factory's `gap("cause", ...)`
+    and `_gap_reasons["cause"]` in codi2/."""
     causes = set()
     for tree in _code():
         for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Call)
-                and getattr(node.func, "attr", None) in ("note_gap", "_gap_event", "gap")
-                and node.args
-            ):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("note_gap", "gap") and node.args:
                 cause = node.args[0]
             elif isinstance(node, ast.Subscript) and getattr(node.value, "attr", None) == "_gap_reasons":
                 cause = node.slice
