@@ -29,7 +29,7 @@ from codi2.config import load_settings
 from codi2.daemon.daemon import StateLock
 from codi2.stores.base import Sink
 from codi2.stores.fdb.sink import FdbSink
-from codi2.stores.sqlite import SqliteSink
+from codi2.stores.sqlite import LocalStore, SqliteSink
 from codi2.trail.events import EventQuery
 from codi2.trail.verify import verify
 
@@ -310,3 +310,21 @@ def test_the_retention_cronjob_validates(tmp_path: Path) -> None:
     pod = next(m for m in manifests if m["kind"] == "CronJob")["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     script = pod["containers"][0]["command"][-1]
     assert script.index("codi2 archive") < script.index("codi2 prune") and "--archive" in script
+
+
+def test_a_salvaged_store_keeps_its_horizons(tmp_path: Path) -> None:
+    """A damaged SQLite store is salvaged into a new file: without its horizons the first live batch of a
+    pruned stream would look cut off."""
+    old = tmp_path / "old.db"
+    sink = SqliteSink(old)
+    _fill(sink)
+    sink.prune(sink.retention_plan("t1", CUTOFF))
+    sink.close()
+    new = tmp_path / "new.db"
+    SqliteSink(new).close()
+    with closing(sqlite3.connect(new, isolation_level=None)) as db:
+        db.execute("BEGIN IMMEDIATE")
+        LocalStore.salvage(old, db)
+        db.execute("COMMIT")
+    salvaged = SqliteSink(new, create=False)
+    assert salvaged.horizons("t1")["stream-1"].number == 45 and verify(salvaged, "t1").ok
