@@ -16,12 +16,24 @@ import sys
 from collections.abc import Sequence
 
 from codi2 import __version__
-from codi2.cli import completion, config_cmd, events, run, status, test_cmd, verify
+from codi2.cli import archive, completion, config_cmd, delete_tenant, events, prune, run, status, test_cmd, verify
 from codi2.cli.common import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Command, Parser, UsageError
 from codi2.config import ConfigError
 from codi2.provisioning import cli as provision
 
-COMMANDS = (run, events, verify, status, test_cmd, provision, config_cmd, completion)  # in the order --help lists them
+COMMANDS = (
+    run,
+    events,
+    verify,
+    status,
+    archive,
+    prune,
+    delete_tenant,
+    test_cmd,
+    provision,
+    config_cmd,
+    completion,
+)  # in the order --help lists them
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,10 @@ def register(sub: Subparsers) -> None:
     verify.add_argument(
         "--user-id", help="whose workspace --disk is (default: the configured identity; needed with several users)"
     )
+    archive = verify.add_argument(
+        "--archive", type=Path, metavar="DIR", help="check an archive (`codi2 archive`) alone instead of the store"
+    )
+    completes(archive, DIRECTORY)
     verify.set_defaults(func=command)
 
 
@@ -74,6 +78,10 @@ def command(args: argparse.Namespace) -> int:
     from codi2.trail.chain import load_key
 
     settings = load(args, tenant_id=args.tenant_id, user_id=args.user_id)
+    if args.archive is not None:
+        from codi2.cli.archive import chain_keys, check
+
+        return check(args.archive, chain_keys(args, settings), as_json=args.json)
     if not settings.tenant_id:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     start = since(args)

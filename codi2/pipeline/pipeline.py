@@ -147,6 +147,7 @@ class Pipeline:
         self._journal_thread: threading.Thread | None = None
         self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
         self._ack_failing = False
+        self._tasks: list[Callable[[], None]] = []  # `post`ed: run on the journal thread between flushes
 
     @property
     def on_committed(self) -> Callable[[OutboxBatch], None]:
@@ -272,6 +273,13 @@ class Pipeline:
             self._gap_reasons[reason] = self._gap_reasons.get(reason, 0) + (count or 0)
             self._lock.notify()
 
+    def post(self, task: Callable[[], None]) -> None:
+        """Thread-safe: run `task` on the journal thread, between flushes (the daemon's retention with SQLite,
+        whose file has that thread as its one writer). The task handles its own errors."""
+        with self._lock:
+            self._tasks.append(task)
+            self._lock.notify()
+
     def initial_scan(self) -> None:
         """The start-up walk, after the watches are in place: a baseline on a first start, otherwise the
         diff against the index of what changed while the daemon was down."""
@@ -358,11 +366,14 @@ class Pipeline:
             timeout = self._wait_time()
             if self.journal is not None and self.journal.acks_pending:  # checked under the lock: no lost wake-up
                 timeout = min(timeout, max(0.0, self._ack_retry_at - time.monotonic()))
-            if not self._intake and timeout > 0:
+            if not self._intake and not self._tasks and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
+            tasks, self._tasks = self._tasks, []
             stopping = self._stopping
         self._apply_acks()  # first: they make room in the outbox (`_outbox_full`)
+        for task in tasks:
+            task()
         for hint in hints:
             self._window.add(hint)
         if self._window and self._deadline is None:
