@@ -165,6 +165,7 @@ def test_a_cursor_file_is_never_applied_to_another_trail(sqlite: Store, tmp_path
     cursor.write_text("{not json")
     _refused(sqlite.events("--cursor-file", str(cursor)), "not a cursor file")
     _refused(sqlite.events("--cursor-file", str(cursor), "--replay"), "--replay")
+    _refused(sqlite.events("--format", "ocsf", "--replay"), "--replay")
 
 
 def test_a_second_reader_on_the_same_cursor_file_stops_at_once(sqlite: Store, tmp_path: Path) -> None:
