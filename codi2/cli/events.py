@@ -12,13 +12,18 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from codi2.cli.common import EXIT_OK, UsageError, config_arg, load, printable
+from codi2.cli.common import EXIT_OK, FILE, UsageError, completes, config_arg, load, printable
 from codi2.trail.events import ACTIONS, Event, EventQuery, Origin, parse_time
+from codi2.trail.export import FORMATS, render
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
+    from codi2.cli.cursor import CursorFile
+    from codi2.config import Settings
+    from codi2.stores.base import TrailReader
 
 FOLLOW_POLL_S = 0.5
 RELATIVE = re.compile(r"(\d+)([smhdw])")  # `--since 30m`: that long before now
@@ -49,6 +54,14 @@ def register(sub: Subparsers) -> None:
     )
     events.add_argument("--limit", type=int, metavar="N", help="print at most N events")
     events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
+    cursor_file = events.add_argument(
+        "--cursor-file",
+        type=Path,
+        metavar="F",
+        help="resume after the last event a run with this file printed, and record each one there once its line is"
+        " flushed (docs/siem.md)",
+    )
+    completes(cursor_file, FILE)
     events.add_argument(
         "--replay",
         action="store_true",
@@ -56,8 +69,9 @@ def register(sub: Subparsers) -> None:
     )
     events.add_argument(
         "--format",
-        choices=("jsonl", "table"),
-        help="jsonl (default when stdout is not a terminal) or table (default on a terminal)",
+        choices=("jsonl", "table", *FORMATS),
+        help="jsonl (default when stdout is not a terminal), table (default on a terminal), or for a SIEM: ocsf"
+        " (OCSF 1.5.0 File System Activity) or ecs (Elastic Common Schema 9.4.0)",
     )
     events.set_defaults(func=command)
 
@@ -70,6 +84,8 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit: must be 0 or more")
+    if args.replay and (args.cursor_file or args.format in FORMATS):
+        raise UsageError("--replay prints workspace entries, not events: not with --cursor-file, ocsf or ecs")
     wanted = _filter(args)
     # The store applies its own filters and the limit; the limit moves here when this command filters too.
     limit = args.limit if wanted is None else None
@@ -88,8 +104,10 @@ def command(args: argparse.Namespace) -> int:
         finally:
             sink.close()
     printed = 0
-    after = None
+    cursor_file = None
     try:
+        cursor_file = _cursor_file(args.cursor_file, settings, query.tenant_id, sink)
+        after = cursor_file.load() if cursor_file is not None else None
         while True:
             for cursor, event in sink.read(query, after=after):
                 after = cursor  # --follow resumes after the last event printed
@@ -97,8 +115,13 @@ def command(args: argparse.Namespace) -> int:
                     continue
                 if fmt == "jsonl":
                     print(event.to_json())
+                elif fmt in FORMATS:
+                    print(render(fmt, event))
                 else:
                     print(_table_row(event.to_dict(), header=printed == 0))
+                if cursor_file is not None:  # the line first, then the cursor: a crash between reprints it
+                    sys.stdout.flush()
+                    cursor_file.save(cursor, event.id)
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     return EXIT_OK
@@ -109,7 +132,15 @@ def command(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             time.sleep(FOLLOW_POLL_S)
     finally:
+        if cursor_file is not None:
+            cursor_file.close()
         sink.close()
+
+
+def _cursor_file(path: Path | None, settings: Settings, tenant_id: str, sink: TrailReader) -> CursorFile | None:
+    from codi2.cli.cursor import CursorFile, store_name
+
+    return CursorFile(path, tenant_id, store_name(settings), sink) if path is not None else None
 
 
 def since(args: argparse.Namespace) -> datetime | None:
