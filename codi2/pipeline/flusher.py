@@ -195,6 +195,8 @@ class Flusher:
                     self._initial_in_txn += 1
                     if self._initial_pending - self._initial_in_txn <= 0:
                         journal.mark_initialized()
+            for _ in rec.close_vanished():  # a handful of `deleted` at most: no batch boundary needed
+                pass
             self._commit_batch(journal, rec)
         except Exception as exc:
             journal.rollback()

@@ -100,6 +100,7 @@ class Reconciler:
         self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
         self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
         self._links_touched = 0  # bumped when other names of a file are settled: a walk's index rows age
+        self._vanished: list[tuple[int, bytes, Origin]] = []  # directories created and gone, `deleted` owed
 
     # The batch being built ---------------------------------------------------------------------------
 
@@ -129,6 +130,7 @@ class Reconciler:
     def end_flush(self) -> None:
         """What was read ahead, left unwritten or opened belongs to a flush now over."""
         self._silent = False
+        self._vanished.clear()
         self.forget()
         self._cache.close()
 
@@ -195,6 +197,7 @@ class Reconciler:
     # Entry points ---------------------------------------------------------------------------------
 
     def apply(self, hint: Hint, origin: Origin = "live") -> Iterator[None]:
+        yield from self.close_vanished(hint)
         self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
@@ -209,6 +212,10 @@ class Reconciler:
         if not rel:
             return
         if created and is_dir:
+            if self._vanished_dir(root, rel):
+                yield from self._emit("created", root, rel, None, _bare("dir"), origin)
+                self._vanished.append((root, rel, origin))  # its `deleted` once its children's are recorded
+                return
             # A directory the watcher has just watched: what it holds is only known from a look taken
             # after its watch, so look now, even if a walk of its parent saw it before the watch existed.
             if not self._walked_in_this_flush(root, rel):
@@ -247,6 +254,24 @@ class Reconciler:
             and (now is None or (now.dev, now.ino) != (known.dev, known.ino))
         ):
             yield from self._touch_links(root, key, known, origin)
+
+    def _vanished_dir(self, root: int, rel: bytes) -> bool:
+        """A directory the kernel reported created, gone before anyone looked, and unknown to the index."""
+        if self._get(self._names[root], key_of(rel)) is not None:
+            return False
+        return self._disk(root, rel, None) is None and not self._present(root, rel)
+
+    def close_vanished(self, hint: Hint | None = None) -> Iterator[None]:
+        """The `deleted` of each vanished directory (deepest first) once the hints below it are settled:
+        they follow the directory's own in kernel order, so the next hint elsewhere (or the end of the
+        flush, `hint` None) closes it, and its children's events lie between its `created` and `deleted`."""
+        path = None if hint is None else hint.src if isinstance(hint, Move) else hint.path
+        while self._vanished:
+            root, rel, origin = self._vanished[-1]
+            if hint is not None and path is not None and hint.root == root and path.startswith(rel + b"/"):
+                return
+            self._vanished.pop()
+            yield from self._emit("deleted", root, rel, None, _bare("dir"), origin)
 
     def _touch_links(self, root: int, key: bytes, linked: Facts, origin: Origin) -> Iterator[None]:
         self.write_index()
