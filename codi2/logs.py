@@ -8,12 +8,29 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import structlog
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+def _bound(context: Mapping[str, Any]) -> structlog.typing.Processor:
+    """Adds the process's own context (who the daemon works for) to every line. Not contextvars: a
+    thread starts with an empty context, and most of the daemon's lines come from its threads."""
+
+    def add(logger: Any, method: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+        for key, value in context.items():
+            event.setdefault(key, value)
+        return event
+
+    return add
+
+
+def configure_logging(level: str = "info", fmt: str = "json", context: Mapping[str, Any] | None = None) -> None:
+    """Once at start-up; `context` (the daemon's tenant, user, pod, session) is on every line, from every
+    thread and from standard-library loggers too."""
     shared: list[structlog.typing.Processor] = [
+        _bound(dict(context or {})),
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,

@@ -24,7 +24,7 @@ from hypothesis import settings
 from codi2.config import MonitoringSettings
 from codi2.disk.ignore import IgnoreRules
 from codi2.stores.sqlite import SqliteSink
-from codi2.trail.events import Event, EventQuery
+from codi2.trail.events import LIFECYCLE, Event, EventQuery
 from codi2.trail.replay import Entry, read_disk
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
@@ -74,12 +74,13 @@ async def eventually(predicate: Callable[[], Any], timeout: float = WAIT_S) -> A
     return value
 
 
-def read_events(db: Path, tenant: str = "t1") -> list[Event]:
+def read_events(db: Path, tenant: str = "t1", *, lifecycle: bool = False) -> list[Event]:
+    """The workspace's events in commit order; with `lifecycle`, the daemon's own `start`/`stop` records too."""
     if not db.exists():
         return []
     sink = SqliteSink(db, create=False)
     try:
-        return [event for _, event in sink.read(EventQuery(tenant))]
+        return [event for _, event in sink.read(EventQuery(tenant)) if lifecycle or event.action not in LIFECYCLE]
     finally:
         sink.close()
 

@@ -22,6 +22,7 @@ from codi2.metrics import Metrics
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.flusher import Flusher
 from codi2.pipeline.index import Index
+from codi2.pipeline.lifecycle import Mark
 from codi2.pipeline.pipeline import JournalFile, Pipeline
 from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
@@ -189,6 +190,7 @@ class NotedGaps:
 
     def __init__(self) -> None:
         self.reasons: dict[str, int] = {}
+        self.marks: list[Mark] = []
 
     def note_gap(self, reason: str, count: int | None) -> None:
         self.reasons[reason] = self.reasons.get(reason, 0) + (count or 0)
@@ -196,6 +198,13 @@ class NotedGaps:
     def take_gaps(self) -> dict[str, int]:
         reasons, self.reasons = self.reasons, {}
         return reasons
+
+    def note_mark(self, mark: Mark) -> None:
+        self.marks.append(mark)
+
+    def take_marks(self) -> list[Mark]:
+        marks, self.marks = self.marks, []
+        return marks
 
 
 class Bench:

@@ -33,7 +33,7 @@ from typing import Any
 import fakefdb
 from conftest import WAIT_S, DaemonProcess, Ignored, disk_state, run_codi2, wait_for
 
-from codi2.trail.events import Event
+from codi2.trail.events import LIFECYCLE, Event
 from codi2.trail.replay import fold
 
 NOBODY = 65534
@@ -416,7 +416,8 @@ class FdbDaemon(DaemonProcess):
         )
         if result.returncode != 0:
             raise AssertionError(f"codi2 events failed: {result.stderr.strip()[-500:]}")
-        return [Event.from_json(line) for line in result.stdout.splitlines()]
+        every = (Event.from_json(line) for line in result.stdout.splitlines())
+        return [e for e in every if e.action not in LIFECYCLE]  # the workspace's, as `DaemonProcess.events`
 
 
 # Tools on the trail and the daemon's files ----------------------------------------------------------------

@@ -37,8 +37,11 @@ def command(args: argparse.Namespace) -> int:
     if missing:
         flags = ", ".join(f"--{m.replace('_', '-')} or ${m.upper()}" for m in missing)
         raise UsageError(f"{' and '.join(missing)} required to run (set {flags})")
-    configure_logging(settings.logging.level, settings.logging.format)
     identity = Identity(settings.tenant_id or "", settings.user_id or "", settings.session_id, settings.pod)
+    bound = {"tenant_id": identity.tenant_id, "user_id": identity.user_id, "pod": identity.pod}
+    if identity.session_id is not None:
+        bound["session_id"] = identity.session_id
+    configure_logging(settings.logging.level, settings.logging.format, bound)
     daemon = Daemon(build(settings, identity))
     try:
         return asyncio.run(daemon.serve())

@@ -23,6 +23,7 @@ from codi2.daemon import retention
 from codi2.daemon.build import Parts, build_health, connect_store, private_files, private_paths
 from codi2.daemon.health import Checks
 from codi2.journal.journal import JournalUnavailable
+from codi2.pipeline.lifecycle import config_digest
 from codi2.ship.shipper import Shipper
 from codi2.stores.base import open_sink
 from codi2.trail.events import rfc3339
@@ -31,6 +32,7 @@ from codi2.watch.watcher import check_root
 log = structlog.get_logger("codi2.daemon.daemon")
 
 WATCHER_DRAIN_S = 5.0  # at most, of the shutdown deadline: reading what the kernel queued before the signal
+SCAN_PROGRESS_LOG_S = 10.0  # how often a long start-up diff says how far it got
 EXIT_FORCED = 1  # a second signal: the process ends without finishing the drain (README: exit codes)
 
 
@@ -179,6 +181,8 @@ class Daemon:
         if shipper is not None:
             shipper.start()
             stack.push_async_callback(self._stop_shipper, shipper)
+        digest = config_digest(s.effective())
+        await asyncio.to_thread(pipeline.record_start, version=__version__, backend=s.backend, config_sha256=digest)
         pipeline.start()
         stack.push_async_callback(self._stop_pipeline)
         if s.backend == "sqlite" and (max_age := s.retention.max_age_s) is not None:
@@ -195,6 +199,7 @@ class Daemon:
         # reaches the trail, and the start-up diff goes on in the background (see /status).
         pipeline.initial_scan()
         stack.callback(asyncio.create_task(self._retry_unwatched(), name="codi2-unwatched").cancel)
+        stack.callback(asyncio.create_task(self._scan_progress(), name="codi2-scan-progress").cancel)
         self._armed = True
 
     async def _stop_watcher(self) -> None:
@@ -216,6 +221,14 @@ class Daemon:
                 store=self.store.health.error,
                 note="committed at the next start",
             )
+
+    async def _scan_progress(self) -> None:
+        """A log line now and then while the start-up diff runs: on a large workspace it takes minutes."""
+        while True:
+            await asyncio.sleep(SCAN_PROGRESS_LOG_S)
+            if self.pipeline.journal_health.initial_scan != "running":
+                return
+            log.info("initial_scan_progress", **self.pipeline.scan_progress())
 
     async def _retry_unwatched(self) -> None:
         """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically;

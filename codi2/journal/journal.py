@@ -239,6 +239,15 @@ class Journal(Index):
         self._set_meta("initialized", "1")
 
     @property
+    def lifecycle(self) -> str | None:
+        """`running` from a run's `start` record until its `stop` record, `stopped` after: a journal left
+        `running` belongs to a run that ended without a `stop` (killed). None before the first run."""
+        return self._meta("lifecycle")
+
+    def set_lifecycle(self, value: str) -> None:
+        self._set_meta("lifecycle", value)
+
+    @property
     def needs_rebuild(self) -> bool:
         return self._meta("needs_rebuild") == "1"
 

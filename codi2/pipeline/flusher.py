@@ -34,6 +34,7 @@ from codi2.journal.journal import Journal, is_corruption
 from codi2.journal.outbox import OutboxBatch
 from codi2.metrics import Metrics
 from codi2.pipeline.factory import EventFactory
+from codi2.pipeline.lifecycle import Mark, mark_event, scanned_mark
 from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
 from codi2.ship.shipper import StoreMonitor
@@ -56,6 +57,12 @@ class Gaps(Protocol):
     def take_gaps(self) -> dict[str, int]:
         """Every cause noted so far, with its count of changes; none is left waiting."""
         ...
+
+    def note_mark(self, mark: Mark) -> None:
+        """A lifecycle record for the head of the next batch (`codi2.pipeline.lifecycle`)."""
+        ...
+
+    def take_marks(self) -> list[Mark]: ...
 
 
 @dataclass
@@ -130,14 +137,23 @@ class Flusher:
         self._reconciler: Reconciler | None = None
         self._initial_pending = 0  # start-up root scans not yet committed
         self._initial_in_txn = 0  # of those, the ones applied in the open transaction
+        self._initial_origin: Origin = "baseline"
+        self._scan_changes = 0  # events the start-up diff committed
+        self._scan_walked_from = 0  # the reconciler's walked entries when the start-up diff began
+        self._scan_walked = 0  # entries it walked, once done
+        self._scan_expected: int | None = None  # entries the index held when it began (None: a first start)
 
     def attach(self, journal: Journal, reconciler: Reconciler) -> None:
         self._journal, self._reconciler = journal, reconciler
 
-    def expect_initial(self, roots: int) -> None:
+    def expect_initial(self, roots: int, origin: Origin = "offline") -> None:
         """A scan of every root is on its way (start-up, or after a rebuild): done once all are committed."""
         self._initial_pending = roots
+        self._initial_origin = origin
+        self._scan_changes = 0
+        self._scan_walked_from = self._reconciler.entries_walked if self._reconciler is not None else 0
         self.health.initial_scan = "running"
+        self._scan_expected = self._journal.count() if self._journal is not None and origin != "baseline" else None
 
     def retry_in(self, seconds: float) -> None:
         self.retry_at = time.monotonic() + seconds
@@ -175,9 +191,11 @@ class Flusher:
         done = 0
         reached = len(hints)  # a failure before the first hint is applied may be any hint's
         taken: dict[str, int] = {}
+        marks: list[Mark] = []
         try:
             journal.begin()
             rec.prefetch(hints)
+            marks = self._mark_events(journal, rec)  # a run's `start` before any gap of the run
             taken = self._gap_events(rec)
             for current, hint in enumerate(hints):
                 reached = current + 1
@@ -188,7 +206,7 @@ class Flusher:
                 for _ in rec.apply(hint, origin):
                     if rec.pending >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
                         self._commit_batch(journal, rec)
-                        taken = {}
+                        taken, marks = {}, []
                         done = current
                         journal.begin()
                 if isinstance(hint, Rescan) and hint.origin in ("baseline", "offline") and not hint.path:
@@ -204,6 +222,8 @@ class Flusher:
             rec.drop_events()
             for reason, count in taken.items():  # their markers rolled back with the batch
                 self._gaps.note_gap(reason, count)
+            for mark in marks:
+                self._gaps.note_mark(mark)
             return _Failure(exc, done, reached)
         finally:
             rec.end_flush()
@@ -215,6 +235,23 @@ class Flusher:
         for reason, count in reasons.items():
             rec.add_event(self._events.gap(reason, count or None))
         return reasons
+
+    def _mark_events(self, journal: Journal, rec: Reconciler) -> list[Mark]:
+        """The waiting lifecycle records, at the head of the batch, each with the journal's
+        lifecycle flag it sets in the same transaction; returned, to note again on a rollback."""
+        marks = self._gaps.take_marks()
+        for mark in marks:
+            rec.add_event(mark_event(self._events, mark))
+            if mark.state is not None:
+                journal.set_lifecycle(mark.state)
+        return marks
+
+    def commit_marks(self) -> None:
+        """The owner's, once the journal thread has ended: commit the waiting records (the `stop`) alone,
+        leaving the window as it is. When that fails, the next start says the run ended `unclean`."""
+        failure = self._attempt([])
+        if failure is not None:
+            log.error("lifecycle_record_failed", error=repr(failure.exc))
 
     def _commit_batch(self, journal: Journal, rec: Reconciler) -> None:
         events = rec.take_events()
@@ -228,9 +265,14 @@ class Flusher:
             self._local_store.committed(len(events), time.perf_counter() - started, events[0].ts)
         self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
         self._initial_in_txn = 0
+        if self.health.initial_scan == "running":
+            self._scan_changes += sum(1 for e in events if e.origin == self._initial_origin)
         if self._initial_pending == 0 and self.health.initial_scan == "running":
             self.health.initial_scan = "done"
-            log.info("initial_scan_done", entries=journal.count())
+            self._scan_walked = rec.entries_walked - self._scan_walked_from
+            entries = journal.count()
+            log.info("initial_scan_done", entries=entries, walked=self._scan_walked, changes=self._scan_changes)
+            self._gaps.note_mark(scanned_mark(self._initial_origin, entries, self._scan_changes))
         for action, count in Counter(e.action for e in events).items():
             self._metrics.events_observed.labels(action=action).inc(count)
             if action == "gap":
@@ -279,6 +321,15 @@ class Flusher:
         self._delay = 0.5
 
     # Status --------------------------------------------------------------------------------------
+
+    def scan_progress(self) -> dict[str, int | None]:
+        """The start-up diff's progress (any thread): entries walked, and the index's size when it began,
+        which is what a walk of an unchanged workspace comes to (None on a first start: nothing known)."""
+        rec = self._reconciler
+        walked = self._scan_walked
+        if self.health.initial_scan == "running" and rec is not None:
+            walked = max(0, rec.entries_walked - self._scan_walked_from)
+        return {"entries_walked": walked, "entries_expected": self._scan_expected, "changes": self._scan_changes}
 
     def recent_error(self) -> str | None:
         """The last change set aside, while it is recent enough to keep the status degraded."""

@@ -38,6 +38,7 @@ from codi2.journal.recovery import move_aside, salvage_outbox
 from codi2.metrics import Metrics
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.flusher import Flusher, JournalHealth
+from codi2.pipeline.lifecycle import Mark, start_mark, stop_mark
 from codi2.pipeline.rebuild import IndexRebuild
 from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
@@ -140,6 +141,8 @@ class Pipeline:
         self._rebuild = IndexRebuild(identity, self.root_names, self._flusher)
         self._deadline: float | None = None
         self._gap_reasons: dict[str, int] = {}
+        self._marks: list[Mark] = []  # lifecycle records for the head of the next batch
+        self._recorded_start = False  # this run has a `start` record (on its way): its end gets a `stop`
         self._stopping = False
         self._stop_deadline = 0.0
         self._rebuild_requested = False
@@ -287,8 +290,34 @@ class Pipeline:
         # After a rebuild from the store there was a trail before: what differs changed while we were down.
         known = self.journal.initialized or self.journal.needs_rebuild
         origin: Origin = "offline" if known else "baseline"
-        self._flusher.expect_initial(len(self._roots))
+        self._flusher.expect_initial(len(self._roots), origin)
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
+
+    def record_start(self, *, version: str, backend: str, config_sha256: str) -> None:
+        """Before `start`: the run's `start` record heads its first batch, saying how the run before ended
+        (the journal's lifecycle flag, read before anything of this run is committed)."""
+        assert self.journal is not None and self._journal_thread is None
+        previous = self.journal.lifecycle
+        mark = start_mark(
+            version=version, backend=backend, roots=self.root_names, config_sha256=config_sha256, previous=previous
+        )
+        log.info("lifecycle_start", previous_run=mark.detail["previous_run"])
+        self._recorded_start = True
+        self.note_mark(mark)
+
+    def note_mark(self, mark: Mark) -> None:
+        """Thread-safe: a lifecycle record for the head of the next batch (`Gaps`); none in a run that
+        records no `start` (a pipeline driven alone, without a daemon)."""
+        if not self._recorded_start:
+            return
+        with self._lock:
+            self._marks.append(mark)
+            self._lock.notify()
+
+    def take_marks(self) -> list[Mark]:
+        with self._lock:
+            marks, self._marks = self._marks, []
+        return marks
 
     def stop(self, deadline: float) -> int:
         """Blocking (call it off the event loop): journal what was observed before `deadline` (monotonic).
@@ -316,6 +345,11 @@ class Pipeline:
             return
         if self.journal is not None:
             self.settle_acks()
+            if self._recorded_start and self._journal_thread is not None:  # it ran and ended: `stop` is the last batch
+                if self._gap_pending():  # gaps noted at the very end come before it
+                    self._flusher.commit_marks()
+                self.note_mark(stop_mark(not_journaled=self.lost_at_shutdown, spool_events=self.journal.outbox_events))
+                self._flusher.commit_marks()
             self.journal.close()
         for fd in self._root_fds:
             os.close(fd)
@@ -422,12 +456,12 @@ class Pipeline:
             return max(0.0, min(self._deadline - now, 1.0))
         # Work this thread gave itself, with no one left to wake it: changes put back after a failed flush
         # (their window is re-armed next turn), a gap or a rebuild asked for from inside a flush.
-        if self._window or self._gap_reasons or self._rebuild_requested:
+        if self._window or self._gap_reasons or self._marks or self._rebuild_requested:
             return 0.0
         return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
-        return bool(self._gap_reasons)
+        return bool(self._gap_reasons or self._marks)
 
     def take_gaps(self) -> dict[str, int]:
         """Thread-safe: the flusher's, for the head of its batch (`Gaps`)."""
@@ -479,7 +513,7 @@ class Pipeline:
             return
         self._rebuild_requested = False
         self._fresh_remote = False
-        self._flusher.expect_initial(len(self._roots))
+        self._flusher.expect_initial(len(self._roots), origin)
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
 
     # Events --------------------------------------------------------------------------------------
@@ -501,6 +535,10 @@ class Pipeline:
         self.request_rebuild()
 
     # Status --------------------------------------------------------------------------------------
+
+    def scan_progress(self) -> dict[str, int | None]:
+        """The start-up diff's progress (any thread): entries walked, expected, changes found."""
+        return self._flusher.scan_progress()
 
     def pending_hints(self) -> int:
         return len(self._intake) + len(self._window)
@@ -525,6 +563,7 @@ class Pipeline:
         key = self._file.chain_key
         return {
             "initial_scan": jh.initial_scan,
+            "initial_scan_progress": self.scan_progress(),
             "pipeline": {
                 "pending_changes": self.pending_hints(),
                 "pipeline_errors": flusher.pipeline_errors,

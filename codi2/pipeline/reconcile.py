@@ -101,6 +101,7 @@ class Reconciler:
         self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
         self._links_touched = 0  # bumped when other names of a file are settled: a walk's index rows age
         self._vanished: list[tuple[int, bytes, Origin]] = []  # directories created and gone, `deleted` owed
+        self.entries_walked = 0  # entries the walks listed, ever: the start-up diff's progress (read by any thread)
 
     # The batch being built ---------------------------------------------------------------------------
 
@@ -439,7 +440,7 @@ class Reconciler:
                 yield from self.touch(root, rel, origin)
             return  # unreadable: what is below stays as the index has it
         name = self._names[root]
-        disk = entries(self._rules, root, rel, fd, recursive)
+        disk = self._counted(entries(self._rules, root, rel, fd, recursive))
         index = self._index_entries(name, key_of(rel), recursive)
         d, i = next(disk, None), next(index, None)
         gone: bytes | None = None  # the index subtree below a directory just deleted or replaced
@@ -476,6 +477,11 @@ class Reconciler:
                     yield from self._settle(root, d.rel, d.key, ifacts, full, origin, descend=not recursive)
                     yield from self._linked_news(root, d.key, ifacts, full, origin)
                 d, i = next(disk, None), next(index, None)
+
+    def _counted(self, listed: Iterator[DiskEntry]) -> Iterator[DiskEntry]:
+        for entry in listed:
+            self.entries_walked += 1
+            yield entry
 
     def _linked_news(
         self, root: int, key: bytes, known: Facts | None, disk: Facts | None, origin: Origin

@@ -19,8 +19,10 @@ from typing import Any, Literal, NamedTuple, TypeVar
 
 import msgspec
 
-Action = Literal["created", "updated", "deleted", "moved", "gap"]
-ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap")
+Action = Literal["created", "updated", "deleted", "moved", "gap", "start", "stop"]
+ACTIONS: tuple[Action, ...] = ("created", "updated", "deleted", "moved", "gap", "start", "stop")
+# The daemon's own life, not a change of the workspace: `dest_path` holds their details as a JSON object.
+LIFECYCLE: tuple[Action, ...] = ("start", "stop")
 EntryType = Literal["file", "dir", "symlink"]
 Origin = Literal["live", "rescan", "offline", "baseline"]
 C = TypeVar("C")  # a sink's read cursor

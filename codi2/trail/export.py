@@ -33,6 +33,8 @@ OCSF_ACTIVITY: dict[Action, tuple[int, str]] = {
     "deleted": (4, "Delete"),
     "moved": (5, "Rename"),
     "gap": (99, "Other"),  # not a file operation: "Other", with `activity_name` and `message` saying what
+    "start": (99, "Other"),  # the daemon's own life (docs/trail-format.md): details in `dest_path`
+    "stop": (99, "Other"),
 }
 OCSF_FILE_TYPE = {"file": (1, "Regular File"), "dir": (2, "Folder"), "symlink": (7, "Symbolic Link")}
 OCSF_SHA256 = 3  # fingerprint algorithm_id
@@ -45,6 +47,8 @@ ECS_TYPE: dict[Action, str] = {
     "deleted": "deletion",
     "moved": "change",
     "gap": "info",
+    "start": "start",
+    "stop": "end",
 }
 
 
@@ -72,7 +76,7 @@ def _mtime_ms(e: Event) -> int | None:
 
 def _file_facts(e: Event) -> Event:
     """The event with only what describes a file: a gap's `size` counts changes lost, not bytes."""
-    return e._replace(size=None, mode=None, mtime=None, sha256=None) if e.action == "gap" else e
+    return e._replace(size=None, mode=None, mtime=None, sha256=None) if e.action in ("gap", "start", "stop") else e
 
 
 def _gap_message(e: Event) -> str:

@@ -25,6 +25,7 @@ from codi2.disk.ignore import IgnoreRules
 from codi2.journal.journal import FILE_NAME as JOURNAL_FILE
 from codi2.stores.base import Cursor, StoredBatch, TrailAdmin, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
+from codi2.trail.coverage import Coverage, Range
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
 from codi2.trail.replay import fold, read_disk
 
@@ -56,6 +57,7 @@ class StreamReport:
     pruned_through: int = 0  # the horizon: batches up to it were pruned (docs/retention.md)
     key_ids: list[str | None] = field(default_factory=list)
     breaks: list[Break] = field(default_factory=list)
+    coverage: list[Range] = field(default_factory=list)  # when a daemon was watching (`codi2.trail.coverage`)
 
 
 @dataclass
@@ -142,12 +144,15 @@ def _stream(
     start = next((i for i, b in enumerate(stored) if since is None or parse_time(b.header.ts) >= since), len(stored))
     unchecked: dict[str | None, list[int]] = {}  # batches by the key id no given key has (None: unkeyed)
     last_cursor: dict[int, Any] = {}  # by index in `stored`: where the batch's events end in commit order
+    coverage = Coverage()
     for i, batch in enumerate(stored):
         report.breaks += _structure(stored, i, index, followed)
         if i < start:
             continue
         rows = sink.batch_events(tenant_id, batch)
         chained.update(cursor for cursor, _ in rows)
+        for _, e in rows:
+            coverage.feed(e)
         content = _content(batch.header, rows, keyring, unchecked, report)
         report.breaks += content
         for cursor, e in [] if content else rows:  # each event of an intact batch must be in the trail read
@@ -169,6 +174,7 @@ def _stream(
         else:
             detail = f"{what} sealed with key {key_id}: give its --key-file to check them"
             report.breaks.append(Break("unknown_key", numbers[0], detail))
+    report.coverage = coverage.ranges()
     return report
 
 
@@ -339,6 +345,7 @@ def render(report: Report) -> str:
         if s.pruned_through:
             lines.append(f"  pruned through batch {s.pruned_through} (its first live batch follows it)")
         lines += [f"  BREAK {b.kind} at batch {b.batch}: {b.detail}" for b in s.breaks]
+        lines += [f"  watched {r.start} … {r.end} (from {r.began}, to {r.ended})" for r in s.coverage]
     if report.unchained_events:
         lines.append(f"{report.unchained_events} events in no batch")
         lines += [f"  BREAK {b.kind}: {b.detail}" for b in report.unchained]
