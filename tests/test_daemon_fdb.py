@@ -54,8 +54,9 @@ def data(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def start(config: Path, data: Path, fake_libfdb_c: Path, spawned: Callable[[DaemonProcess], DaemonProcess]) -> Start:
-    def start(faults: str = "", seed: int = 1) -> DaemonProcess:
-        return spawned(DaemonProcess(config, data, fakefdb.child_env(fake_libfdb_c, data, faults, seed)))
+    def start(faults: str = "", seed: int = 1, *, settle: bool = True) -> DaemonProcess:
+        env = fakefdb.child_env(fake_libfdb_c, data, faults, seed)
+        return spawned(DaemonProcess(config, data, env, settle=settle))
 
     return start
 
@@ -111,10 +112,11 @@ def test_every_event_lands_exactly_once_through_faults_and_an_outage(
 def test_an_unnamed_error_code_is_shown_and_the_batch_kept_across_a_kill(
     workspace: Path, config: Path, data: Path, fake_libfdb_c: Path, start: Start
 ) -> None:
-    daemon = start("4242:1")  # every commit fails with a code FoundationDB does not define
+    daemon = start("4242:1", settle=False)  # every commit fails with a code FoundationDB does not define
+    wait_for(lambda: daemon.status()["initial_scan"] == "done")
     for i in range(5):
         (workspace / f"f{i}.txt").write_text("f")
-    wait_for(lambda: "codi2_spool_events 5.0" in daemon.get("/metrics")[1])
+    wait_for(lambda: "codi2_spool_events 7.0" in daemon.get("/metrics")[1])  # and the run's two `start` records
 
     def failed() -> dict | None:  # the shipper's first try may come after the journal's commit is seen
         status, body = daemon.get("/status")

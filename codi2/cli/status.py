@@ -71,7 +71,7 @@ def summary(s: dict[str, Any]) -> str:
     lines += [
         f"identity:      tenant {ident.get('tenant_id')}, user {ident.get('user_id')}, pod {ident.get('pod')}",
         f"roots:         {', '.join(s.get('watch_roots', [])) or 'none'} ({s.get('watches', 0)} watches)",
-        f"initial scan:  {s.get('initial_scan', '?')}",
+        f"initial scan:  {s.get('initial_scan', '?')}{_progress(s.get('initial_scan_progress'))}",
         f"pending:       {s.get('pipeline', {}).get('pending_changes', 0)} changes not yet journaled",
         f"spool:         {spool.get('events', 0)} events in {spool.get('batches', 0)} batches, "
         f"{spool.get('bytes', 0)} of {spool.get('max_bytes', 0)} bytes",
@@ -81,3 +81,11 @@ def summary(s: dict[str, Any]) -> str:
         f"chain head:    batch {chain.get('batches', 0)} {chain.get('head') or '-'} (stream {chain.get('stream_id')})",
     ]
     return "\n".join(lines)
+
+
+def _progress(p: dict[str, Any] | None) -> str:
+    """The start-up diff's figures: entries walked (of those the index held when it began), changes."""
+    if not p:
+        return ""
+    expected = f" of ~{p['entries_expected']}" if p.get("entries_expected") is not None else ""
+    return f" ({p.get('entries_walked', 0)}{expected} entries walked, {p.get('changes', 0)} changes)"
