@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "CODI2_"
 STATE_DIR_NAME = ".codi2"
+JOURNAL_FILE_NAME = "journal.db"
 _toml_path: ContextVar[Path | None] = ContextVar("codi2_toml_path", default=None)
 
 
@@ -369,6 +370,21 @@ class Settings(BaseSettings):
             return Path(os.path.abspath(self.storage.sqlite_path))
         return self.state_dir / "audit.db"
 
+    @property
+    def journal_file(self) -> Path:
+        return self.state_dir / JOURNAL_FILE_NAME
+
+    def private_paths(self) -> list[Path]:
+        """The daemon's own places, never audit events (recording them would feed back for ever): its state
+        directory, and a SQLite store with the files beside it. The daemon and `verify --disk` both use this."""
+        return [self.state_dir, *(_with_companions(self.sqlite_file) if self.backend == "sqlite" else [])]
+
+    def private_files(self) -> list[Path]:
+        """The files the daemon holds open and locked (journal, store, their WAL and shm, the lock files): never
+        opened by a walk, under any name (a hard link to one included)."""
+        dbs = [self.journal_file, *([self.sqlite_file] if self.backend == "sqlite" else [])]
+        return [self.state_dir / "lock", *(p for db in dbs for p in _with_companions(db))]
+
     def effective(self) -> dict[str, Any]:
         """The config as the daemon will use it, derived values filled in (for `config check`)."""
         data = self.model_dump(mode="json")
@@ -377,6 +393,11 @@ class Settings(BaseSettings):
         data["state"]["dir"] = str(self.state_dir)
         data["monitoring"]["watch_paths"] = [str(p) for p in self.watch_roots]
         return data
+
+
+def _with_companions(db: Path) -> list[Path]:
+    """A SQLite file and the files SQLite and the store lock keep beside it."""
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
 
 
 _IDENTITY_ENV = {

@@ -366,9 +366,12 @@ def test_events_cli_filters_and_formats(workspace: Path, daemon_factory: Start) 
     assert paths("--limit", "1") == [paths()[0]]
     assert paths("--since", "2999-01-01T00:00:00Z") == []
     table = subprocess.run([*base, "--format", "table"], capture_output=True, text=True, check=True, timeout=60)
-    assert table.stdout.splitlines()[0].split() == ["TS", "ACTION", "TYPE", "SIZE", "PATH"]
+    header = ["TS", "ACTION", "TYPE", "SIZE", "MODE", "ORIGIN", "USER", "SESSION", "OWNER", "PATH"]
+    assert table.stdout.splitlines()[0].split() == header
     bad = subprocess.run([*base, "--since", "yesterday"], capture_output=True, text=True, timeout=60, check=False)
-    assert bad.returncode == 2 and bad.stderr.strip() == "codi2: --since: not an ISO 8601 time: 'yesterday'"
+    assert bad.returncode == 2 and bad.stderr.strip() == (
+        "codi2: --since: neither an ISO 8601 time nor a span such as 30m, 1h, 2d: 'yesterday'"
+    )
     other = subprocess.run(
         [sys.executable, "-m", "codi2", "events", "--config", str(daemon.config), "--tenant-id", "nobody"],
         capture_output=True,

@@ -45,7 +45,6 @@ from codi2.trail.chain import ChainHead, ChainKey
 from codi2.trail.events import Batch, BatchHeader, Event, encode_event, now_rfc3339, uuid7
 
 FORMAT_VERSION = 1  # written to `meta` for releases before user_version, which refuse a newer format
-FILE_NAME = "journal.db"
 BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all over the file
 # SQLite's primary result codes (an extended code carries one in its low byte) that mean the file's
