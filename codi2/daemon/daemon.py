@@ -121,6 +121,8 @@ class Daemon:
             on_hints=self.pipeline.feed,
             on_overflow=self._overflow,
             on_descriptors_back=self._descriptors_back,
+            on_mounts_changed=lambda: self.pipeline.note_gap("mount_changed", None),
+            check_interval_s=s.monitoring.rescan_interval_s,
         )
         self.shipper: Shipper | None = None  # built once the journal and the store are open
         self._ready_checks = {  # /readyz names each; /status and the metric say whether all hold
@@ -275,6 +277,8 @@ class Daemon:
         m.pipeline_queue.set_function(pipeline.pending_hints)
         m.ready.set_function(lambda: float(self._ready()))
         m.handler_errors.source = lambda: float(watcher.state.handler_errors)
+        m.roots_gone.set_function(lambda: len(watcher.state.roots_gone))
+        m.roots_reestablished.source = lambda: float(watcher.state.roots_reestablished)
 
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from typing import Any
 import structlog
 
 from codi2.config import STATE_DIR_NAME
-from codi2.disk.fs import O_DIR, RESOURCE_ERRNOS, Facts
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, Facts
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal import legacy
 from codi2.journal.journal import (
@@ -48,7 +49,7 @@ from codi2.stores.base import TrailReader
 from codi2.trail.chain import ChainKey
 from codi2.trail.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
 from codi2.trail.replay import fold_events
-from codi2.watch.hints import Hint, Move, Rescan, Touch
+from codi2.watch.hints import Hint, Move, Rescan, RootReplaced, Touch
 
 log = structlog.get_logger("codi2.pipeline.pipeline")
 
@@ -132,6 +133,8 @@ class Window:
                 assert isinstance(found, Rescan)
                 origin = min(found.origin, hint.origin, key=_ORIGIN_RANK.index)
                 self._items[key] = Rescan(hint.root, hint.path, found.recursive or hint.recursive, origin)
+        elif isinstance(hint, RootReplaced):
+            self._items.setdefault(("root", hint.root), hint)
         else:
             self._move(hint)
 
@@ -497,9 +500,12 @@ class Pipeline:
             journal.begin()
             rec.prefetch(items)
             self._gap_events()
+            self._reopen_roots(items)
             for current, item in enumerate(items):
                 origin: Origin = "live"
                 rec.silent = False
+                if isinstance(item, RootReplaced):
+                    item = Rescan(item.root, b"", True)
                 if isinstance(item, Rescan):
                     origin = item.origin
                     rec.silent = self._silent_baseline and origin == "baseline"
@@ -535,6 +541,28 @@ class Pipeline:
             rec.forget()
             rec.cache.close()
         self._journal_ok(len(items))
+
+    def _reopen_roots(self, items: list[Hint]) -> None:
+        """The watcher found another directory at a root's path, or none: read that root from its path
+        from now on, after a `gap`. A root that is gone is read through a directory that stays empty (made
+        in the state dir and removed at once), so everything the index holds under it is `deleted`."""
+        rec = self._reconciler
+        assert rec is not None
+        for item in items:
+            if not isinstance(item, RootReplaced):
+                continue
+            try:
+                fd = os.open(self._roots[item.root], O_DIR)
+                rec.events.append(self._gap_event("root_replaced", None, item.root))
+            except OSError as exc:
+                if exc.errno not in ABSENT_ERRNOS:
+                    raise
+                empty = tempfile.mkdtemp(prefix="gone-", dir=self._state_dir)
+                fd = os.open(empty, O_DIR)
+                os.rmdir(empty)
+                rec.events.append(self._gap_event("root_gone", None, item.root))
+            os.close(self._root_fds[item.root])
+            self._root_fds[item.root] = fd  # in place: the reconciler and its cache read this list
 
     def _commit_batch(self) -> None:
         journal, rec = self.journal, self._reconciler
@@ -711,7 +739,7 @@ class Pipeline:
             origin,
         )
 
-    def _gap_event(self, reason: str, count: int | None) -> Event:
+    def _gap_event(self, reason: str, count: int | None, root: int = 0) -> Event:
         """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history."""
         journal = self.journal
         assert journal is not None
@@ -728,7 +756,7 @@ class Pipeline:
             "gap",
             "",
             reason,
-            self.root_names[0],
+            self.root_names[root],
             "dir",
             count,
             None,
