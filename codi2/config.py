@@ -175,7 +175,7 @@ class MonitoringSettings(Section):
     `events` and `baseline` are read as `record` and `silent`."""
     rescan_interval_s: float = Field(default=60.0, ge=1.0, le=86_400.0)
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
-    the index, and every watch root is checked at its path (removed, replaced, renamed away), in seconds."""
+    the index, in seconds."""
 
     @field_validator("watch_paths")
     @classmethod
