@@ -30,6 +30,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -112,6 +113,11 @@ class ServerSettings(Section):
     bind_addr: BindAddr = "0.0.0.0:8765"
     """Where the health server listens (`/livez`, `/readyz`, `/status`, `/metrics`): HOST:PORT or
     [V6]:PORT; port 0 picks a free one."""
+    shutdown_timeout_s: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    """How long a shutdown (SIGTERM, SIGINT) may take, in seconds: reading what the kernel queued,
+    journaling it and shipping the outbox. What is left then stays in the journal for the next start; a
+    second signal stops at once. Kubernetes' `terminationGracePeriodSeconds` must exceed it, else SIGKILL
+    cuts the drain short (`codi2 provision` renders it from this value)."""
 
     @property
     def host(self) -> str:
@@ -361,7 +367,7 @@ def _where(path: Path | None, loc: tuple[Any, ...], cli_keys: set[str]) -> str:
     return str(path) if path is not None else "defaults"
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown key (every key is listed in docs/config.md and by `codi2 config reference`)"
     if error["type"] == "missing":

@@ -21,10 +21,14 @@ import hypothesis
 import pytest
 from hypothesis import settings
 
+from codi2.config import MonitoringSettings
+from codi2.disk.ignore import IgnoreRules
 from codi2.stores.sqlite import SqliteSink
 from codi2.trail.events import Event, EventQuery
+from codi2.trail.replay import Entry, read_disk
 
 WAIT_S = 60.0  # generous upper bound for conditions; tests poll and never depend on timing
+HASH_MAX = MonitoringSettings.model_fields["hash_max_bytes"].default
 # Hypothesis fails an example slower than 200 ms by default: on a shared 2-core machine that is timing.
 settings.register_profile("codi2", deadline=None)
 settings.load_profile("codi2")
@@ -166,9 +170,16 @@ class DaemonProcess:
 
     def terminate(self, timeout: float = 30.0) -> int:
         self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def wait(self, timeout: float) -> int:
+        """The exit code, once the process has ended and its last log lines are read."""
         code = self.proc.wait(timeout)
         self._reader.join(5)
         return code
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [line for line in self.logs if line.get("event") == event]
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -227,28 +238,20 @@ def daemon_factory(
     return start
 
 
-def disk_state(root: Path, ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2")) -> dict:
-    """What a complete trail must fold to: every non-ignored entry under `root` with its sha256.
-    Written with os.walk on purpose, independent of the package's own walk, so it can catch that walk."""
-    import hashlib
-    import stat
+Ignored = Callable[[str, bool], bool]
 
-    from codi2.trail.replay import Entry
 
-    state = {}
-    for dirpath, dirnames, filenames in os.walk(os.fsencode(root)):
-        dirnames[:] = [d for d in dirnames if os.fsdecode(d) not in ignores]
-        for name in [*dirnames, *filenames]:
-            if os.fsdecode(name) in ignores:
-                continue
-            full = os.path.join(dirpath, name)
-            rel = os.fsdecode(os.path.relpath(full, os.fsencode(root)))
-            st = os.lstat(full)
-            if stat.S_ISDIR(st.st_mode):
-                state[(str(root), rel)] = Entry("dir", None)
-            elif stat.S_ISLNK(st.st_mode):
-                state[(str(root), rel)] = Entry("symlink", None)
-            else:
-                with open(full, "rb") as f:
-                    state[(str(root), rel)] = Entry("file", hashlib.sha256(f.read()).hexdigest())
-    return state
+def disk_state(
+    root: Path,
+    ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2"),
+    ignored: Ignored | None = None,
+) -> dict[tuple[str, str], Entry]:
+    """What a complete trail must fold to: every entry below `root` the daemon's own walk
+    (`codi2.disk.walk`) keeps under the ignore patterns `ignores`, files hashed up to the default
+    `hash_max_bytes`. `ignored(rel, is_dir)` leaves out more: path-dependent rules, the daemon's own
+    places under another name."""
+    rules = IgnoreRules(ignores, [root])
+    state = read_disk(root, rules, HASH_MAX).state
+    if ignored is None:
+        return state
+    return {key: entry for key, entry in state.items() if not ignored(key[1], entry.type == "dir")}

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from codi2.stores.fdb import load_fdb
+from codi2.stores.fdb.client import load_fdb
 
 SOURCE_ENV = "CODI2_FAKELIBFDB_SRC"
 API_VERSION = 730

@@ -22,7 +22,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sink_contract import make_event
 
-from codi2.journal.journal import Journal, OutboxReader, move_aside
+from codi2.journal.journal import Journal
+from codi2.journal.outbox import OutboxReader
+from codi2.journal.recovery import move_aside
 from codi2.stores.sqlite import LocalStore, SqliteSink
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead, load_key, make_key

@@ -12,7 +12,8 @@ import pytest
 from conftest import run_codi2
 
 from codi2.cli.checks import PROBE_TENANT
-from codi2.stores.fdb import FdbSink, parse_cluster_file
+from codi2.stores.fdb.client import parse_cluster_file
+from codi2.stores.fdb.sink import FdbSink
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -51,6 +51,7 @@ def test_seed_config_loads_unchanged_and_means_fdb(fs: Path) -> None:
     settings = load_settings(_write(fs, SEED_TOML))
     assert settings.backend == "fdb"
     assert settings.server.host == "0.0.0.0" and settings.server.port == 8765
+    assert settings.server.shutdown_timeout_s == 20.0
     assert settings.monitoring.ignore_patterns == [".git", "node_modules", "target", "dist"]
     assert settings.state_dir == Path("/workspace/.codi2")
 
@@ -72,11 +73,13 @@ def test_env_overrides_file_and_cli_overrides_env(fs: Path, monkeypatch: pytest.
     path = _write(fs, 'tenant_id = "from-file"\n' + SEED_TOML)
     monkeypatch.setenv("CODI2_SERVER__BIND_ADDR", "127.0.0.1:9000")
     monkeypatch.setenv("CODI2_BATCHING__MAX_EVENTS", "17")
+    monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "2.5")
     monkeypatch.setenv("TENANT_ID", "from-env")
     monkeypatch.setenv("HOSTNAME", "workspace-pod")
     settings = load_settings(path)
     assert settings.server.port == 9000
     assert settings.batching.max_events == 17
+    assert settings.server.shutdown_timeout_s == 2.5
     assert settings.tenant_id == "from-env"
     assert settings.pod == "workspace-pod"
     assert settings.monitoring.watch_paths == [Path("/workspace")]  # untouched keys keep the file's value
@@ -96,6 +99,10 @@ def test_logging_level_is_case_insensitive(fs: Path) -> None:
         ("[server]\nbind_addr = 'localhost'\n", "server.bind_addr: expected HOST:PORT"),
         ("[server]\nbind_addr = '127.0.0.1:70000'\n", "server.bind_addr: port must be a number from 0 to 65535"),
         ("[storage]\nbackend = 'mysql'\n", "storage.backend: Input should be 'sqlite' or 'fdb'"),
+        ("[server]\nshutdown_timeout_s = 0\n", "server.shutdown_timeout_s: Input should be greater than 0"),
+        ("[server]\nshutdown_timeout_s = -5\n", "server.shutdown_timeout_s: Input should be greater than 0"),
+        ("[server]\nshutdown_timeout_s = inf\n", "server.shutdown_timeout_s: Input should be a finite number"),
+        ("[server]\nshutdown_timeout_s = nan\n", "server.shutdown_timeout_s: Input should be a finite number"),
         ("[server\n", "invalid TOML"),
         (
             "[foundationdb]\napi_version = 800\n",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -16,7 +17,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import DaemonProcess, disk_state, wait_for
+from conftest import WAIT_S, DaemonProcess, disk_state, wait_for
+from trail_checks import StoreOutage
 
 from codi2.trail.events import EVENT_KEYS
 from codi2.trail.replay import fold
@@ -214,6 +216,62 @@ def test_store_outage_keeps_ready_and_loses_nothing(workspace: Path, daemon_fact
     wait_for(lambda: len(_created(daemon)) >= 51)
     assert daemon.terminate() == 0
     assert Counter(_created(daemon)) == Counter(["before.txt"] + [f"during{i}.txt" for i in range(50)])
+
+
+def test_a_shutdown_drains_for_the_configured_time_and_the_next_start_finds_the_rest(
+    workspace: Path, daemon_factory: Start
+) -> None:
+    """`[server] shutdown_timeout_s` bounds the drain (it was a hard-coded 20 s, which Kubernetes' grace
+    period had to be guessed from): a change a store outage kept from the journal is reported, not lost."""
+    daemon = daemon_factory(env={"CODI2_SERVER__SHUTDOWN_TIMEOUT_S": "0.5"})
+    outage = StoreOutage(daemon.db)  # with SQLite the journal is the store's file: nothing is journaled
+    try:
+        (workspace / "during.txt").write_text("x")
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        code = daemon.terminate(WAIT_S)
+    finally:
+        outage.end()
+    assert code == 1, daemon.logs[-10:]
+    assert [line["timeout_s"] for line in daemon.logged("shutdown_requested")] == [0.5]
+    assert daemon.logged("changes_not_journaled"), daemon.logs[-10:]
+    assert daemon.logged("shutdown_forced") == []
+    again = daemon_factory()
+    wait_for(lambda: again.events())
+    assert again.terminate() == 0
+    assert [(e.action, e.path, e.origin) for e in again.events()] == [("created", "during.txt", "offline")]
+
+
+@pytest.mark.parametrize("second", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
+def test_a_second_signal_stops_at_once_and_the_next_start_loses_nothing(
+    workspace: Path, daemon_factory: Start, second: signal.Signals
+) -> None:
+    """Found by the issue (#21): a second SIGTERM did nothing, so whoever sent it, seeing the daemon drain
+    into a store outage, could only wait out the deadline or SIGKILL it blind. It now ends the process at
+    once, saying what it left; the journal being durable, the next start finds all of it."""
+    daemon = daemon_factory(env={"CODI2_SERVER__SHUTDOWN_TIMEOUT_S": "3600"})  # a drain that would not end
+    outage = StoreOutage(daemon.db)
+    try:
+        for i in range(3):
+            (workspace / f"during{i}.txt").write_text("x")
+        wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
+        daemon.proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: daemon.logged("shutdown_requested"))
+        daemon.proc.send_signal(second)
+        code = daemon.wait(WAIT_S)  # a generous bound: the drain alone would take an hour
+    finally:
+        outage.end()
+    assert code == 1, daemon.logs[-10:]
+    [forced] = daemon.logged("shutdown_forced")
+    assert forced["signal"] == second.name and forced["changes_not_journaled"] >= 1, forced
+    assert forced["events_left_in_spool"] == 0  # SQLite: nothing waits between the journal and the store
+    assert daemon.logged("codi2_stopped") == []
+    again = daemon_factory()
+    wait_for(lambda: len(_created(again)) == 3)
+    assert again.terminate() == 0
+    assert sorted((e.action, e.path, e.origin) for e in again.events()) == [
+        ("created", f"during{i}.txt", "offline") for i in range(3)
+    ]
+    assert fold(again.events()) == disk_state(workspace)
 
 
 def test_busy_port_is_a_one_line_failure(workspace: Path, tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The event model, the coalescing window and the trail fold, as pure logic."""
+"""The event model and the trail fold, as pure logic (the batch window: tests/test_window.py)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from sink_contract import make_event
 
-from codi2.pipeline.pipeline import Window
 from codi2.trail.events import EVENT_KEYS, Event, EventQuery, parse_time, rfc3339, uuid7
 from codi2.trail.replay import Entry, fold
-from codi2.watch.hints import Hint, Move, Rescan, Touch
 
 
 def test_uuid7_is_rfc9562_version_7_and_unique() -> None:
@@ -44,57 +42,6 @@ def test_query_matches_dest_path_and_tenant_exactly() -> None:
     assert EventQuery("t1", path_glob="b/*").matches(moved)
     assert not EventQuery("t1", path_glob="c/*").matches(moved)
     assert not EventQuery("t", path_glob="a/*").matches(moved)
-
-
-def _window(*hints: Hint) -> list[Hint]:
-    window = Window()
-    for hint in hints:
-        window.add(hint)
-    return window.take()
-
-
-def test_hints_coalesce_per_path_keeping_the_first_place() -> None:
-    assert _window(Touch(0, b"f"), Touch(0, b"g"), Touch(0, b"f")) == [Touch(0, b"f"), Touch(0, b"g")]
-    assert _window(Rescan(0, b"d", False), Rescan(0, b"d", True)) == [Rescan(0, b"d", True)]
-    assert _window(Rescan(0, b"d", True), Rescan(0, b"d", False)) == [Rescan(0, b"d", True)]
-
-
-def test_a_rename_carries_the_hints_below_it_and_drops_what_it_replaced() -> None:
-    got = _window(
-        Touch(0, b"out.tmp"),
-        Touch(0, b"out.tmp/f1"),
-        Touch(0, b"out/old"),
-        Touch(0, b"other"),
-        Move(0, b"out.tmp", b"out", True, 7),
-        Touch(0, b"out/f1"),
-    )
-    assert got == [Touch(0, b"other"), Move(0, b"out.tmp", b"out", True, 7), Touch(0, b"out"), Touch(0, b"out/f1")]
-
-
-def test_a_file_rename_carries_its_own_hint_only() -> None:
-    got = _window(Touch(0, b".f.swp"), Touch(0, b"f"), Touch(0, b".f.swpx"), Move(0, b".f.swp", b"f", False, None))
-    assert got == [Touch(0, b".f.swpx"), Move(0, b".f.swp", b"f", False, None), Touch(0, b"f")]
-
-
-def test_a_hint_of_another_type_at_the_source_stays_there() -> None:
-    """RENAME_EXCHANGE of a directory at a name ignored only as a directory with the file `d`: the
-    directory appears at `d` (a hint there), the file moves from `d`; the hint is not the file's."""
-    got = _window(Touch(0, b"d", True, True), Move(0, b"d", b"logs", False, None))
-    assert got == [Move(0, b"d", b"logs", False, None), Touch(0, b"d", True, True)]
-    got = _window(Touch(0, b"d", True, False), Move(0, b"d", b"x", True, 7))
-    assert got == [Move(0, b"d", b"x", True, 7), Touch(0, b"x", True, False), Touch(0, b"d", True, False)]
-
-
-def test_restored_hints_go_before_newer_ones() -> None:
-    window = Window()
-    window.add(Touch(0, b"new"))
-    window.restore([Touch(0, b"old"), Touch(0, b"new")])
-    assert window.take() == [Touch(0, b"old"), Touch(0, b"new")]
-
-
-@given(st.lists(st.sampled_from([b"a", b"b", b"a/x", b"b/x", b"c"]), max_size=12))
-def test_window_never_loses_a_path_without_a_rename(paths: list[bytes]) -> None:
-    assert {h.path for h in _window(*(Touch(0, p) for p in paths))} == set(paths)  # type: ignore[union-attr]
 
 
 def test_fold_follows_moves_and_directory_deletes() -> None:

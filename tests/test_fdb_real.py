@@ -21,7 +21,8 @@ from sink_contract import SinkContract, batch_of, make_event
 from tamper import FdbTamper, Tamper
 
 from codi2.stores.base import Sink
-from codi2.stores.fdb import FdbSink, load_fdb
+from codi2.stores.fdb.client import load_fdb
+from codi2.stores.fdb.sink import FdbSink
 from codi2.trail.events import EventQuery
 
 CLUSTER_FILE = os.environ.get("CODI2_TEST_FDB_CLUSTER_FILE")

@@ -19,6 +19,7 @@ from conftest import eventually, write_config
 from trail_checks import write_fdb_config
 
 from codi2.config import load_settings
+from codi2.daemon.build import build
 from codi2.daemon.daemon import Daemon, StartupError, StateLock
 from codi2.trail.events import Identity
 
@@ -47,7 +48,7 @@ async def test_a_start_up_failing_at_its_last_step_stops_everything_that_had_sta
     # It fails as it does when the user has used up fs.inotify.max_user_instances (a limit shared with
     # every process of the user, too racy to exhaust for real in a test).
     monkeypatch.setattr("codi2.watch.inotify.inotify_init", lambda: -1)
-    daemon = Daemon(settings, Identity("t1", "u1", None, None))
+    daemon = Daemon(build(settings, Identity("t1", "u1", None, None)))
     daemon_fds_from = _open_fds()
 
     with pytest.raises(StartupError) as failed:
@@ -79,7 +80,7 @@ async def test_a_thread_that_dies_is_named_in_status_and_fails_liveness(
 ) -> None:
     request.getfixturevalue("fdb_api")
     config = write_fdb_config(tmp_path / "codi2.toml", workspace, tmp_path / "fdb.cluster")
-    daemon = Daemon(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None))
+    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None)))
     serving = asyncio.create_task(daemon.serve())
     try:
         await eventually(lambda: daemon.status()["ready"])
@@ -105,9 +106,9 @@ async def test_a_flush_still_running_at_the_shutdown_deadline_is_reported_not_jo
 ) -> None:
     """A flush longer than shutdown may wait (a huge start-up scan on a throttled CPU): the exit code and
     the log say changes were not journaled, and the journal and roots stay open under the working thread."""
-    monkeypatch.setattr("codi2.daemon.daemon.SHUTDOWN_FLUSH_S", 0.0)
+    monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "0.01")
     config = write_config(tmp_path / "codi2.toml", workspace, tmp_path / "audit.db")
-    daemon = Daemon(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None))
+    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None)))
     serving = asyncio.create_task(daemon.serve())
     pipeline = daemon.pipeline
     await eventually(lambda: daemon.status()["ready"] and daemon.status()["initial_scan"] == "done")

@@ -103,19 +103,54 @@ def test_sigterm_mid_burst_with_the_store_up_ships_everything(
 
 
 def test_sigterm_during_an_outage_keeps_the_spool_for_the_next_start(
-    workspace: Path, fdb_config: Path, fdb_data: Path, fake_libfdb_c: Path, start_fdb: StartFdb
+    workspace: Path,
+    fdb_config: Path,
+    fdb_data: Path,
+    fake_libfdb_c: Path,
+    start_fdb: StartFdb,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "1")  # shipping retries until then
     daemon = start_fdb()
     daemon.down.touch()
     burst(workspace, "a", 50)
     wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
     wait_for(lambda: daemon.status()["spool"]["events"] >= 51)
-    daemon.proc.send_signal(signal.SIGTERM)  # twice: here, and in terminate()
     code = daemon.terminate(WAIT_S)
     assert code == 0, daemon.logs[-10:]
     assert logged(daemon, "events_left_in_spool"), daemon.logs[-10:]
+    monkeypatch.delenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S")
     daemon.down.unlink()
     restart_and_check(start_fdb, workspace)
+    verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
+
+
+def test_a_second_signal_during_an_outage_stops_at_once_and_the_spool_is_shipped_at_the_next_start(
+    workspace: Path,
+    fdb_config: Path,
+    fdb_data: Path,
+    fake_libfdb_c: Path,
+    start_fdb: StartFdb,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A second signal ends a drain that would not (the shipper retrying an absent cluster) at once, with the
+    batches it leaves in the spool named; the next start ships them, each event once."""
+    monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "3600")
+    daemon = start_fdb()
+    daemon.down.touch()
+    burst(workspace, "a", 50)
+    wait_for(lambda: daemon.status()["spool"]["events"] >= 51)
+    daemon.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: logged(daemon, "shutdown_requested"))
+    daemon.proc.send_signal(signal.SIGTERM)
+    code = daemon.wait(WAIT_S)  # a generous bound: the drain alone would take an hour
+    assert code == 1, daemon.logs[-10:]
+    [forced] = logged(daemon, "shutdown_forced")
+    assert forced["events_left_in_spool"] >= 51, forced
+    monkeypatch.delenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S")
+    daemon.down.unlink()
+    again = restart_and_check(start_fdb, workspace)
+    assert logged(again, "events_left_in_spool") == []
     verify(fdb_config, fdb_data, fake_libfdb_c, workspace)
 
 
@@ -250,8 +285,9 @@ def _free_port() -> int:
 
 
 def test_status_and_metrics_answer_through_start_up_an_outage_and_shutdown(
-    workspace: Path, fdb_config: Path, start_fdb: StartFdb
+    workspace: Path, fdb_config: Path, start_fdb: StartFdb, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "2")  # the shutdown ships into the outage until then
     port = _free_port()
     fdb_config.write_text(fdb_config.read_text().replace('"127.0.0.1:0"', f'"127.0.0.1:{port}"'))
     for i in range(1500):  # watches to place: start-up takes a while
@@ -263,6 +299,7 @@ def test_status_and_metrics_answer_through_start_up_an_outage_and_shutdown(
         burst(workspace, "a", 30)
         wait_for(lambda: daemon.status()["store"]["state"] == "degraded")
         assert daemon.terminate(WAIT_S) == 0
+        monkeypatch.delenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S")
         daemon.down.unlink()
         restart_and_check(start_fdb, workspace)
     finally:
@@ -359,7 +396,7 @@ def test_sigterm_during_start_up_then_restart(
         env={**os.environ, **fakefdb.child_env(fake_libfdb_c, fdb_data)},
     )
     assert proc.stderr is not None
-    for line in proc.stderr:  # the journal is open: SIGTERM (twice) while the watches are placed
+    for line in proc.stderr:  # the journal is open: SIGTERM, then SIGINT (stop at once), while the watches are placed
         if "index_rebuilt" in line or "codi2_ready" in line:
             break
     proc.send_signal(signal.SIGTERM)

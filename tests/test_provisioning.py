@@ -35,6 +35,13 @@ def spec(**kw: object) -> WorkspaceSpec:
     return WorkspaceSpec(**fields)  # type: ignore[arg-type]
 
 
+def test_the_grace_period_outlasts_the_configured_shutdown_deadline() -> None:
+    config = CONFIG.replace("[server]\n", "[server]\nshutdown_timeout_s = 120.5\n", 1)
+    assert config != CONFIG
+    pod = render(spec(codi2_config=config))[-1]
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 121 + 40
+
+
 def validate(manifests: list[dict]) -> None:
     for manifest in manifests:
         kubernetes_validate.validate(manifest, K8S_VERSION, strict=True)
@@ -67,7 +74,7 @@ def test_rendered_workspace_validates_strictly_and_is_production_grade() -> None
     assert codi2["readinessProbe"]["httpGet"]["path"] == "/readyz"
     startup = codi2["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
-    assert pod["spec"]["terminationGracePeriodSeconds"] > 25  # the daemon's drain and flush
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 60  # the daemon's drain (20 s) and the user's container
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
     for container in _containers(pod):
         assert container["resources"]["limits"] and container["resources"]["requests"]

@@ -23,9 +23,10 @@ RECORD_NETWORK_CALLS = """
 import json, sys
 from pathlib import Path
 from codi2.config import load_settings
-from codi2.stores import fdb as fdb_sink
+from codi2.stores.fdb.client import load_fdb
+from codi2.stores.fdb.sink import open_fdb_sink
 
-fdb = fdb_sink.load_fdb(730)  # as open_fdb_sink does first; the library's functions exist from here
+fdb = load_fdb(730)  # as open_fdb_sink does first; the library's functions exist from here
 capi, calls = fdb.impl._capi, []
 set_option, setup_network = capi.fdb_network_set_option, capi.fdb_setup_network
 
@@ -38,7 +39,7 @@ def recording_setup_network():
     return setup_network()
 
 capi.fdb_network_set_option, capi.fdb_setup_network = recording_set_option, recording_setup_network
-fdb_sink.open_fdb_sink(load_settings(Path(sys.argv[1]), tenant_id="t1"), writer=True)
+open_fdb_sink(load_settings(Path(sys.argv[1]), tenant_id="t1"), writer=True)
 print(json.dumps(calls))
 """
 

@@ -1,7 +1,6 @@
 """What the churn and fidelity tests check a trail against, and the real-world levers they pull.
 
-- `disk_state`: the workspace as a complete trail must fold to, walked through directory descriptors so
-  that a tree deeper than PATH_MAX is read too (written here, independent of the package's own walk).
+- `disk_state` (conftest's): the workspace as a complete trail must fold to, read by the daemon's own walk.
 - `trail_defects`: an event that restates what the trail already says (a `created` for a path the trail
   has, an `updated` that changes nothing, a `deleted` or `moved` of a path the trail does not have), an
   event id seen twice, an entry recorded inside a directory the trail does not have.
@@ -32,54 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import fakefdb
-from conftest import WAIT_S, DaemonProcess, run_codi2, wait_for
+from conftest import WAIT_S, DaemonProcess, Ignored, disk_state, run_codi2, wait_for
 
 from codi2.trail.events import Event
-from codi2.trail.replay import Entry, fold
+from codi2.trail.replay import fold
 
-IGNORED_NAMES = frozenset({".git", "node_modules", "target", "dist", ".codi2"})
 NOBODY = 65534
 RENAME_EXCHANGE = 2
 AT_FDCWD = -100
-Ignored = Callable[[str, bool], bool]
 
 
 # The disk ---------------------------------------------------------------------------------------------
-
-
-def disk_state(root: Path, ignored: Ignored | None = None) -> dict[tuple[str, str], Entry]:
-    """Every non-ignored entry below `root` with its sha256, read relative to directory descriptors.
-    `ignored(rel, is_dir)` adds path-dependent rules to the ignored names."""
-    state: dict[tuple[str, str], Entry] = {}
-    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    stack: list[tuple[int, str]] = [(top, "")]
-    try:
-        while stack:
-            fd, where = stack.pop()
-            try:
-                for name in sorted(os.listdir(fd)):
-                    rel = f"{where}/{name}" if where else name
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    is_dir = stat.S_ISDIR(st.st_mode)
-                    if name in IGNORED_NAMES or (ignored is not None and ignored(rel, is_dir)):
-                        continue
-                    if is_dir:
-                        state[(str(root), rel)] = Entry("dir", None)
-                        stack.append((os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd), rel))
-                    elif stat.S_ISLNK(st.st_mode):
-                        state[(str(root), rel)] = Entry("symlink", None)
-                    elif not stat.S_ISREG(st.st_mode):  # a FIFO, socket or device: a file without a hash
-                        state[(str(root), rel)] = Entry("file", None)
-                    else:
-                        ffd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
-                        with os.fdopen(ffd, "rb") as f:
-                            state[(str(root), rel)] = Entry("file", hashlib.sha256(f.read()).hexdigest())
-            finally:
-                os.close(fd)
-    finally:
-        for fd, _ in stack:
-            os.close(fd)
-    return state
 
 
 def directory_modes(root: Path) -> list[tuple[str, int]]:
@@ -183,7 +145,7 @@ def converge(
     daemon: DaemonProcess, root: Path, *, ignored: Ignored | None = None, timeout: float = 30.0
 ) -> list[Event]:
     """Wait until the trail folds to the disk, then check it has no defects; returns the events."""
-    expected = disk_state(root, ignored)
+    expected = disk_state(root, ignored=ignored)
     try:
         wait_for(lambda: fold(daemon.events()) == expected, timeout=timeout)
     except AssertionError:
@@ -208,7 +170,7 @@ def final_check(daemon: DaemonProcess, root: Path, *, ignored: Ignored | None = 
     converge(daemon, root, ignored=ignored)
     code = daemon.terminate(60)
     events = daemon.events()
-    expected = disk_state(root, ignored)
+    expected = disk_state(root, ignored=ignored)
     assert fold(events) == expected, f"after stop: {diff(fold(events), expected)}\n{describe(events)}"
     assert_no_defects(events)
     assert code == 0, f"exit code {code}; logs {daemon.logs[-10:]}"

@@ -47,7 +47,7 @@ def _timed(name: str, fn: Callable[[], str]) -> Step:
 
 def _hint(exc: StoreError) -> str | None:
     if exc.code in ("libfdb_c_missing", "libfdb_c_version"):
-        from codi2.stores.fdb import bindings_series
+        from codi2.stores.fdb.client import bindings_series
 
         return (
             f"install foundationdb-clients {bindings_series()}, the series of the installed Python bindings"
@@ -96,27 +96,28 @@ def _sqlite_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[
 
 
 def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], str]]]:
-    from codi2.stores import fdb as fdb_sink
+    from codi2.stores.fdb import client as fdb_client
+    from codi2.stores.fdb.sink import open_fdb_sink
 
     state: dict[str, Any] = {}
     api = settings.foundationdb.api_version
 
     def library() -> str:
-        state["fdb"] = fdb_sink.load_fdb(api)
-        supported = fdb_sink.client_library_version(state["fdb"])
+        state["fdb"] = fdb_client.load_fdb(api)
+        supported = fdb_client.client_library_version(state["fdb"])
         return f"libfdb_c loaded, API version {api} selected (library supports up to {supported})"
 
     def cluster_file() -> str:
-        path = fdb_sink.resolve_cluster_file(settings)
+        path = fdb_client.resolve_cluster_file(settings)
         try:
-            desc, ident, coordinators = fdb_sink.parse_cluster_file(path.read_text())
+            desc, ident, coordinators = fdb_client.parse_cluster_file(path.read_text())
         except OSError as exc:
             raise StepFailed(f"{path}: {exc.strerror}", "mount the codi2-fdb Secret or set FDB_CLUSTER_FILE") from None
         except ValueError as exc:
             raise StepFailed(
                 f"{path}: {exc}", "copy the cluster file from a server (/etc/foundationdb/fdb.cluster)"
             ) from None
-        state["sink"] = fdb_sink.open_fdb_sink(settings, writer=False)
+        state["sink"] = open_fdb_sink(settings, writer=False)
         return f"{path}: {desc}:{ident}, coordinators {', '.join(coordinators)}"
 
     def reachable() -> str:

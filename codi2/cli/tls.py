@@ -1,34 +1,18 @@
-"""FoundationDB TLS: the settings handed to the client's network options, and the checks of the files.
-
-The bindings take TLS as network options (`fdb.options.set_tls_*`), which the client applies when its
-network is set up: they must be set after the API version is selected and before `fdb.open`, which sets
-the network up. This module imports no FoundationDB code, so the provisioner can check the files it is
-about to put into a Secret; and it loads `cryptography` only for those checks, which the daemon never runs.
+"""FoundationDB TLS files checked before they are used: by `codi2 test`, and by the provisioner for the
+files it is about to put into a Secret. The settings reach the client in `codi2.stores.fdb.client`; this
+module imports no FoundationDB code, and loads `cryptography` only for the checks, which the daemon never runs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from codi2.config import FoundationDBSettings
 
 if TYPE_CHECKING:
     from cryptography import x509
-
-
-def set_network_options(options: Any, settings: FoundationDBSettings) -> None:
-    """Hand the TLS settings to the bindings' network options (`fdb.options`): certificate, key, CA,
-    peer verification, each only when configured."""
-    if settings.tls_cert_file is not None:
-        options.set_tls_cert_path(str(settings.tls_cert_file))
-    if settings.tls_key_file is not None:
-        options.set_tls_key_path(str(settings.tls_key_file))
-    if settings.tls_ca_file is not None:
-        options.set_tls_ca_path(str(settings.tls_ca_file))
-    if settings.tls_verify_peers is not None:
-        options.set_tls_verify_peers(settings.tls_verify_peers.encode())
 
 
 def file_problems(cert: Path | None, key: Path | None, ca: Path | None, now: dt.datetime | None = None) -> list[str]:

@@ -1,4 +1,5 @@
-"""The daemon's life cycle in one class: start-up, `should_exit`, graceful shutdown, signals.
+"""The daemon's life cycle: start-up, `should_exit`, graceful shutdown, signals, and `/status` composed of
+the parts' snapshots. The parts are built in `build.py`.
 
 Everything that blocks runs in a thread: the event loop only serves the health port.
 """
@@ -13,27 +14,23 @@ import signal
 import time
 from contextlib import AsyncExitStack, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
 from codi2 import __version__
-from codi2.config import ConfigError, Settings
-from codi2.daemon.health import HealthServer, build_app
-from codi2.disk.ignore import IgnoreRules
-from codi2.journal.journal import FILE_NAME, JournalUnavailable
-from codi2.metrics import Metrics
-from codi2.pipeline.pipeline import Pipeline
-from codi2.ship.shipper import Shipper, StoreMonitor
+from codi2.daemon.build import Parts, build_health, connect_store, private_files, private_paths
+from codi2.daemon.health import Checks
+from codi2.journal.journal import JournalUnavailable
+from codi2.ship.shipper import Shipper
 from codi2.stores.base import open_sink
-from codi2.trail.chain import load_key
-from codi2.trail.events import Identity, rfc3339
-from codi2.watch.watcher import Watcher, check_root
+from codi2.trail.events import rfc3339
+from codi2.watch.watcher import check_root
 
 log = structlog.get_logger("codi2.daemon.daemon")
 
-SHUTDOWN_FLUSH_S = 20.0
-WATCHER_DRAIN_S = 5.0
+WATCHER_DRAIN_S = 5.0  # at most, of the shutdown deadline: reading what the kernel queued before the signal
+EXIT_FORCED = 1  # a second signal: the process ends without finishing the drain (README: exit codes)
 
 
 class StartupError(Exception):
@@ -72,68 +69,38 @@ class StateLock:
 
 
 class Daemon:
-    """Builds the components from the settings, starts them in order, and stops them in reverse: each
-    one that started is pushed onto an `AsyncExitStack`, so a start-up that fails half-way stops exactly
-    what had started. `/status` is composed of each component's own snapshot."""
+    """Starts the parts in order and stops them in reverse: each one that started is pushed onto an
+    `AsyncExitStack`, so a start-up that fails half-way stops exactly what had started. The first SIGTERM
+    or SIGINT drains until `[server] shutdown_timeout_s`; a second one ends the process at once.
+    `/status` is composed of each part's own snapshot."""
 
-    def __init__(self, settings: Settings, identity: Identity) -> None:
-        self.settings = s = settings
-        self.identity = identity
-        self.metrics = Metrics()
+    def __init__(self, parts: Parts) -> None:
+        self.parts = parts
+        self.settings = s = parts.settings
+        self.identity = parts.identity
+        self.metrics = parts.metrics
+        self.store = parts.store
+        self.pipeline = parts.pipeline
+        self.watcher = parts.watcher
         self.should_exit = asyncio.Event()
         self.started_at = time.time()
-        key_file = s.integrity.key_file
-        try:
-            self.chain_key = load_key(key_file) if key_file is not None else None
-        except ValueError as exc:
-            raise ConfigError(f"integrity.key_file: {exc}") from None
         self._lock = StateLock(s.state_dir)
         self._store_lock = StateLock(s.state_dir, file=s.sqlite_file) if s.backend == "sqlite" else None
-        self.rules = IgnoreRules(s.monitoring.ignore_patterns, s.watch_roots)  # and private places at start-up
-        self.store = StoreMonitor(self.metrics)
-        local = None
-        if s.backend == "sqlite":  # the store's file holds the journal too: one file, one commit
-            from codi2.stores.sqlite import LocalStore
-
-            local = LocalStore()
-        self.pipeline = Pipeline(
-            roots=s.watch_roots,
-            state_dir=s.state_dir,
-            journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
-            local_store=local,
-            rules=self.rules,
-            identity=identity,
-            metrics=self.metrics,
-            max_events=s.batching.max_events,
-            max_batch_bytes=s.batching.max_bytes,
-            max_delay_ms=s.batching.max_delay_ms,
-            max_bytes=s.spool.max_bytes,
-            hash_max_bytes=s.monitoring.hash_max_bytes,
-            fsync=s.spool.fsync,
-            initial_scan=s.monitoring.initial_scan,
-            store=self.store,
-            chain_key=self.chain_key,
-        )
-        self.watcher = Watcher(
-            s.watch_roots,
-            self.rules,
-            s.state_dir / "barrier",
-            on_hints=self.pipeline.feed,
-            on_overflow=self._overflow,
-            on_descriptors_back=self._descriptors_back,
-            on_mounts_changed=lambda: self.pipeline.note_gap("mount_changed", None),
-            check_interval_s=s.monitoring.rescan_interval_s,
-        )
         self.shipper: Shipper | None = None  # built once the journal and the store are open
-        self._ready_checks = {  # /readyz names each; /status and the metric say whether all hold
-            "watches": lambda: self._armed and self.watcher.is_alive(),
-            "pipeline": lambda: self._armed and self._pipeline_running(),
-        }
-        self.health = HealthServer(self._app(), s.server.host, s.server.port)
         self._armed = False
         self._deadline = 0.0  # monotonic: when shutdown gives up flushing
         self._lost = 0
-        self._gauges()
+        self._ready_checks: Checks = {  # /readyz names each; /status and the metric say whether all hold
+            "watches": lambda: self._armed and self.watcher.is_alive(),
+            "pipeline": lambda: self._armed and self._pipeline_running(),
+        }
+        live: Checks = {
+            "event_loop": lambda: True,
+            "watcher": lambda: not self._armed or self.watcher.is_alive(),
+            "pipeline": lambda: not self._armed or self._pipeline_running(),
+        }
+        self.health = build_health(parts, live=live, ready=self._ready_checks, status=self.status)
+        self.metrics.ready.set_function(lambda: float(self._ready()))
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -155,7 +122,7 @@ class Daemon:
                 await self.should_exit.wait()
             finally:
                 self._armed = False
-                self._deadline = time.monotonic() + SHUTDOWN_FLUSH_S
+                self._deadline = time.monotonic() + self.settings.server.shutdown_timeout_s
         log.info("codi2_stopped", uncommitted=self._lost)
         return 0 if self._lost == 0 else 1
 
@@ -190,7 +157,8 @@ class Daemon:
             except OSError as exc:
                 raise StartupError(f"cannot lock {self._store_lock.path}: {exc.strerror or exc}") from None
             stack.callback(self._store_lock.release)
-        self.rules.add_private(self._private_paths())  # the state dir exists now: known by identity too
+        rules = self.parts.rules
+        rules.add_private(private_paths(s))  # the state dir exists now: known by identity too
         pipeline = self.pipeline
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
@@ -205,19 +173,9 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         stack.push_async_callback(asyncio.to_thread, sink.close)
-        pipeline.trail = sink
-        self.rules.add_private_files(self._private_files())
-        if s.backend != "sqlite":
-            assert pipeline.journal is not None
-            self.shipper = shipper = Shipper(
-                pipeline.journal,
-                sink,
-                self.store,
-                on_batch_lost=pipeline.outbox_batch_lost,
-                on_outbox_corrupt=pipeline.request_rebuild,  # reading the outbox there finds it and recovers
-            )
-            pipeline.on_committed = shipper.hand
-            pipeline.on_new_journal = shipper.renew
+        rules.add_private_files(private_files(s))
+        self.shipper = shipper = connect_store(self.parts, sink)
+        if shipper is not None:
             shipper.start()
             stack.push_async_callback(self._stop_shipper, shipper)
         pipeline.start()
@@ -227,7 +185,7 @@ class Daemon:
         except OSError as exc:
             where = "" if exc.filename is None else f" {exc.filename}"
             raise StartupError(f"cannot watch{where}: {exc.strerror}") from None
-        stack.push_async_callback(asyncio.to_thread, self.watcher.stop, WATCHER_DRAIN_S)
+        stack.push_async_callback(self._stop_watcher)
         # Watches first, then the walk: a change made meanwhile is seen live, by the walk, or both (the
         # second look finds nothing new), never by neither. Ready now: whatever changes from here on
         # reaches the trail, and the start-up diff goes on in the background (see /status).
@@ -235,11 +193,17 @@ class Daemon:
         stack.callback(asyncio.create_task(self._retry_unwatched(), name="codi2-unwatched").cancel)
         self._armed = True
 
+    async def _stop_watcher(self) -> None:
+        """The kernel's queue read to a barrier, within the shutdown deadline: what it holds is journaled."""
+        drain = min(WATCHER_DRAIN_S, max(0.0, self._deadline - time.monotonic()))
+        await asyncio.to_thread(self.watcher.stop, drain)
+
     async def _stop_pipeline(self) -> None:
         self._lost = await asyncio.to_thread(self.pipeline.stop, self._deadline)
 
     async def _stop_shipper(self, shipper: Shipper) -> None:
         await asyncio.to_thread(shipper.stop, self._deadline)
+        await asyncio.to_thread(self.pipeline.settle_acks)  # the journal thread has stopped before the shipper
         journal = self.pipeline.journal
         if journal is not None and journal.outbox_events:
             log.warning(
@@ -249,16 +213,6 @@ class Daemon:
                 note="committed at the next start",
             )
 
-    def _overflow(self) -> None:
-        """Watcher thread, after IN_Q_OVERFLOW: the watcher recrawls; the trail notes the lost history."""
-        self.metrics.inotify_overflows.inc()
-        self.pipeline.note_gap("inotify_overflow", None)
-
-    def _descriptors_back(self) -> None:
-        """Watcher thread, once it recrawled every tree after running out of descriptors: what it could not
-        follow meanwhile is recorded as its end state, and the trail notes the lost history."""
-        self.pipeline.note_gap("out_of_descriptors", None)
-
     async def _retry_unwatched(self) -> None:
         """Directories without a watch (watch limit, permissions) are retried, and diffed, periodically;
         so is the recrawl of a watcher that ran out of descriptors."""
@@ -267,54 +221,33 @@ class Daemon:
             if self.watcher.state.unwatched or self.watcher.state.out_of_descriptors:
                 self.watcher.request(self.watcher.retry_unwatched)
 
-    def _gauges(self) -> None:
-        m, pipeline, watcher = self.metrics, self.pipeline, self.watcher
-        m.inotify_watches.set_function(lambda: watcher.state.watches)
-        m.unwatched_dirs.set_function(lambda: len(watcher.state.unwatched))
-        m.spool_events.set_function(lambda: pipeline.journal.outbox_events if pipeline.journal else 0)
-        m.spool_bytes.set_function(lambda: pipeline.journal.outbox_bytes if pipeline.journal else 0)
-        m.spool_max_bytes.set(pipeline.max_bytes)
-        m.pipeline_queue.set_function(pipeline.pending_hints)
-        m.ready.set_function(lambda: float(self._ready()))
-        m.handler_errors.source = lambda: float(watcher.state.handler_errors)
-        m.roots_gone.set_function(lambda: len(watcher.state.roots_gone))
-        m.roots_reestablished.source = lambda: float(watcher.state.roots_reestablished)
-
     def _install_signal_handlers(self) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
-        log.info("shutdown_requested", signal=sig.name)
+        if self.should_exit.is_set():
+            self._force_exit(sig)
+        log.info("shutdown_requested", signal=sig.name, timeout_s=self.settings.server.shutdown_timeout_s)
         self.should_exit.set()
 
-    def _private_paths(self) -> list[Path]:
-        """The daemon's own files never become audit events (that would feed back forever)."""
-        s = self.settings
-        paths = [s.state_dir]
-        if s.backend == "sqlite":
-            db = s.sqlite_file
-            paths += _with_companions(db)
-        return paths
-
-    def _private_files(self) -> list[Path]:
-        """The files the daemon holds open with locks (journal, store, their WAL and shm, the lock files)."""
-        s = self.settings
-        files = [s.state_dir / "lock"]
-        for db in [s.state_dir / FILE_NAME] + ([s.sqlite_file] if s.backend == "sqlite" else []):
-            files += _with_companions(db)
-        return files
+    def _force_exit(self, sig: signal.Signals) -> NoReturn:
+        """A second signal: whoever sent it wants the process gone now, not after the drain (a thread may be
+        blocked in the store's client for a while). It ends as a SIGKILL would, after one line saying what
+        was left: nothing is lost, the journal being durable; the next start ships what waits in the outbox,
+        and its diff finds what was observed but not journaled."""
+        journal = self.pipeline.journal
+        log.error(
+            "shutdown_forced",
+            signal=sig.name,
+            changes_not_journaled=self.pipeline.pending_hints(),
+            events_left_in_spool=journal.outbox_events if journal is not None else 0,
+            note="the next start ships the spool and its diff finds the changes",
+        )
+        os._exit(EXIT_FORCED)
 
     # What the health server reads ----------------------------------------------------------------
-
-    def _app(self) -> Any:
-        live = {
-            "event_loop": lambda: True,
-            "watcher": lambda: not self._armed or self.watcher.is_alive(),
-            "pipeline": lambda: not self._armed or self._pipeline_running(),
-        }
-        return build_app(live=live, ready=self._ready_checks, status=self.status, registry=self.metrics.registry)
 
     def _pipeline_running(self) -> bool:
         return self.pipeline.running and (self.shipper is None or self.shipper.running)
@@ -365,8 +298,3 @@ def _raise_open_files_limit() -> None:
     if soft < hard:
         with suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def _with_companions(db: Path) -> list[Path]:
-    """A SQLite file and the files SQLite and the store lock keep beside it."""
-    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]

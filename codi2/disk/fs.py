@@ -211,16 +211,18 @@ def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None
         if known is not None and known.sha256 is not None and facts.same_stat(known):
             facts.sha256 = known.sha256
             return facts
-        if size < HASH_CHUNK:
-            data = os.read(fd, size + 1)  # one read; a shorter answer is the end of the file
-            digest = hashlib.sha256(data)
-            if len(data) > size:
-                while chunk := os.read(fd, HASH_CHUNK):
-                    digest.update(chunk)
-        else:
-            digest = hashlib.sha256()
-            while chunk := os.read(fd, HASH_CHUNK):
-                digest.update(chunk)
+        digest, total = hashlib.sha256(), 0
+        want = size + 1 if size < HASH_CHUNK else HASH_CHUNK
+        while chunk := os.read(fd, want):
+            total += len(chunk)
+            if total > hash_max:
+                # Grown past the limit while read, or a pseudo-file (/proc, /sys) whose size says nothing
+                # of what it yields: no hash, as for any file over the limit, and never an endless read.
+                return facts
+            digest.update(chunk)
+            if total <= size < HASH_CHUNK:
+                break  # a small file in one read: a shorter answer than asked is the end of the file
+            want = HASH_CHUNK
         facts.sha256 = digest.hexdigest()
         if time.time_ns() - st.st_ctime_ns < RACY_NS:
             facts.ctime_ns = None

@@ -25,7 +25,8 @@ from pathlib import Path
 import structlog
 
 from codi2.disk.fs import Facts
-from codi2.journal.journal import Journal, key_of
+from codi2.journal.index import key_of
+from codi2.journal.journal import Journal
 from codi2.trail.events import Event
 
 log = structlog.get_logger("codi2.journal.legacy")
@@ -124,8 +125,8 @@ def _read_spool(directory: Path, applied: tuple[str, int] | None) -> tuple[list[
     if not directory.is_dir():
         return [], 0, 0
     try:
-        segment, offset = (directory / "ack").read_text().split()
-        ack: tuple[str, int] | None = (segment, int(offset))
+        segment, acked = (directory / "ack").read_text().split()
+        ack: tuple[str, int] | None = (segment, int(acked))
     except (OSError, ValueError):
         ack = None
     batches: list[tuple[str, list[Event]]] = []

@@ -31,25 +31,20 @@ from codi2.config import STATE_DIR_NAME
 from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, Facts
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal import legacy
-from codi2.journal.journal import (
-    Journal,
-    JournalCorrupt,
-    LocalStore,
-    OutboxBatch,
-    OutboxReader,
-    is_corruption,
-    key_of,
-    move_aside,
-    salvage_outbox,
-)
+from codi2.journal.index import key_of
+from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corruption
+from codi2.journal.outbox import OutboxBatch, OutboxReader
+from codi2.journal.recovery import move_aside, salvage_outbox
 from codi2.metrics import Metrics
+from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.reconcile import Reconciler
+from codi2.pipeline.window import Window
 from codi2.ship.shipper import StoreMonitor
 from codi2.stores.base import TrailReader
 from codi2.trail.chain import ChainKey
-from codi2.trail.events import Action, Event, EventQuery, Identity, Origin, now_rfc3339, rfc3339, rfc3339_ns, uuid7
+from codi2.trail.events import Event, EventQuery, Identity, Origin, rfc3339
 from codi2.trail.replay import fold_events
-from codi2.watch.hints import Hint, Move, Rescan, RootReplaced, Touch
+from codi2.watch.hints import Hint, Rescan, RootReplaced
 
 log = structlog.get_logger("codi2.pipeline.pipeline")
 
@@ -106,100 +101,6 @@ def _hint(exc: BaseException) -> str:
     return "free disk space under the state dir"
 
 
-class Window:
-    """Hints of one batch window, in order, coalesced per path. A rename carries the hints already
-    queued under its source to the destination and after the rename, so facts are read where the
-    entries are at the end of the window; hints for what the rename replaced are dropped."""
-
-    def __init__(self) -> None:
-        self._items: dict[Any, Hint] = {}
-        self._moves = 0
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, hint: Hint) -> None:
-        if isinstance(hint, Touch):
-            key = (hint.root, hint.path)
-            found = self._items.setdefault(key, hint)
-            if hint.created and not found.created:  # type: ignore[union-attr]
-                self._items[key] = hint  # keeps its place; remembers that it appeared
-        elif isinstance(hint, Rescan):
-            key = ("rescan", hint.root, hint.path)
-            found = self._items.get(key)
-            if found is None:
-                self._items[key] = hint
-            else:  # one look covers both: the deeper one, under the start-up scan's name if either is
-                assert isinstance(found, Rescan)
-                origin = min(found.origin, hint.origin, key=_ORIGIN_RANK.index)
-                self._items[key] = Rescan(hint.root, hint.path, found.recursive or hint.recursive, origin)
-        elif isinstance(hint, RootReplaced):
-            self._items.setdefault(("root", hint.root), hint)
-        else:
-            self._move(hint)
-
-    def _move(self, hint: Move) -> None:
-        root, src, dst = hint.root, hint.src, hint.dst
-        carried: list[Hint] = []
-        # A hint at the source name itself that speaks of another type than what moved is about another
-        # entry: the first half of a RENAME_EXCHANGE brought it to `src` from a name outside the trail (a
-        # name ignored only as a directory, `logs/`), and the second half moved what was at `src` before.
-        # That hint stays at `src` (a directory that appeared there is walked whole). Only a directory's
-        # hints and a file's `created` say their type for sure.
-        again: Touch | None = None
-        if hint.is_dir:
-            src_below, dst_below = src + b"/", dst + b"/"
-            for key, item in list(self._items.items()):
-                path = _hint_path(item)
-                if path is None or item.root != root:
-                    continue
-                if path == dst or path.startswith(dst_below):
-                    del self._items[key]
-                elif path == src or path.startswith(src_below):
-                    del self._items[key]
-                    carried.append(_retarget(item, dst + path[len(src) :]))
-                    if path == src and isinstance(item, Touch) and item.created and not item.is_dir:
-                        again = item  # a file appeared at `src`: not the directory that moved
-        else:
-            self._items.pop((root, dst), None)
-            found = self._items.pop((root, src), None)
-            if isinstance(found, Touch) and found.is_dir:
-                again = found
-            elif isinstance(found, Touch):
-                carried.append(_retarget(found, dst))
-        self._moves += 1
-        self._items[("move", self._moves)] = hint
-        for item in carried:
-            self.add(item)
-        if again is not None:
-            self.add(again)
-
-    def take(self) -> list[Hint]:
-        items = list(self._items.values())
-        self._items.clear()
-        return items
-
-    def restore(self, hints: list[Hint]) -> None:
-        """Put hints that could not be committed back in front of whatever arrived since."""
-        later = self.take()
-        for hint in [*hints, *later]:
-            self.add(hint)
-
-
-_ORIGIN_RANK: list[Origin] = ["baseline", "offline", "rescan", "live"]
-
-
-def _hint_path(hint: Hint) -> bytes | None:
-    return hint.path if isinstance(hint, Touch | Rescan) else None
-
-
-def _retarget(hint: Hint, path: bytes) -> Hint:
-    if isinstance(hint, Touch):
-        return Touch(hint.root, path, hint.created, hint.is_dir)
-    assert isinstance(hint, Rescan)
-    return Rescan(hint.root, path, hint.recursive, hint.origin)
-
-
 class Pipeline:
     def __init__(
         self,
@@ -228,6 +129,7 @@ class Pipeline:
         self._local_store = local_store  # the store lives in the journal's file: nothing to ship
         self._rules = rules
         self._identity = identity
+        self._events = EventFactory(identity, self.root_names, self._take_seq)
         self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
         # The shipper's: each batch once committed, and a journal recovered into a new file.
         self.on_committed: Callable[[OutboxBatch], None] = lambda batch: None
@@ -263,6 +165,8 @@ class Pipeline:
         self._rebuild_requested = False
         self._fresh_remote = False  # a new journal beside a remote store: its first rebuild may find nothing
         self._journal_thread: threading.Thread | None = None
+        self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
+        self._ack_failing = False
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -275,6 +179,7 @@ class Pipeline:
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
             self.journal = self._recover(path)
+        self.journal.on_ack = self._ack_posted
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
@@ -287,7 +192,7 @@ class Pipeline:
                 self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
                 if migrated.corrupt_records and migrated.needs_rebuild:
                     with self.journal.transaction():
-                        self.journal.append([self._gap_event("spool_corrupt", migrated.corrupt_records)])
+                        self.journal.append([self._events.gap("spool_corrupt", migrated.corrupt_records)])
                     self._metrics.gaps.inc()
                     self.gaps += 1
                 break
@@ -302,8 +207,17 @@ class Pipeline:
         # store holds no trail of these roots either. (A recovered journal holds a `gap` in its outbox.)
         self._fresh_remote = self._local_store is None and _never_started(self.journal)
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
-        self._reconciler = Reconciler(
-            self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
+        self._reconciler = self._new_reconciler(self.journal)
+
+    def _new_reconciler(self, journal: Journal) -> Reconciler:
+        return Reconciler(
+            journal,
+            self._root_fds,
+            self.root_names,
+            self._rules,
+            self._hash_max,
+            self._events,
+            silent_baseline=self._silent_baseline,
         )
 
     def _recover(self, path: Path) -> Journal:
@@ -317,7 +231,7 @@ class Pipeline:
                 journal.append(events, batch_id, header)
             kept = journal.salvage_store(aside)  # SQLite: the trail shares the file; carry it over
             # The gap is made durable here, with the recovery: a kill before the next batch loses neither.
-            journal.append([self._gap_event("journal_corrupt", lost if lost > 0 else None)])
+            journal.append([self._events.gap("journal_corrupt", lost if lost > 0 else None)])
             journal.set_needs_rebuild(True)
         self._metrics.spool_corrupt_records.inc(max(lost, 0))
         self._metrics.gaps.inc()
@@ -399,12 +313,43 @@ class Pipeline:
         if self._journal_thread is not None and self._journal_thread.is_alive():
             return
         if self.journal is not None:
+            self.settle_acks()
             self.journal.close()
         for fd in self._root_fds:
             os.close(fd)
         self._root_fds = []
 
     # Journal thread ------------------------------------------------------------------------------
+
+    def _ack_posted(self) -> None:
+        """The shipper's thread: the store took a batch; wake the journal thread, idle or not, to delete it."""
+        with self._lock:
+            self._lock.notify()
+
+    def _apply_acks(self) -> None:
+        """Journal thread (or the owner after it): delete what the store acknowledged, between flushes. A
+        failure (a full disk) keeps the rows and their figures, and is tried again a second later."""
+        journal = self.journal
+        if journal is None or not journal.acks_pending or time.monotonic() < self._ack_retry_at:
+            return
+        try:
+            journal.apply_acks()
+        except sqlite3.Error as exc:
+            if is_corruption(exc):
+                self._journal_failed(exc)
+                return
+            if not self._ack_failing:
+                log.warning("outbox_ack_failed", error=str(exc), note="the shipped rows stay until it works again")
+            self._ack_failing = True
+            self._ack_retry_at = time.monotonic() + 1.0
+        else:
+            self._ack_failing = False
+
+    def settle_acks(self) -> None:
+        """Once the journal thread has stopped, whoever stops the daemon owns the journal: the last
+        acknowledgements (the shipper drains after the journal thread) are applied here."""
+        if not self.running:
+            self._apply_acks()
 
     def _journal_loop(self) -> None:
         try:
@@ -417,10 +362,13 @@ class Pipeline:
         """One turn: take hints, flush when due. False once stopped and everything is committed."""
         with self._lock:
             timeout = self._wait_time()
+            if self.journal is not None and self.journal.acks_pending:  # checked under the lock: no lost wake-up
+                timeout = min(timeout, max(0.0, self._ack_retry_at - time.monotonic()))
             if not self._intake and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
             stopping = self._stopping
+        self._apply_acks()  # first: they make room in the outbox (`_outbox_full`)
         for hint in hints:
             self._window.add(hint)
         if self._window and self._deadline is None:
@@ -476,7 +424,7 @@ class Pipeline:
 
     def _outbox_full(self) -> bool:
         assert self.journal is not None
-        full = self.journal.outbox_bytes >= self.max_bytes
+        full: bool = self.journal.outbox_bytes >= self.max_bytes
         health = self.journal_health
         if full and health.state != "full":
             log.warning("spool_full", bytes=self.journal.outbox_bytes, max_bytes=self.max_bytes)
@@ -503,15 +451,13 @@ class Pipeline:
             self._reopen_roots(items)
             for current, item in enumerate(items):
                 origin: Origin = "live"
-                rec.silent = False
                 if isinstance(item, RootReplaced):
                     item = Rescan(item.root, b"", True)
                 if isinstance(item, Rescan):
                     origin = item.origin
-                    rec.silent = self._silent_baseline and origin == "baseline"
                     self._metrics.rescans.labels(origin=origin).inc()
                 for _ in rec.apply(item, origin):
-                    if len(rec.events) >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
+                    if rec.pending >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
                         self._commit_batch()
                         committed_through = current
                         journal.begin()
@@ -524,8 +470,7 @@ class Pipeline:
         except Exception as exc:
             journal.rollback()
             self._initial_in_txn = 0
-            rec.events.clear()
-            rec.event_bytes = 0
+            rec.drop_events()
             if not _environmental(exc):
                 # A bug met by one change must not hold back every later one: set that change aside.
                 log.exception("change_failed", hint=repr(items[current]))
@@ -537,9 +482,7 @@ class Pipeline:
             self._journal_failed(exc)
             return
         finally:
-            rec.silent = False
-            rec.forget()
-            rec.cache.close()
+            rec.end_flush()
         self._journal_ok(len(items))
 
     def _reopen_roots(self, items: list[Hint]) -> None:
@@ -553,21 +496,21 @@ class Pipeline:
                 continue
             try:
                 fd = os.open(self._roots[item.root], O_DIR)
-                rec.events.append(self._gap_event("root_replaced", None, item.root))
+                rec.add_event(self._events.gap("root_replaced", None, item.root))
             except OSError as exc:
                 if exc.errno not in ABSENT_ERRNOS:
                     raise
                 empty = tempfile.mkdtemp(prefix="gone-", dir=self._state_dir)
                 fd = os.open(empty, O_DIR)
                 os.rmdir(empty)
-                rec.events.append(self._gap_event("root_gone", None, item.root))
+                rec.add_event(self._events.gap("root_gone", None, item.root))
             os.close(self._root_fds[item.root])
             self._root_fds[item.root] = fd  # in place: the reconciler and its cache read this list
 
     def _commit_batch(self) -> None:
         journal, rec = self.journal, self._reconciler
         assert journal is not None and rec is not None
-        events = rec.events
+        events = rec.take_events()
         rec.write_index()
         started = time.perf_counter()
         appended = journal.append(events) if events else None
@@ -586,8 +529,6 @@ class Pipeline:
             if action == "gap":
                 self.gaps += count
                 self._metrics.gaps.inc(count)
-        rec.events = []
-        rec.event_bytes = 0
 
     def _gap_events(self) -> None:
         rec = self._reconciler
@@ -595,7 +536,7 @@ class Pipeline:
         with self._lock:
             reasons, self._gap_reasons = self._gap_reasons, {}
         for reason, count in reasons.items():
-            rec.events.append(self._gap_event(reason, count or None))
+            rec.add_event(self._events.gap(reason, count or None))
 
     def _journal_failed(self, exc: Exception) -> None:
         if is_corruption(exc):
@@ -603,10 +544,9 @@ class Pipeline:
             assert self.journal is not None
             self.journal.close()
             self.journal = self._recover(self.journal.path)
-            self._reconciler = Reconciler(
-                self.journal, self._root_fds, self.root_names, self._rules, self._hash_max, self._make_event
-            )
+            self._reconciler = self._new_reconciler(self.journal)
             self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
+            self.journal.on_ack = self._ack_posted
             self.on_new_journal(self.journal)  # the shipper reads the new file from its start
             return
         health = self.journal_health
@@ -711,59 +651,10 @@ class Pipeline:
 
     # Events --------------------------------------------------------------------------------------
 
-    def _make_event(
-        self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin
-    ) -> Event:
-        """An event of the reconciler: on the hot path of a burst, so built positionally."""
-        journal = self.journal
-        assert journal is not None
-        ident = self._identity
-        mtime = facts.mtime_ns
-        return Event(
-            uuid7(),
-            journal.take_seq(),
-            now_rfc3339(),
-            ident.tenant_id,
-            ident.user_id,
-            ident.session_id,
-            ident.pod,
-            action,
-            os.fsdecode(rel),
-            None if dest is None else os.fsdecode(dest),
-            self.root_names[root],
-            facts.type,
-            facts.size,
-            facts.mode,
-            None if mtime is None else rfc3339_ns(mtime),
-            facts.sha256,
-            origin,
-        )
-
-    def _gap_event(self, reason: str, count: int | None, root: int = 0) -> Event:
-        """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history."""
-        journal = self.journal
-        assert journal is not None
-        ident = self._identity
-        log.warning("gap_recorded", reason=reason, changes=count)
-        return Event(
-            uuid7(),
-            journal.take_seq(),
-            now_rfc3339(),
-            ident.tenant_id,
-            ident.user_id,
-            ident.session_id,
-            ident.pod,
-            "gap",
-            "",
-            reason,
-            self.root_names[root],
-            "dir",
-            count,
-            None,
-            None,
-            None,
-            "live",
-        )
+    def _take_seq(self) -> int:
+        """The sequence number of the next event: the journal's, whichever journal is open now."""
+        assert self.journal is not None
+        return self.journal.take_seq()
 
     # What the shipper reports ---------------------------------------------------------------------
 

@@ -16,29 +16,29 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import cast
 
 from codi2.disk.fs import (
     ABSENT_ERRNOS,
-    O_DIR,
     RESOURCE_ERRNOS,
     DirCache,
+    EntryType,
     Facts,
     Unreadable,
-    facts_of,
     lstat_at,
     read_facts,
     split,
 )
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.journal import Journal, key_of, rel_of, subtree_bounds
+from codi2.disk.walk import DiskEntry, entries, excluded
+from codi2.journal.index import key_of, rel_of, subtree_bounds
+from codi2.pipeline.factory import EventFactory
+from codi2.pipeline.index import Index
 from codi2.trail.events import Action, Event, Origin
-from codi2.watch.hints import Hint, Move, Touch
+from codi2.watch.hints import Hint, Move, Rescan, Touch
 
 CHUNK = 512
-
-MakeEvent = Callable[[Action, int, bytes, bytes | None, Facts, Origin], Event]
 
 
 class _Unknown:
@@ -47,84 +47,6 @@ class _Unknown:
 
 UNKNOWN = _Unknown()
 DiskState = Facts | None | _Unknown
-
-
-@dataclass(slots=True)
-class _DiskEntry:
-    """One entry of a walk: its lstat and the facts from it (no hash yet), both None when it may not be
-    examined; `unlistable` marks a directory whose listing failed: what the index holds below either
-    stays untouched."""
-
-    key: bytes
-    rel: bytes
-    name: bytes
-    dir_fd: int
-    st: os.stat_result | None
-    facts: Facts | None
-    unlistable: bool = False
-
-
-def _disk_entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive: bool) -> Iterator[_DiskEntry]:
-    """Entries below `rel` in key order (depth first, names sorted), one descriptor held per level;
-    `dir_fd` of an entry stays open until the next entry is asked for."""
-    stack: list[tuple[bytes, int, list[bytes]]] = [(rel, os.dup(fd), [])]
-    try:
-        stack[0] = (rel, stack[0][1], _names_in(stack[0][1]))
-    except OSError as exc:
-        os.close(stack.pop()[1])
-        if exc.errno in RESOURCE_ERRNOS:
-            raise
-        return
-    try:
-        while stack:
-            parent, pfd, pending = stack[-1]
-            if not pending:
-                os.close(pfd)
-                stack.pop()
-                continue
-            entry = pending.pop()
-            child = parent + b"/" + entry if parent else entry
-            st: os.stat_result | None
-            try:
-                st = os.stat(entry, dir_fd=pfd, follow_symlinks=False)
-            except OSError as exc:
-                if exc.errno in ABSENT_ERRNOS:
-                    continue  # gone between the listing and the stat
-                st = None
-            facts = None if st is None else facts_of(st)
-            if facts is not None and excluded(rules, root, child, facts):
-                continue
-            if facts is None or facts.type != "dir" or not recursive:
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
-                continue
-            try:
-                cfd = os.open(entry, O_DIR, dir_fd=pfd)
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
-                continue
-            try:
-                names = _names_in(cfd)
-            except OSError as exc:
-                os.close(cfd)
-                if exc.errno in RESOURCE_ERRNOS:
-                    raise
-                yield _DiskEntry(key_of(child), child, entry, pfd, st, facts, unlistable=True)
-                continue
-            yield _DiskEntry(key_of(child), child, entry, pfd, st, facts)
-            stack.append((child, cfd, names))
-    finally:
-        for _, pfd, _ in stack:
-            os.close(pfd)
-
-
-def _names_in(fd: int) -> list[bytes]:
-    """Names in a directory, sorted in reverse so that `pop()` gives them in key order."""
-    with os.scandir(fd) as it:
-        names = [os.fsencode(e.name) for e in it]
-    names.sort(reverse=True)
-    return names
 
 
 def content_changed(known: Facts, disk: Facts) -> bool:
@@ -149,31 +71,66 @@ def same_entity(known: Facts, disk: Facts) -> bool:
 
 
 class Reconciler:
+    """Settles the window's hints one by one against the index, collecting the events of the batch being
+    built; the caller takes them when it commits (`take_events`) and ends every flush with `end_flush`."""
+
     def __init__(
         self,
-        journal: Journal,
+        index: Index,
         root_fds: list[int],
         root_names: list[str],
         rules: IgnoreRules,
         hash_max: int,
-        make_event: MakeEvent,
+        events: EventFactory,
         *,
-        silent: bool = False,
+        silent_baseline: bool = False,
     ) -> None:
-        self._j = journal
-        self._root_fds = root_fds
+        self._j = index
         self._names = root_names
         self._rules = rules
         self._hash_max = hash_max
-        self._make = make_event
-        self.silent = silent  # record the state without events (`initial_scan = "silent"`)
-        self.events: list[Event] = []
-        self.event_bytes = 0  # a rough size of `events`, for the batch byte budget
-        self.cache = DirCache(root_fds)
+        self._factory = events
+        # `initial_scan = "silent"`: the first start's walk records the state without events.
+        self._silent_baseline = silent_baseline
+        self._silent = False
+        self._events: list[Event] = []
+        self._event_bytes = 0  # a rough size of `_events`, for the batch byte budget
+        self._cache = DirCache(root_fds)
         self._known: dict[tuple[str, bytes], Facts | None] = {}  # index rows read ahead for a flush
         self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
         self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
         self._links_touched = 0  # bumped when other names of a file are settled: a walk's index rows age
+
+    # The batch being built ---------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Events recorded since the last `take_events`."""
+        return len(self._events)
+
+    @property
+    def event_bytes(self) -> int:
+        return self._event_bytes
+
+    def add_event(self, event: Event) -> None:
+        """An event of the caller's own (a `gap`) at this point of the batch."""
+        self._events.append(event)
+
+    def take_events(self) -> list[Event]:
+        """The batch's events, for the caller to commit; the next batch starts empty."""
+        events, self._events, self._event_bytes = self._events, [], 0
+        return events
+
+    def drop_events(self) -> None:
+        """The transaction rolled back: the events it would have committed never happened."""
+        self._events.clear()
+        self._event_bytes = 0
+
+    def end_flush(self) -> None:
+        """What was read ahead, left unwritten or opened belongs to a flush now over."""
+        self._silent = False
+        self.forget()
+        self._cache.close()
 
     def prefetch(self, hints: list[Hint]) -> None:
         """Read the index rows of the window's paths in a few queries instead of one each."""
@@ -237,7 +194,10 @@ class Reconciler:
 
     # Entry points ---------------------------------------------------------------------------------
 
-    def apply(self, hint: Hint, origin: Origin = "live") -> Iterator[None]:
+    def apply(self, hint: Touch | Move | Rescan, origin: Origin = "live") -> Iterator[None]:
+        """Settle one hint. A `RootReplaced` is the caller's to turn into a `Rescan` of the whole root, once it
+        has opened the root's path again (the reconciler reads the roots through descriptors it is given)."""
+        self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
         elif isinstance(hint, Move):
@@ -259,7 +219,7 @@ class Reconciler:
         key = key_of(rel)
         known = self._get(self._names[root], key)
         disk = self._disk(root, rel, known)
-        if disk is UNKNOWN:
+        if isinstance(disk, _Unknown):
             pass  # cannot be examined now (a directory above it unreadable): nothing to settle here
         elif disk is None and known is None and created and not self._present(root, rel):
             # It appeared and vanished before anyone could look: it existed, with facts unknown.
@@ -267,11 +227,11 @@ class Reconciler:
             yield from self._emit("created", root, rel, None, bare, origin)
             yield from self._emit("deleted", root, rel, None, bare, origin)
             return
-        elif disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):  # type: ignore[union-attr]
-            self._file(root, rel, key, known, disk, origin)  # type: ignore[arg-type]
+        elif disk is not None and disk.type != "dir" and (known is None or known.type == disk.type):
+            self._file(root, rel, key, known, disk, origin)
             yield
         else:
-            yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+            yield from self._settle(root, rel, key, known, disk, origin, descend=True, appeared=created)
         # A write through one name of a hard-linked file changes every name, and inotify told us of one.
         # The name may even be gone by now (deleted, moved away or replaced after the write), or beyond
         # examining (a directory above it unreadable): the other names of the inode it had still changed.
@@ -315,16 +275,16 @@ class Reconciler:
         self.write_index()
         below = hint.is_dir and bool(self._j.below(name, src_key, b"", 1))
         disk = self._disk(root, hint.dst, known) if known is not None or below else None
-        if disk is UNKNOWN or (known is None and not below):
+        if isinstance(disk, _Unknown) or (known is None and not below):
             yield from self.touch(root, hint.src, origin)
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
             return
         if known is None:
-            trusted = disk is None or disk.type == "dir"  # type: ignore[union-attr]
-            facts = disk if isinstance(disk, Facts) else _bare("dir")
+            trusted = disk is None or disk.type == "dir"
+            facts = disk if disk is not None else _bare("dir")
         else:
-            trusted = self._trusted(hint, known, disk)  # type: ignore[arg-type]
-            facts = disk if isinstance(disk, Facts) and same_entity(known, disk) else known
+            trusted = self._trusted(hint, known, disk)
+            facts = disk if disk is not None and same_entity(known, disk) else known
         if not trusted:
             yield from self.touch(root, hint.src, origin)
             yield from self._look_again(root, hint.dst, hint.is_dir, origin)
@@ -364,13 +324,13 @@ class Reconciler:
             key = key_of(rel)
             known = self._get(self._names[root], key)
             disk = self._disk(root, rel, known)
-            if disk is UNKNOWN:
+            if isinstance(disk, _Unknown):
                 return
-            if disk is None or known is None or disk.type != "dir" or known.type != "dir":  # type: ignore[union-attr]
-                yield from self._settle(root, rel, key, known, disk, origin, descend=True)  # type: ignore[arg-type]
+            if disk is None or known is None or disk.type != "dir" or known.type != "dir":
+                yield from self._settle(root, rel, key, known, disk, origin, descend=True)
                 return
-            yield from self._settle(root, rel, key, known, disk, origin, descend=False)  # type: ignore[arg-type]
-            recursive = recursive or not same_entity(known, disk)  # type: ignore[arg-type]
+            yield from self._settle(root, rel, key, known, disk, origin, descend=False)
+            recursive = recursive or not same_entity(known, disk)
         yield from self._walk(root, rel, origin, recursive=recursive)
 
     # The comparison of one path -------------------------------------------------------------------
@@ -385,11 +345,13 @@ class Reconciler:
         origin: Origin,
         *,
         descend: bool,
+        appeared: bool = False,
     ) -> Iterator[None]:
         """Make the index (and the trail) say what the disk says at `rel`. The index is keyed by path:
         a file replaced by another file is `updated` when its content differs. A directory replaced by
-        another one (a new inode) is diffed entry by entry, since what was written into it before its
-        watch existed is only found by looking."""
+        another one is diffed entry by entry, since what was written into it before its watch existed is
+        only found by looking: another one by inode, or by the kernel's word (`appeared`) when the new one
+        has the old one's inode (ext4 reuses them at once)."""
         name = self._names[root]
         if disk is None:
             if known is not None:
@@ -412,7 +374,7 @@ class Reconciler:
             self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
         # Another directory at this name, or new permissions (what it held while we could not read it
         # was never seen): look at everything below it.
-        if disk.type == "dir" and descend and (changed or not same_entity(known, disk)):
+        if disk.type == "dir" and descend and (changed or appeared or not same_entity(known, disk)):
             yield from self._walk(root, rel, origin, recursive=True)
 
     def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:
@@ -446,7 +408,7 @@ class Reconciler:
         if recursive:
             self._walked.add((root, rel))
         try:
-            fd = self.cache.get(root, rel)
+            fd = self._cache.get(root, rel)
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 raise
@@ -454,7 +416,7 @@ class Reconciler:
                 yield from self.touch(root, rel, origin)
             return  # unreadable: what is below stays as the index has it
         name = self._names[root]
-        disk = _disk_entries(self._rules, root, rel, fd, recursive)
+        disk = entries(self._rules, root, rel, fd, recursive)
         index = self._index_entries(name, key_of(rel), recursive)
         d, i = next(disk, None), next(index, None)
         gone: bytes | None = None  # the index subtree below a directory just deleted or replaced
@@ -474,12 +436,13 @@ class Reconciler:
                 if d.facts is None or d.unlistable:
                     kept = d.key + b"\x00"
                 d = next(disk, None)
-            elif d is None or i[0] < d.key:  # type: ignore[index]
-                ikey, ifacts = i  # type: ignore[misc]
+            elif i is not None and (d is None or i[0] < d.key):
+                ikey, ifacts = i
                 yield from self._delete(root, rel_of(ikey), ikey, ifacts, origin)
                 gone = ikey + b"\x00"
                 i = next(index, None)
             else:
+                assert d is not None and i is not None  # the same key on both sides
                 ikey, ifacts = i
                 if d.facts is None or d.unlistable:
                     kept = d.key + b"\x00"
@@ -502,7 +465,7 @@ class Reconciler:
         if known is None or known.type != "file" or content_changed(known, disk):
             yield from self._touch_links(root, key, disk, origin)
 
-    def _hashed(self, entry: _DiskEntry, known: Facts | None) -> Facts | None:
+    def _hashed(self, entry: DiskEntry, known: Facts | None) -> Facts | None:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
         facts, st = entry.facts, entry.st
         assert facts is not None and st is not None
@@ -553,7 +516,7 @@ class Reconciler:
     def _disk(self, root: int, rel: bytes, known: Facts | None) -> DiskState:
         parent, entry = split(rel)
         try:
-            dfd = self.cache.get(root, parent)
+            dfd = self._cache.get(root, parent)
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino):
                 return None  # a hard link to the daemon's own file: never opened, out of the trail
@@ -574,7 +537,7 @@ class Reconciler:
         """Whether something is at `rel` now, though out of the trail (a link to the daemon's own file)."""
         parent, entry = split(rel)
         try:
-            return lstat_at(self.cache.get(root, parent), entry) is not None
+            return lstat_at(self._cache.get(root, parent), entry) is not None
         except (OSError, Unreadable):
             return False
 
@@ -586,18 +549,11 @@ class Reconciler:
         yield
 
     def _record(self, action: Action, root: int, rel: bytes, dest: bytes | None, facts: Facts, origin: Origin) -> None:
-        if not self.silent:
-            self.events.append(self._make(action, root, rel, dest, facts, origin))
-            self.event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
-
-
-def excluded(rules: IgnoreRules, root: int, rel: bytes, facts: Facts) -> bool:
-    """Out of the trail: ignored at this path, or the daemon's own directory under any name."""
-    is_dir = facts.type == "dir"
-    if rules.ignored(root, rel, is_dir):
-        return True
-    return rules.private_dir(facts.dev, facts.ino) if is_dir else rules.private_file(facts.dev, facts.ino)
+        if not self._silent:
+            self._events.append(self._factory.observed(action, root, rel, dest, facts, origin))
+            self._event_bytes += 200 + len(rel) + (len(dest) if dest else 0)
 
 
 def _bare(kind: str) -> Facts:
-    return Facts(kind, None, None, None, None, None, None, None)  # type: ignore[arg-type]
+    """An entry whose facts are unknown: only its type (from the index, or what the kernel said)."""
+    return Facts(cast(EntryType, kind), None, None, None, None, None, None, None)

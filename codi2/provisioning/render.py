@@ -10,10 +10,13 @@ container mounts.
 from __future__ import annotations
 
 import base64
+import math
+import tomllib
 from typing import Any
 
 import yaml
 
+from codi2.config import ServerSettings
 from codi2.provisioning.spec import Resources, WorkspaceSpec
 
 HEALTH_PORT = 8765
@@ -27,9 +30,9 @@ STATE_CLAIM = "codi2-state"
 NETWORK_POLICY = "codi2-health"
 # Long enough for the start-up walk of a big workspace (readiness waits for it): 60 x 5 s.
 STARTUP_PERIOD_S, STARTUP_FAILURES = 5, 60
-# Pod termination stops the user's container first and codi2 after it; codi2 then drains inotify (5 s) and
-# flushes to the store (20 s). The rest is the user's container's own shutdown and margin.
-GRACE_PERIOD_S = 60
+# Pod termination stops the user's container first and codi2 after it; codi2 then drains for up to its
+# `[server] shutdown_timeout_s` (20 s by default: 60 s in all). The margin is the user's container's own shutdown.
+GRACE_MARGIN_S = 40
 USER_UID = 1000  # the workspace image's user; also the pod's fsGroup, so both containers can read /workspace
 CODI2_UID = 10001  # codi2's own: the user's processes cannot signal or trace it, nor spend its inotify watches
 SECRET_MODE = 0o440  # root-owned, readable by the fsGroup: only a container that mounts the Secret sees it
@@ -200,6 +203,13 @@ def _codi2(
     return container
 
 
+def _grace_period_s(spec: WorkspaceSpec) -> int:
+    """Long enough for codi2's drain, read from the config it is given: Kubernetes' SIGKILL must not cut it."""
+    server = tomllib.loads(spec.codi2_config).get("server", {})
+    keys = {"shutdown_timeout_s": server["shutdown_timeout_s"]} if "shutdown_timeout_s" in server else {}
+    return math.ceil(ServerSettings(**keys).shutdown_timeout_s) + GRACE_MARGIN_S
+
+
 def _pod(spec: WorkspaceSpec) -> Manifest:
     workspace = {"name": "workspace", "persistentVolumeClaim": {"claimName": spec.claim_name}}
     config = {"name": CONFIG_MAP, "configMap": {"name": CONFIG_MAP}}
@@ -253,7 +263,7 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
         "kind": "Pod",
         "metadata": _meta("workspace", spec, spec.namespace),
         "spec": {
-            "terminationGracePeriodSeconds": GRACE_PERIOD_S,
+            "terminationGracePeriodSeconds": _grace_period_s(spec),
             "automountServiceAccountToken": False,
             "securityContext": {
                 "runAsUser": USER_UID,

@@ -1,15 +1,15 @@
 """journal outbox → store: the shipper, and the store's health as /status and the metrics see it.
 
 The shipper is one thread. It takes each batch the journal thread commits (in memory, or read back from
-the outbox when it fell behind), commits it to the store, and deletes from the outbox what the store
-holds. A store that is down is retried for as long as it takes: an outage delays events, it never drops
-them. A batch the store can never take (a non-retryable error) makes the state *blocked*, with the batch
+the outbox on a read-only connection when it fell behind), commits it to the store, and posts the batch's
+number back to the journal (`Journal.post_ack`): the journal thread, the file's one writer, deletes what
+the store holds. A store that is down is retried for as long as it takes: an outage delays events, it never
+drops them. A batch the store can never take (a non-retryable error) makes the state *blocked*, with the batch
 kept, rather than skipped.
 """
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections import deque
@@ -19,7 +19,8 @@ from typing import Any
 
 import structlog
 
-from codi2.journal.journal import Journal, OutboxBatch, OutboxReader, is_corruption
+from codi2.journal.journal import Journal, is_corruption
+from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.metrics import Metrics
 from codi2.stores.base import BatchWriter
 from codi2.trail.events import Batch, parse_time, rfc3339
@@ -121,7 +122,6 @@ class Shipper:
         self._renewed: Journal | None = None  # set (under _wake) once a recovered journal is committed
         self._stop = False
         self._deadline = float("inf")
-        self._ack_failing = False
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -226,26 +226,12 @@ class Shipper:
                         if done == "renewed":  # the old journal's batch: salvaged into the new one, or lost
                             break
                         n = b.n
-                    self._ack(reader, n)
-                    if isinstance(b, OutboxBatch):
-                        journal.acknowledged(b)
+                    journal.post_ack(n)  # a lost batch too: its row goes, the gap says what it held
                     after = n
         except Exception:
             log.exception("shipper_failed")
         finally:
             reader.close()
-
-    def _ack(self, reader: OutboxReader, n: int) -> None:
-        """Delete what the store holds from the outbox. If that write fails (a full disk), shipping goes
-        on: the rows stay, and are shipped again, harmlessly, after a restart."""
-        try:
-            reader.delete_through(n)
-        except sqlite3.Error as exc:
-            if not self._ack_failing:
-                log.warning("outbox_ack_failed", error=str(exc), note="re-sent after a restart; lands once")
-            self._ack_failing = True
-        else:
-            self._ack_failing = False
 
     def _deliver(self, item: OutboxBatch) -> str:
         """Retry until the store takes the batch ("done"). "stopped" when stopping past the deadline with

@@ -76,7 +76,7 @@ class TrailReader(Protocol):
 
 
 class Sink(BatchWriter, TrailReader, Protocol):
-    """A backend: both faces (one module per backend under `codi2/sinks/`, chosen by `open_sink`)."""
+    """A backend: both faces (one module or package per backend under `codi2/stores/`, chosen by `open_sink`)."""
 
 
 def open_sink(settings: Settings, *, create: bool = True) -> Sink:
@@ -85,6 +85,6 @@ def open_sink(settings: Settings, *, create: bool = True) -> Sink:
         from codi2.stores.sqlite import SqliteSink
 
         return SqliteSink(settings.sqlite_file, create=create)
-    from codi2.stores.fdb import open_fdb_sink
+    from codi2.stores.fdb.sink import open_fdb_sink
 
     return open_fdb_sink(settings, writer=create)

@@ -20,47 +20,61 @@ import threading
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from codi2.schema import Schema, SchemaTooNew, execute_script
 from codi2.stores.base import Cursor, StoredBatch, StoreError
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    pos       INTEGER PRIMARY KEY AUTOINCREMENT,
-    id        TEXT NOT NULL UNIQUE,
-    batch_id  TEXT NOT NULL,
-    tenant_id TEXT NOT NULL,
-    ts        TEXT NOT NULL,
-    action    TEXT NOT NULL,
-    path      BLOB NOT NULL,
-    body      BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_tenant_pos ON events (tenant_id, pos);
-CREATE INDEX IF NOT EXISTS events_tenant_ts ON events (tenant_id, ts);
-DROP INDEX IF EXISTS events_tenant_path;
-CREATE TABLE IF NOT EXISTS batches (
-    tenant_id TEXT NOT NULL,
-    stream_id TEXT NOT NULL,
-    number    INTEGER NOT NULL,
-    ts        TEXT NOT NULL,
-    prev      BLOB NOT NULL,
-    link      BLOB NOT NULL,
-    key_id    TEXT,
-    events    INTEGER NOT NULL,
-    first_pos INTEGER NOT NULL,
-    last_pos  INTEGER NOT NULL,
-    PRIMARY KEY (tenant_id, stream_id, number)
-) WITHOUT ROWID;
-"""
+
+def _adopt(db: sqlite3.Connection) -> None:
+    """Version 1: the tables as releases before user_version left them (0.1's included), created where
+    missing."""
+    execute_script(
+        db,
+        """
+        CREATE TABLE IF NOT EXISTS events (
+            pos       INTEGER PRIMARY KEY AUTOINCREMENT,
+            id        TEXT NOT NULL UNIQUE,
+            batch_id  TEXT NOT NULL,
+            tenant_id TEXT NOT NULL,
+            ts        TEXT NOT NULL,
+            action    TEXT NOT NULL,
+            path      BLOB NOT NULL,
+            body      BLOB NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS events_tenant_pos ON events (tenant_id, pos);
+        CREATE INDEX IF NOT EXISTS events_tenant_ts ON events (tenant_id, ts);
+        DROP INDEX IF EXISTS events_tenant_path;
+        CREATE TABLE IF NOT EXISTS batches (
+            tenant_id TEXT NOT NULL,
+            stream_id TEXT NOT NULL,
+            number    INTEGER NOT NULL,
+            ts        TEXT NOT NULL,
+            prev      BLOB NOT NULL,
+            link      BLOB NOT NULL,
+            key_id    TEXT,
+            events    INTEGER NOT NULL,
+            first_pos INTEGER NOT NULL,
+            last_pos  INTEGER NOT NULL,
+            PRIMARY KEY (tenant_id, stream_id, number)
+        ) WITHOUT ROWID;
+        """,
+    )
+
+
+# The high half of user_version: the low half is the journal's, which shares this file in the daemon.
+SCHEMA = Schema("store", 16, [_adopt])
 BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.stores.sqlite")
 
 
 def _last_pos(db: sqlite3.Connection) -> int:
-    return db.execute("SELECT coalesce(max(pos), 0) FROM events").fetchone()[0]
+    pos: int = db.execute("SELECT coalesce(max(pos), 0) FROM events").fetchone()[0]
+    return pos
 
 
 def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = None) -> None:
@@ -86,7 +100,8 @@ def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = No
 
 
 class LocalStore:
-    """This store as the daemon's journal keeps it, in the journal's own file and transactions."""
+    """This store as the daemon's journal keeps it, in the journal's own file and transactions (the journal
+    migrates this schema with its own, at start-up)."""
 
     schema = SCHEMA
     insert = staticmethod(insert)
@@ -110,7 +125,7 @@ class LocalStore:
                     " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
-                if cursor.rowcount:
+                if cursor.rowcount and cursor.lastrowid is not None:
                     moved[pos] = cursor.lastrowid
                 kept += 1
         except sqlite3.Error as exc:
@@ -143,28 +158,50 @@ class SqliteSink:
     name = "sqlite"
 
     def __init__(self, path: Path, *, create: bool = True) -> None:
+        """Check the schema, migrating it only when it is behind (a write); the write connection is opened
+        by the first write. So the daemon's sink, on the file its journal owns (and migrated at start-up),
+        never writes it: it only reads the trail for an index rebuild."""
         self.path = path
         if not create and not path.exists():
             raise StoreError(f"sqlite: no audit store at {path}", code="not_found")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._writer: sqlite3.Connection | None = None
         try:
-            self._db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(SCHEMA)
+            with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as db:
+                if not SCHEMA.current(db):
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("BEGIN IMMEDIATE")
+                    SCHEMA.migrate(db)
+                    db.execute("COMMIT")
+        except SchemaTooNew as exc:
+            raise StoreError(f"sqlite: {path}: {exc}", code="schema_too_new", retryable=False) from exc
         except sqlite3.Error as exc:
             raise _error(exc) from exc
+
+    def _db(self) -> sqlite3.Connection:
+        """The write connection (under `_lock`), opened on first use."""
+        if self._writer is None:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+            except sqlite3.Error:
+                db.close()
+                raise
+            self._writer = db
+        return self._writer
 
     def write_batch(self, batch: Batch) -> None:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                db = self._db()
+                db.execute("BEGIN IMMEDIATE")
                 try:
-                    insert(self._db, batch)
-                    self._db.execute("COMMIT")
+                    insert(db, batch)
+                    db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
                     raise
             except sqlite3.Error as exc:
                 raise _error(exc) from exc
@@ -181,7 +218,7 @@ class SqliteSink:
         sql += " ORDER BY pos"
         yield from query.select((pos, _decode(body)) for pos, body in self._query(sql, args))
 
-    def _query(self, sql: str, args: list[object]) -> Iterator[tuple[object, ...]]:
+    def _query(self, sql: str, args: list[object]) -> Iterator[tuple[Any, ...]]:
         """Rows from a connection of its own, so a long or followed read never holds the writer's lock."""
         try:
             with closing(sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)) as reader:
@@ -205,8 +242,9 @@ class SqliteSink:
     def ping(self) -> None:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("ROLLBACK")
+                db = self._db()
+                db.execute("BEGIN IMMEDIATE")
+                db.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise _error(exc) from exc
 
@@ -215,14 +253,15 @@ class SqliteSink:
         token = os.urandom(16).hex()
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                db = self._db()
+                db.execute("BEGIN IMMEDIATE")
                 try:
-                    self._db.execute("CREATE TEMP TABLE IF NOT EXISTS probe (tenant_id TEXT, token TEXT)")
-                    self._db.execute("INSERT INTO probe VALUES (?, ?)", (tenant_id, token))
-                    row = self._db.execute("SELECT token FROM probe WHERE tenant_id = ?", (tenant_id,)).fetchone()
-                    self._db.execute("DELETE FROM probe WHERE tenant_id = ?", (tenant_id,))
+                    db.execute("CREATE TEMP TABLE IF NOT EXISTS probe (tenant_id TEXT, token TEXT)")
+                    db.execute("INSERT INTO probe VALUES (?, ?)", (tenant_id, token))
+                    row = db.execute("SELECT token FROM probe WHERE tenant_id = ?", (tenant_id,)).fetchone()
+                    db.execute("DELETE FROM probe WHERE tenant_id = ?", (tenant_id,))
                 finally:
-                    self._db.execute("ROLLBACK")
+                    db.execute("ROLLBACK")
             except sqlite3.Error as exc:
                 raise _error(exc) from exc
         if row is None or row[0] != token:
@@ -230,4 +269,6 @@ class SqliteSink:
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            if self._writer is not None:
+                self._writer.close()
+                self._writer = None

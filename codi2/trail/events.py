@@ -74,9 +74,34 @@ def rfc3339_ns(epoch_ns: int) -> str:
     seconds, rest = divmod(epoch_ns, 1_000_000_000)
     cached_second, text = _last_second
     if cached_second != seconds:
-        text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        if _YEAR_1 <= seconds < _YEAR_10000:
+            text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        else:
+            text = _expanded(seconds)
         _last_second = (seconds, text)
     return f"{text}.{rest // 1000:06d}Z"
+
+
+_YEAR_1 = -62_135_596_800  # 0001-01-01T00:00:00Z
+_YEAR_10000 = 253_402_300_800  # 10000-01-01T00:00:00Z
+
+
+def _expanded(seconds: int) -> str:
+    """A time outside years 1-9999, which a file's mtime can be (`touch -d 2300-01-01` is inside; tmpfs and
+    XFS take far more): ISO 8601's expanded form, a sign and at least five year digits, from integer
+    arithmetic (time.gmtime overflows; the proleptic Gregorian days-to-civil algorithm does not)."""
+    days, rest = divmod(seconds, 86_400)
+    days += 719_468  # from 1970-01-01 to 0000-03-01
+    era, day_of_era = divmod(days, 146_097)
+    year_of_era = (day_of_era - day_of_era // 1460 + day_of_era // 36_524 - day_of_era // 146_096) // 365
+    day_of_year = day_of_era - (365 * year_of_era + year_of_era // 4 - year_of_era // 100)
+    mp = (5 * day_of_year + 2) // 153
+    day = day_of_year - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    year = year_of_era + era * 400 + (month <= 2)
+    hour, rest = divmod(rest, 3600)
+    minute, second = divmod(rest, 60)
+    return f"{'-' if year < 0 else '+'}{abs(year):05d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}"
 
 
 def parse_time(text: str) -> datetime:
@@ -153,7 +178,7 @@ _decoder = msgspec.msgpack.Decoder()
 
 
 def event_record(e: Event) -> list[Any]:
-    record = [1, *e]
+    record: list[Any] = [1, *e]
     for i in _PATHS:
         if record[i + 1] is not None:
             record[i + 1] = os.fsencode(record[i + 1])

@@ -7,12 +7,13 @@ non-ignored entry of the workspace with its sha256.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from codi2.disk.ignore import IgnoreRules
+from codi2.disk.walk import walk
 from codi2.trail.events import Event
 
 
@@ -61,36 +62,26 @@ def fold(events: Iterable[Event]) -> State:
     return {key: Entry(e.type, e.sha256) for key, e in fold_events(events).items()}
 
 
-def disk_state(root: Path, ignore_patterns: Iterable[str]) -> State:
-    """What a complete trail of `root` must fold to: every non-ignored entry, files with their sha256."""
-    from codi2.disk.ignore import IgnoreRules
+@dataclass(frozen=True, slots=True)
+class Disk:
+    """A tree as a complete trail of it must fold to (`state`), and what of it could not be read
+    (`unknown`, path to why): an entry not examined is not in `state`; a directory not listed is, without
+    what is below it; a file whose contents could not be read is, without its hash."""
 
-    rules = IgnoreRules(ignore_patterns)
-    raw_root = os.fsencode(root)
+    state: State
+    unknown: dict[str, str]
+
+
+def read_disk(path: Path, rules: IgnoreRules, hash_max: int, root: str | None = None) -> Disk:
+    """Walk `path` as the daemon does (`codi2.disk.walk`) and key its entries by `root` (by default
+    `path` itself): every entry the rules keep, files hashed up to `hash_max` bytes."""
+    name = str(path) if root is None else root
     state: State = {}
-    for dirpath, dirnames, filenames in os.walk(raw_root):
-        rel_dir = os.path.relpath(dirpath, raw_root) if dirpath != raw_root else b""
-        kept = []
-        for name in sorted(dirnames):
-            rel = os.path.join(rel_dir, name) if rel_dir else name
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                if not rules.ignored(0, rel, False):
-                    state[(str(root), os.fsdecode(rel))] = Entry("symlink", None)
-                continue
-            if not rules.ignored(0, rel, True):
-                kept.append(name)
-                state[(str(root), os.fsdecode(rel))] = Entry("dir", None)
-        dirnames[:] = kept
-        for name in filenames:
-            rel = os.path.join(rel_dir, name) if rel_dir else name
-            if rules.ignored(0, rel, False):
-                continue
-            full = os.path.join(dirpath, name)
-            if os.path.islink(full):
-                state[(str(root), os.fsdecode(rel))] = Entry("symlink", None)
-                continue
-            with open(full, "rb") as f:
-                sha = hashlib.file_digest(f, "sha256").hexdigest()
-            state[(str(root), os.fsdecode(rel))] = Entry("file", sha)
-    return state
+    unknown: dict[str, str] = {}
+    for seen in walk(path, rules, hash_max):
+        rel = os.fsdecode(seen.rel)
+        if seen.facts is not None:
+            state[(name, rel)] = Entry(seen.facts.type, seen.facts.sha256)
+        if seen.problem is not None:
+            unknown[rel] = seen.problem
+    return Disk(state, unknown)

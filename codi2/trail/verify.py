@@ -20,12 +20,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from codi2.config import Settings
+from codi2.disk.ignore import IgnoreRules
+from codi2.journal.journal import FILE_NAME as JOURNAL_FILE
 from codi2.stores.base import Cursor, StoredBatch, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
-from codi2.trail.replay import disk_state, fold
+from codi2.trail.replay import fold, read_disk
 
 UNCHAINED_LISTED = 100  # events in no batch named one by one; the rest are counted
+UNREADABLE_LISTED = 100  # entries of the disk that could not be read, named one by one; the rest are counted
 
 
 class VerifyError(Exception):
@@ -60,6 +64,8 @@ class DiskReport:
     user_id: str | None
     entries: int
     differences: list[dict[str, Any]]
+    unreadable: int = 0  # entries that could not be read (examined, listed or hashed): not compared
+    unreadable_listed: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -106,7 +112,7 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
             )
             report.breaks.append(Break("event_removed", number, detail))
     unchained = trail - chained
-    listed = []
+    listed: list[Break] = []
     if unchained:
         for cursor, e in sink.read(EventQuery(tenant_id, since=since)):
             if cursor in unchained and len(listed) < UNCHAINED_LISTED:
@@ -227,11 +233,12 @@ def _content(
     return []
 
 
-def compare_disk(
-    sink: TrailReader, tenant_id: str, path: Path, user_id: str | None, ignore_patterns: Sequence[str]
-) -> DiskReport:
+def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskReport:
     """Fold the user's whole trail (whatever `since` says) and compare it with the workspace at `path`:
-    under the watch root of that path, or the trail's only root when the workspace was copied elsewhere."""
+    under the watch root of that path, or the trail's only root when the workspace was copied elsewhere.
+    The disk is read as the daemon reads it (`codi2.disk.walk`), with its ignore rules, its own places
+    left out and its hashing limit; what cannot be read is reported and not compared."""
+    tenant_id, user_id = settings.tenant_id or "", settings.user_id
     users: set[str] = set()
 
     def events() -> Iterator[Any]:
@@ -253,15 +260,56 @@ def compare_disk(
         raise VerifyError(f"--disk {path} is none of the trail's watch roots ({', '.join(roots)})")
     if not path.is_dir():
         raise VerifyError(f"--disk {path}: not a directory")
-    trail = {p: entry for (r, p), entry in state.items() if r == root}
-    disk = {p: entry for (_, p), entry in disk_state(path, ignore_patterns).items()}
+    private, private_files = (_at(path, Path(root), places) for places in _private_places(settings))
+    rules = IgnoreRules(settings.monitoring.ignore_patterns, [path], private)
+    rules.add_private_files(private_files)
+    try:
+        disk = read_disk(path, rules, settings.monitoring.hash_max_bytes, root)
+    except OSError as exc:
+        raise VerifyError(f"--disk {path}: {exc.strerror or exc}") from None
+    unseen = {p for p in disk.unknown if (root, p) not in disk.state}
+    unlisted = {p for p in disk.unknown if p not in unseen and disk.state[(root, p)].type == "dir"}
+    trail = {p: entry for (r, p), entry in state.items() if r == root and not _unseen(p, unseen, unlisted)}
+    have = {p: entry for (_, p), entry in disk.state.items()}
     differences = []
-    for p in sorted(trail.keys() | disk.keys()):
-        want, have = trail.get(p), disk.get(p)
-        if want != have:
-            kind = "not_on_disk" if have is None else "not_in_trail" if want is None else "differs"
-            differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": have and asdict(have)})
-    return DiskReport(str(path), root, user_id, len(disk), differences)
+    for p in sorted(trail.keys() | have.keys()):
+        want, got = trail.get(p), have.get(p)
+        if want == got or (want and got and p in disk.unknown and want.type == got.type):
+            continue  # a file whose contents could not be read is compared by type
+        kind = "not_on_disk" if got is None else "not_in_trail" if want is None else "differs"
+        differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": got and asdict(got)})
+    unreadable = [{"path": p, "problem": why} for p, why in sorted(disk.unknown.items())[:UNREADABLE_LISTED]]
+    return DiskReport(str(path), root, user_id, len(have), differences, len(disk.unknown), unreadable)
+
+
+def _private_places(settings: Settings) -> tuple[list[Path], list[Path]]:
+    """The daemon's own places (its state directory, a SQLite store and the files beside it) and the files
+    it holds locked, as the daemon names them: the trail never records them, under any name."""
+
+    def companions(db: Path) -> list[Path]:
+        return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
+
+    state = settings.state_dir
+    store = companions(settings.sqlite_file) if settings.backend == "sqlite" else []
+    return [state, *store], [state / "lock", *companions(state / JOURNAL_FILE), *store]
+
+
+def _at(path: Path, root: Path, places: list[Path]) -> list[Path]:
+    """`places` below the watch root `root` at the same place below `path`, a copy of the workspace."""
+    return [path / p.relative_to(root) for p in places if p.is_relative_to(root)]
+
+
+def _unseen(rel: str, unseen: set[str], unlisted: set[str]) -> bool:
+    """Whether nothing is known of `rel` on disk: it is, or is below, an entry that could not be examined,
+    or it is below a directory that could not be listed."""
+    if rel in unseen:
+        return True
+    parent = rel.rpartition("/")[0]
+    while parent:
+        if parent in unseen or parent in unlisted:
+            return True
+        parent = parent.rpartition("/")[0]
+    return False
 
 
 def render(report: Report) -> str:
@@ -281,9 +329,14 @@ def render(report: Report) -> str:
             lines.append(f"  … and {report.unchained_events - len(report.unchained)} more")
     if report.disk is not None:
         d = report.disk
-        verdict = "the trail folds to exactly what is there" if not d.differences else "the trail differs"
+        verdict = "the trail differs" if d.differences else "the trail folds to exactly what is there"
+        if d.unreadable:
+            verdict += f" ({d.unreadable} entries could not be read, and are not compared)"
         lines.append(f"disk {d.path} (watch root {d.root}, user {d.user_id or '-'}): {d.entries} entries; {verdict}")
         lines += [f"  {x['kind']}: {x['path']!r} (trail {x['trail']}, disk {x['disk']})" for x in d.differences]
+        lines += [f"  unreadable: {x['path']!r}: {x['problem']}" for x in d.unreadable_listed]
+        if d.unreadable > len(d.unreadable_listed):
+            lines.append(f"  … and {d.unreadable - len(d.unreadable_listed)} more unreadable")
     events = sum(s.events for s in report.streams)
     summary = f"streams {len(report.streams)}, batches {sum(s.checked for s in report.streams)}, events {events}"
     verdict = "intact" if report.breaks == 0 else f"{report.breaks} breaks"
