@@ -249,6 +249,35 @@ class IntegritySettings(Section):
     (docs/trail-format.md)."""
 
 
+DURATION = re.compile(r"(?P<count>[0-9]+)(?P<unit>[smhdw])")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def duration_s(text: str) -> int:
+    """A duration such as "90d", "12h", "30m", "45s", "2w" in seconds; ValueError otherwise."""
+    m = DURATION.fullmatch(text.strip())
+    if m is None or int(m["count"]) == 0:
+        raise ValueError(f"expected a duration such as 90d, 12h, 30m or 2w, got {text!r}")
+    return int(m["count"]) * DURATION_UNITS[m["unit"]]
+
+
+def _check_duration(value: str) -> str:
+    duration_s(value)
+    return value
+
+
+class RetentionSettings(Section):
+    max_age: Annotated[str, AfterValidator(_check_duration)] | None = None
+    """How long the trail is kept (a duration: `90d`, `12h`, `2w`); unset keeps it for ever. With SQLite
+    the daemon prunes what is older itself, at start and then daily; with FoundationDB a pod never
+    deletes trail data: the retention CronJob (`codi2 archive` then `codi2 prune`, which take their cutoff
+    from it) does (docs/retention.md)."""
+
+    @property
+    def max_age_s(self) -> int | None:
+        return None if self.max_age is None else duration_s(self.max_age)
+
+
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged (case-insensitive)."""
@@ -287,6 +316,8 @@ class Settings(BaseSettings):
     """When a batch of events is cut."""
     integrity: IntegritySettings = IntegritySettings()
     """The hash chain that makes the trail tamper-evident."""
+    retention: RetentionSettings = RetentionSettings()
+    """How long the trail is kept, and who removes what is older."""
     logging: LoggingSettings = LoggingSettings()
     """Logs (structlog, on stderr)."""
 

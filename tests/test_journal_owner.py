@@ -18,15 +18,17 @@ import structlog
 from conftest import WAIT_S, read_events, wait_for
 from sink_contract import make_event
 
+from codi2.config import BatchingSettings, MonitoringSettings, SpoolSettings
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal.index import key_of
 from codi2.journal.journal import Journal, JournalCorrupt, JournalUnavailable, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.metrics import Metrics
-from codi2.pipeline.pipeline import Pipeline
+from codi2.pipeline.pipeline import JournalFile, Pipeline
 from codi2.ship import shipper as shipper_module
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import StoreError
+from codi2.stores.sqlite import SCHEMA as STORE_SCHEMA
 from codi2.stores.sqlite import LocalStore, SqliteSink
 from codi2.trail.events import Batch, EventQuery, Identity
 from codi2.watch.hints import Touch
@@ -47,23 +49,16 @@ def _numbers(path: Path) -> list[int]:
 
 def _pipeline(ws: Path, state: Path, store: SqliteSink, monitor: StoreMonitor) -> Pipeline:
     """The pipeline as the daemon builds it for a remote store (the journal a file of its own)."""
-    metrics = Metrics()
     pipeline = Pipeline(
         roots=[ws],
-        state_dir=state,
-        journal_path=state / "journal.db",
-        local_store=None,
+        journal_file=JournalFile(state / "journal.db", state),
         rules=IgnoreRules([], [ws]),
         identity=Identity("t1", "u1", None, "pod-1"),
-        metrics=metrics,
-        max_events=1000,
-        max_batch_bytes=1 << 20,
-        max_delay_ms=10,
-        max_bytes=1 << 30,
-        hash_max_bytes=1 << 20,
-        fsync=True,
-        initial_scan="record",
+        metrics=Metrics(),
         store=monitor,
+        batching=BatchingSettings(max_events=1000, max_bytes=1 << 20, max_delay_ms=10),
+        spool=SpoolSettings(max_bytes=1 << 30, fsync=True),
+        monitoring=MonitoringSettings(watch_paths=[ws], hash_max_bytes=1 << 20, initial_scan="record"),
     )
     pipeline.open()
     pipeline.trail = store
@@ -303,7 +298,7 @@ def test_a_journal_before_chaining_gets_its_header_column(v0: Path) -> None:
 def test_a_sqlite_store_with_its_journal_of_the_release_before_is_carried_over(v0: Path) -> None:
     path = v0 / "audit.db"
     journal = Journal(path, store=LocalStore())
-    assert _user_version(path) == 1 | 1 << 16  # the journal's half and the store's
+    assert _user_version(path) == 1 | STORE_SCHEMA.latest << 16  # the journal's half and the store's
     assert journal.chain.batches == 2 and journal.count() == 4
     with journal.transaction():
         journal.append([make_event("e")])
@@ -332,8 +327,9 @@ def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "audit.db"
     Journal(store, store=LocalStore()).close()
     with closing(sqlite3.connect(store)) as db:
-        db.execute(f"PRAGMA user_version = {1 | 2 << 16}")  # the store's half ahead: the trail is kept as it is
-    with pytest.raises(JournalUnavailable, match="store schema 2"):
+        ahead = STORE_SCHEMA.latest + 1
+        db.execute(f"PRAGMA user_version = {1 | ahead << 16}")  # the store's half ahead: the trail is kept as it is
+    with pytest.raises(JournalUnavailable, match=f"store schema {ahead}"):
         Journal(store, store=LocalStore())
-    with pytest.raises(StoreError, match="store schema 2"):
+    with pytest.raises(StoreError, match=f"store schema {ahead}"):
         SqliteSink(store, create=False)

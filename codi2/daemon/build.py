@@ -16,7 +16,7 @@ from codi2.daemon.health import Checks, HealthServer, build_app
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal.journal import FILE_NAME
 from codi2.metrics import Metrics
-from codi2.pipeline.pipeline import Pipeline
+from codi2.pipeline.pipeline import JournalFile, Pipeline
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import Sink
 from codi2.trail.chain import ChainKey, load_key
@@ -53,23 +53,22 @@ def build(settings: Settings, identity: Identity) -> Parts:
         from codi2.stores.sqlite import LocalStore
 
         local = LocalStore()
+    journal_file = JournalFile(
+        path=s.sqlite_file if local else s.state_dir / FILE_NAME,
+        state_dir=s.state_dir,
+        local_store=local,
+        chain_key=chain_key,
+    )
     pipeline = Pipeline(
         roots=s.watch_roots,
-        state_dir=s.state_dir,
-        journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
-        local_store=local,
+        journal_file=journal_file,
         rules=rules,
         identity=identity,
         metrics=metrics,
-        max_events=s.batching.max_events,
-        max_batch_bytes=s.batching.max_bytes,
-        max_delay_ms=s.batching.max_delay_ms,
-        max_bytes=s.spool.max_bytes,
-        hash_max_bytes=s.monitoring.hash_max_bytes,
-        fsync=s.spool.fsync,
-        initial_scan=s.monitoring.initial_scan,
         store=store,
-        chain_key=chain_key,
+        batching=s.batching,
+        spool=s.spool,
+        monitoring=s.monitoring,
     )
 
     def overflow() -> None:

@@ -19,6 +19,7 @@ from typing import Any, NoReturn
 import structlog
 
 from codi2 import __version__
+from codi2.daemon import retention
 from codi2.daemon.build import Parts, build_health, connect_store, private_files, private_paths
 from codi2.daemon.health import Checks
 from codi2.journal.journal import JournalUnavailable
@@ -180,6 +181,9 @@ class Daemon:
             stack.push_async_callback(self._stop_shipper, shipper)
         pipeline.start()
         stack.push_async_callback(self._stop_pipeline)
+        if s.backend == "sqlite" and (max_age := s.retention.max_age_s) is not None:
+            task = retention.apply_daily(pipeline, s.sqlite_file, self.identity.tenant_id, max_age)
+            stack.callback(asyncio.create_task(task, name="codi2-retention").cancel)
         try:
             await asyncio.to_thread(self.watcher.start)
         except OSError as exc:

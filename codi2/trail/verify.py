@@ -23,7 +23,7 @@ from typing import Any
 from codi2.config import Settings
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal.journal import FILE_NAME as JOURNAL_FILE
-from codi2.stores.base import Cursor, StoredBatch, TrailReader
+from codi2.stores.base import Cursor, StoredBatch, TrailAdmin, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
 from codi2.trail.replay import fold, read_disk
@@ -53,6 +53,7 @@ class StreamReport:
     last: str | None = None
     head_batch: int = 0
     head_link: str | None = None
+    pruned_through: int = 0  # the horizon: batches up to it were pruned (docs/retention.md)
     key_ids: list[str | None] = field(default_factory=list)
     breaks: list[Break] = field(default_factory=list)
 
@@ -131,11 +132,12 @@ def _stream(
     trail: set[Cursor],
     unread: dict[Cursor, tuple[StreamReport, int, Any]],
 ) -> StreamReport:
-    stored = list(sink.batches(tenant_id, stream_id))
-    report = StreamReport(stream_id, batches=len(stored))
+    report = StreamReport(stream_id)
+    stored, start_link = _after_horizon(sink, tenant_id, report, list(sink.batches(tenant_id, stream_id)))
+    report.batches = len(stored)
     if stored:
         report.head_batch, report.head_link = stored[-1].header.number, stored[-1].header.link.hex()
-    index = {ZERO: -1} | {b.header.link: i for i, b in enumerate(stored)}  # ZERO: what batch 1 follows
+    index = {start_link: -1} | {b.header.link: i for i, b in enumerate(stored)}  # what the first batch follows
     followed = {b.header.prev for b in stored}
     start = next((i for i, b in enumerate(stored) if since is None or parse_time(b.header.ts) >= since), len(stored))
     unchecked: dict[str | None, list[int]] = {}  # batches by the key id no given key has (None: unkeyed)
@@ -168,6 +170,19 @@ def _stream(
             detail = f"{what} sealed with key {key_id}: give its --key-file to check them"
             report.breaks.append(Break("unknown_key", numbers[0], detail))
     return report
+
+
+def _after_horizon(
+    sink: TrailReader, tenant_id: str, report: StreamReport, stored: list[StoredBatch]
+) -> tuple[list[StoredBatch], bytes]:
+    """A pruned stream's live batches and the link its first must follow: its horizon's, as batch 1 follows
+    ZERO. So a prune shows, and cannot hide a deletion: a batch after the horizon gone is still missing.
+    Batches at or below the horizon are what an interrupted prune has not cleared yet."""
+    horizon = sink.horizons(tenant_id).get(report.stream_id) if isinstance(sink, TrailAdmin) else None
+    if horizon is None:
+        return stored, ZERO
+    report.pruned_through = horizon.number
+    return [b for b in stored if b.header.number > horizon.number], horizon.link
 
 
 def _structure(stored: list[StoredBatch], i: int, index: dict[bytes, int], followed: set[bytes]) -> Iterator[Break]:
@@ -321,6 +336,8 @@ def render(report: Report) -> str:
         checked = "" if s.checked == s.batches else f" ({s.checked} checked)"
         lines.append(f"  batches {s.batches}{checked}, events {s.events}, {s.first or '-'} … {s.last or '-'}")
         lines.append(f"  head: batch {s.head_batch}, link {s.head_link or '-'}; keys: {keys}")
+        if s.pruned_through:
+            lines.append(f"  pruned through batch {s.pruned_through} (its first live batch follows it)")
         lines += [f"  BREAK {b.kind} at batch {b.batch}: {b.detail}" for b in s.breaks]
     if report.unchained_events:
         lines.append(f"{report.unchained_events} events in no batch")
