@@ -78,6 +78,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
         return
     fdb_api: ModuleType = request.getfixturevalue("fdb_api")
     cluster = tmp_path / "fdb.cluster"
+    cluster.write_text("test:fake@127.0.0.1:4500\n")  # the fake reads none; codi2 requires that the file exists
     monkeypatch.setenv("FDB_CLUSTER_FILE", str(cluster))
     database = fdb_api.open(str(cluster))
     clock = iter(range(T0, T0 + BATCHES * 3600, 3600))
