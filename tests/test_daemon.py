@@ -328,17 +328,17 @@ def test_watch_limit_is_reported_and_not_fatal(workspace: Path, daemon_factory: 
         pytest.skip("unshare -Ur (user namespaces) not permitted on this machine")
     for i in range(30):
         (workspace / f"d{i:02d}").mkdir()
-    limit = 12  # the barrier directory, the root and 10 of the 30 directories
+    limit = 12  # the barrier directory, the root's parent (for the root's removal), the root, 9 of the 30
     wrapper = ("unshare", "-Ur", "sh", "-c", f'echo {limit} > /proc/sys/user/max_inotify_watches && exec "$@"', "sh")
     daemon = daemon_factory(wrapper=wrapper)
     status = daemon.status()
-    assert status["watches"] == limit - 1
-    assert len(status["unwatched"]) == 30 - (limit - 2)
+    assert status["watches"] == limit - 2  # the tree's: the root and 9 directories
+    assert len(status["unwatched"]) == 30 - (limit - 3)
     assert all("fs.inotify.max_user_watches" in reason for reason in status["unwatched"].values())
     assert status["status"] == "degraded"
     assert any("unwatched" in reason for reason in status["degraded_reasons"])
     assert daemon.get("/readyz")[0] == 200
-    assert "codi2_unwatched_directories 20.0" in daemon.get("/metrics")[1]
+    assert "codi2_unwatched_directories 21.0" in daemon.get("/metrics")[1]
     assert any(line.get("event") == "directory_unwatched" for line in daemon.logs)
     watched = sorted(set(f"d{i:02d}" for i in range(30)) - {Path(p).name for p in status["unwatched"]})
     (workspace / watched[0] / "seen.txt").write_text("x")

@@ -79,6 +79,11 @@ def build(settings: Settings, identity: Identity) -> Parts:
         follow meanwhile is recorded as its end state, and the trail notes the lost history."""
         pipeline.note_gap("out_of_descriptors", None)
 
+    def mounts_changed() -> None:
+        """Watcher thread, when a mount inside a root came or went (the watcher recrawls where): what it
+        covered or uncovered changed with no kernel event, so the trail notes the lost history."""
+        pipeline.note_gap("mount_changed", None)
+
     watcher = Watcher(
         s.watch_roots,
         rules,
@@ -86,6 +91,8 @@ def build(settings: Settings, identity: Identity) -> Parts:
         on_hints=pipeline.feed,
         on_overflow=overflow,
         on_descriptors_back=descriptors_back,
+        on_mounts_changed=mounts_changed,
+        check_interval_s=s.monitoring.rescan_interval_s,
     )
     _gauges(metrics, pipeline, watcher)
     return Parts(s, identity, metrics, rules, store, pipeline, watcher)
@@ -126,3 +133,5 @@ def _gauges(m: Metrics, pipeline: Pipeline, watcher: Watcher) -> None:
     m.spool_max_bytes.set(pipeline.max_bytes)
     m.pipeline_queue.set_function(pipeline.pending_hints)
     m.handler_errors.source = lambda: float(watcher.state.handler_errors)
+    m.roots_gone.set_function(lambda: len(watcher.state.roots_gone))
+    m.roots_reestablished.source = lambda: float(watcher.state.roots_reestablished)

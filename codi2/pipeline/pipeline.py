@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 import structlog
 
 from codi2.config import STATE_DIR_NAME, BatchingSettings, MonitoringSettings, SpoolSettings
-from codi2.disk.fs import O_DIR
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal import legacy
 from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corruption
@@ -136,6 +137,7 @@ class Pipeline:
             batching,
             local_store=store if journal_file.local_store is not None else None,
             on_corrupt=self._journal_corrupt,
+            reopen_root=self._reopen_root,
         )
         self._rebuild = IndexRebuild(identity, self.root_names, self._flusher)
         self._deadline: float | None = None
@@ -451,6 +453,25 @@ class Pipeline:
     def _flush(self) -> None:
         self._deadline = None  # the window is taken whole: the next hint starts a new one
         self._flusher.flush()
+
+    def _reopen_root(self, root: int) -> bool:
+        """Journal thread, in a flush: the watcher found another directory at root `root`'s path, or none.
+        Read the root from its path from now on; whether a directory is there. A root that is gone is read
+        through a directory that stays empty (made in the state dir and removed at once), so everything the
+        index holds under it is `deleted`."""
+        try:
+            fd = os.open(self._roots[root], O_DIR)
+            there = True
+        except OSError as exc:
+            if exc.errno not in ABSENT_ERRNOS:
+                raise
+            empty = tempfile.mkdtemp(prefix="gone-", dir=self._file.state_dir)
+            fd = os.open(empty, O_DIR)
+            os.rmdir(empty)
+            there = False
+        os.close(self._root_fds[root])
+        self._root_fds[root] = fd  # in place: the reconciler and its cache read this list
+        return there
 
     def _journal_corrupt(self, exc: Exception) -> None:
         """The journal's file is damaged (found by a flush, an ack, a rebuild): recover it into a new file."""

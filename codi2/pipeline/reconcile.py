@@ -194,7 +194,9 @@ class Reconciler:
 
     # Entry points ---------------------------------------------------------------------------------
 
-    def apply(self, hint: Hint, origin: Origin = "live") -> Iterator[None]:
+    def apply(self, hint: Touch | Move | Rescan, origin: Origin = "live") -> Iterator[None]:
+        """Settle one hint. A `RootReplaced` is the caller's to turn into a `Rescan` of the whole root, once it
+        has opened the root's path again (the reconciler reads the roots through descriptors it is given)."""
         self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
