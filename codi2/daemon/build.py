@@ -70,6 +70,7 @@ def build(settings: Settings, identity: Identity) -> Parts:
         initial_scan=s.monitoring.initial_scan,
         store=store,
         chain_key=chain_key,
+        recheck_interval_s=s.monitoring.rescan_interval_s,
     )
 
     def overflow() -> None:

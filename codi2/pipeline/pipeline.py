@@ -52,6 +52,11 @@ MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of 
 # With nothing to do, the journal thread sleeps until woken (new hints, a stop): this bound only limits
 # what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
+# The journal's pages checked (`Journal.check`) at start and then hourly, each check abandoned past its
+# budget: the journal thread holds every flush meanwhile.
+CHECK_AT_START_S = 10.0
+CHECK_INTERVAL_S = 3600.0
+CHECK_BUDGET_S = 2.0
 
 
 @dataclass
@@ -120,6 +125,7 @@ class Pipeline:
         initial_scan: str,
         store: StoreMonitor,
         chain_key: ChainKey | None = None,
+        recheck_interval_s: float = 60.0,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
         self.root_names = [str(r) for r in roots]
@@ -166,6 +172,9 @@ class Pipeline:
         self._journal_thread: threading.Thread | None = None
         self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
         self._ack_failing = False
+        self._recheck_every = recheck_interval_s  # hard links with names out of sight (`Reconciler.recheck`)
+        self._recheck_at = 0.0
+        self._check_at = time.monotonic() + CHECK_INTERVAL_S
 
     # Life cycle ----------------------------------------------------------------------------------
 
@@ -175,8 +184,11 @@ class Pipeline:
         fresh = not _has_journal(path)
         try:
             self.journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
+            self.journal.check(CHECK_AT_START_S)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+            if self.journal is not None:
+                self.journal.close()
             self.journal = self._recover(path)
         self.journal.on_ack = self._ack_posted
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
@@ -395,6 +407,7 @@ class Pipeline:
         if rebuild:
             self._rebuild()
             return True
+        self._chores(now)
         if self._outbox_full():
             self._retry_at = now + 0.5  # the shipper has to make room first
             return True
@@ -402,6 +415,25 @@ class Pipeline:
         if (self._window and (due or stopping or len(self._window) >= self._max_events)) or self._gap_pending():
             self._flush()
         return not (stopping and not self._window and not self._intake)
+
+    def _chores(self, now: float) -> None:
+        """Between flushes, on the thread that owns the journal: a round over hard-linked files with names
+        out of sight (`Reconciler.recheck`), and hourly a bounded check of the journal's pages."""
+        journal, rec = self.journal, self._reconciler
+        assert journal is not None and rec is not None
+        try:
+            if rec.recheck_pending and now >= self._recheck_at:
+                self._recheck_at = now + self._recheck_every
+                for hint in rec.recheck():
+                    self._window.add(hint)
+                if self._window and self._deadline is None:
+                    self._deadline = now + self._max_delay
+            if now >= self._check_at:
+                self._check_at = now + CHECK_INTERVAL_S
+                if not journal.check(CHECK_BUDGET_S):
+                    log.warning("journal_check_incomplete", budget_s=CHECK_BUDGET_S)
+        except (sqlite3.Error, JournalCorrupt) as exc:
+            self._journal_failed(exc)
 
     def _wait_time(self) -> float:
         """How long the journal thread may sleep: until the window is due, or a back-off has passed."""
@@ -416,6 +448,8 @@ class Pipeline:
         # (their window is re-armed next turn), a gap or a rebuild asked for from inside a flush.
         if self._window or self._gap_reasons or self._rebuild_requested:
             return 0.0
+        if self._reconciler is not None and self._reconciler.recheck_pending:
+            return max(0.0, min(self._recheck_at - now, IDLE_WAIT_S))
         return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
@@ -662,7 +696,10 @@ class Pipeline:
         jh, journal = self.journal_health, self.journal
         return {
             "initial_scan": jh.initial_scan,
-            "pipeline": {"pending_changes": self.pending_hints()},
+            "pipeline": {
+                "pending_changes": self.pending_hints(),
+                "hashing": self._reconciler.hashing_status() if self._reconciler else None,
+            },
             "journal": {
                 "state": jh.state,
                 "error": jh.error,
