@@ -407,7 +407,8 @@ class Pipeline:
         if rebuild:
             self._rebuild()
             return True
-        self._chores(now)
+        if not stopping:
+            self._chores(now)
         if self._outbox_full():
             self._retry_at = now + 0.5  # the shipper has to make room first
             return True
