@@ -137,6 +137,14 @@ class Flusher:
     def attach(self, journal: Journal, reconciler: Reconciler) -> None:
         self._journal, self._reconciler = journal, reconciler
 
+    @property
+    def reconciler(self) -> Reconciler | None:
+        return self._reconciler
+
+    def hashing(self) -> dict[str, object] | None:
+        """The hash in progress, if any (a multi-GB file takes seconds): for /status."""
+        return self._reconciler.hashing_status() if self._reconciler is not None else None
+
     def expect_initial(self, roots: int) -> None:
         """A scan of every root is on its way (start-up, or after a rebuild): done once all are committed."""
         self._initial_pending = roots
