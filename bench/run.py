@@ -41,9 +41,10 @@ from common import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from codi2.disk.ignore import IgnoreRules
 from codi2.stores.sqlite import SqliteSink
 from codi2.trail.events import Event, EventQuery
-from codi2.trail.replay import disk_state, fold
+from codi2.trail.replay import fold, read_disk
 
 WRITER = """
 import os, sys
@@ -54,6 +55,7 @@ for i in range(n):
 """
 SCENARIOS = ("burst", "burst-fdb", "latency", "startup", "idle", "mixed")
 IGNORED = {".git", "node_modules", "target", "dist"}
+HASH_MAX = 64 * 1024 * 1024  # the daemon's default hash_max_bytes
 FLOOR = Path(__file__).resolve().parent / "floor.py"
 
 
@@ -429,7 +431,7 @@ def mixed(base: Path, reps: int) -> dict[str, Any]:
             d.mkdir(parents=True, exist_ok=True)
             (d / f"index{i}.js").write_text("module.exports = {}\n")
         ops_end = time.monotonic()
-        expected = disk_state(tree, IGNORED)
+        expected = read_disk(tree, IgnoreRules(sorted(IGNORED), [tree]), HASH_MAX).state
         sink = SqliteSink(codi2.db, create=False)
         events: list[Event] = []
 
