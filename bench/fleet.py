@@ -285,7 +285,10 @@ def per_event(after: dict[str, list[int]], before: dict[str, list[int]], events:
         "stored_bytes_per_event": ratio(key_bytes + value_bytes, events),
         "stored_bytes_per_event_no_prefix": ratio(key_bytes - prefix_bytes + value_bytes, events),
     }
-    figures.update({f"keys_per_event.{ns}": ratio(row[0], events) for ns, row in sorted(delta.items()) if row[0]})
+    for ns, (n, nbytes, _, vbytes) in sorted(delta.items()):
+        if n:
+            figures[f"keys_per_event.{ns}"] = ratio(n, events)
+            figures[f"stored_bytes_per_event.{ns}"] = ratio(nbytes + vbytes, events)
     return figures
 
 
@@ -488,9 +491,11 @@ def _phase_rows(phase: str) -> list[Row]:
     def fig(key: str, fmt: str) -> Callable[[dict[str, Any]], str]:
         return lambda v: fmt.format(v[phase].get(key, float("nan")))
 
-    def by_namespace(v: dict[str, Any]) -> str:
-        prefix = "keys_per_event."
-        return ", ".join(f"{k[len(prefix) :]} {n:.2f}" for k, n in v[phase].items() if k.startswith(prefix))
+    def by_namespace(figure: str, fmt: str) -> Callable[[dict[str, Any]], str]:
+        prefix = f"{figure}."
+        return lambda v: ", ".join(
+            f"{k[len(prefix) :]} {fmt.format(n)}" for k, n in v[phase].items() if k.startswith(prefix)
+        )
 
     def errors(v: dict[str, Any]) -> str:
         found = v[phase]["store_errors"]
@@ -500,13 +505,14 @@ def _phase_rows(phase: str) -> list[Row]:
         (f"{phase}: events (files written)", lambda v: f"{v[phase]['events']:,.0f} ({v[phase]['files']:,})"),
         (f"{phase}: events/s, writer start to last commit", fig("events_per_s", "{:,.1f}")),
         (f"{phase}: keys written / event", fig("keys_per_event", "{:.2f}")),
-        (f"{phase}:   by namespace", by_namespace),
+        (f"{phase}:   by namespace", by_namespace("keys_per_event", "{:.2f}")),
         (f"{phase}: key bytes / event (without prefix)", lambda v: _with_without(v[phase], "key_bytes_per_event")),
         (f"{phase}: value bytes / event", fig("value_bytes_per_event", "{:.0f}")),
         (
             f"{phase}: stored bytes / event (without prefix)",
             lambda v: _with_without(v[phase], "stored_bytes_per_event"),
         ),
+        (f"{phase}:   by namespace", by_namespace("stored_bytes_per_event", "{:.0f}")),
         (f"{phase}: commits / 1,000 events (events/commit)", lambda v: _commits(v[phase])),
         (f"{phase}: conflicts (fake) / store errors (daemons)", lambda v: f"{v[phase]['conflicts']:.0f} / {errors(v)}"),
         (f"{phase}: point + range reads / event", lambda v: _reads(v[phase])),
