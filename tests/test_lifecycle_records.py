@@ -16,7 +16,7 @@ from conftest import DaemonProcess, read_events, wait_for
 from trail_checks import run_verify
 
 from codi2.trail.coverage import detail_of
-from codi2.trail.events import Event
+from codi2.trail.events import Action, Event
 
 Start = Callable[..., DaemonProcess]
 
@@ -133,3 +133,35 @@ def test_every_log_line_carries_the_daemon_s_identity(workspace: Path, daemon_fa
     assert len(lines) > 5
     bound = {(line.get("tenant_id"), line.get("user_id"), line.get("pod"), line.get("session_id")) for line in lines}
     assert bound == {("t1", "u1", "pod-test", "s9")}, [json.dumps(line) for line in lines[:5]]
+
+
+def _event(seq: int, action: Action, dest: str | None = None, path: str = "f") -> Event:
+    ts = f"2026-01-01T00:00:{seq:02d}.000000Z"
+    return Event(
+        f"id{seq}", seq, ts, "t1", "u1", None, "pod", action, path, dest, "/ws", "file", None, None, None, None
+    )
+
+
+def test_coverage_is_broken_by_gaps_and_unclean_ends_and_says_so() -> None:
+    from codi2.trail.coverage import Coverage
+
+    coverage = Coverage()
+    trail = [
+        _event(1, "created"),  # before any `start`: a trail older than the records
+        _event(2, "start", '{"phase":"watching"}', ""),
+        _event(3, "start", '{"phase":"scanned"}', ""),
+        _event(4, "created"),
+        _event(5, "gap", "inotify_overflow", ""),
+        _event(6, "updated"),
+        _event(7, "start", '{"phase":"watching","previous_run":"unclean"}', ""),
+        _event(8, "created"),
+        _event(9, "stop", '{"clean":true}', ""),
+    ]
+    for e in trail:
+        coverage.feed(e)
+    assert [(r.start[17:19], r.end[17:19], r.began, r.ended) for r in coverage.ranges()] == [
+        ("01", "01", "unknown", "unclean"),
+        ("02", "04", "start", "gap:inotify_overflow"),
+        ("05", "06", "gap:inotify_overflow", "unclean"),
+        ("07", "09", "start", "stop"),
+    ]

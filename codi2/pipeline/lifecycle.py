@@ -8,7 +8,7 @@ in `dest_path` (the trail's record keeps its version; every release reads them):
 
 - `start` (phase `watching`), at the head of a run's first batch: version, backend, roots, the digest of
   the effective config, and how the run before it ended: `clean` (its `stop` is in the trail), `unclean`
-  (none: killed, or died), `none` (the journal's first run);
+  (none: killed, or died), `none` (the journal's first run), `unknown` (a journal older than these records);
 - `start` (phase `scanned`), once the start-up diff is committed: what it found (entries, changes);
 - `stop`, the last batch of a run: clean or not, changes not journaled, events left in the spool.
 
@@ -27,7 +27,7 @@ from codi2.pipeline.factory import EventFactory
 from codi2.trail.events import Event, Origin
 
 RUNNING, STOPPED = "running", "stopped"
-_PREVIOUS = {RUNNING: "unclean", STOPPED: "clean", None: "none"}
+_PREVIOUS = {RUNNING: "unclean", STOPPED: "clean"}
 
 
 @dataclass(frozen=True)
@@ -47,15 +47,18 @@ def config_digest(effective: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(effective, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def start_mark(*, version: str, backend: str, roots: list[str], config_sha256: str, previous: str | None) -> Mark:
-    """`previous` is the journal's lifecycle flag as the run before left it."""
+def start_mark(
+    *, version: str, backend: str, roots: list[str], config_sha256: str, previous: str | None, history: bool
+) -> Mark:
+    """`previous` is the journal's lifecycle flag as the run before left it; without one, a journal with
+    `history` (batches) was written by a release before these records, or recovered into a new file."""
     detail = {
         "phase": "watching",
         "version": version,
         "backend": backend,
         "roots": roots,
         "config_sha256": config_sha256,
-        "previous_run": _PREVIOUS.get(previous, "unclean"),
+        "previous_run": _PREVIOUS.get(previous or "", "unknown" if history else "none"),
     }
     return Mark("start", detail, sha256=config_sha256, state=RUNNING)
 

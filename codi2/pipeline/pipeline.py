@@ -312,7 +312,12 @@ class Pipeline:
         assert self.journal is not None and self._journal_thread is None
         previous = self.journal.lifecycle
         mark = start_mark(
-            version=version, backend=backend, roots=self.root_names, config_sha256=config_sha256, previous=previous
+            version=version,
+            backend=backend,
+            roots=self.root_names,
+            config_sha256=config_sha256,
+            previous=previous,
+            history=self.journal.chain.batches > 0,
         )
         log.info("lifecycle_start", previous_run=mark.detail["previous_run"])
         self._recorded_start = True
