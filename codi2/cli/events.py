@@ -189,7 +189,8 @@ def _replay(events: Iterator[Event], fmt: str, tenant: str) -> int:
         print(REPLAY_TABLE.format(type="TYPE", sha256="SHA256", root="ROOT", path="PATH"))
     for (root, path), entry in sorted(state.items()):
         if fmt == "jsonl":
-            line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}
+            line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256, "uid": entry.uid}
+            line |= {"gid": entry.gid, "target": entry.target}
             print(json.dumps(line, separators=(",", ":")))
         else:
             fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": printable(root)}
@@ -203,7 +204,7 @@ def _table_row(e: dict[str, Any], *, header: bool) -> str:
     path = printable(e["path"])
     if e["dest_path"] is not None:
         path += f" -> {printable(e['dest_path'])}"
-    uid, gid = e.get("uid"), e.get("gid")  # an event's owner, once events carry it
+    uid, gid = e["uid"], e["gid"]
     row = TABLE.format(
         ts=e["ts"],
         action=e["action"],

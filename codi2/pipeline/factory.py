@@ -48,6 +48,9 @@ class EventFactory:
             None if mtime is None else rfc3339_ns(mtime),
             facts.sha256,
             origin,
+            facts.uid,
+            facts.gid,
+            None if facts.target is None else os.fsdecode(facts.target),
         )
 
     def gap(self, reason: str, count: int | None) -> Event:

@@ -94,7 +94,11 @@ class IndexRebuild:
         state = fold_events(stored_trail())
         # Only what the store does not have yet, in order: a rename folded twice would drop its target.
         state = fold_events((e for e in pending if e.id not in stored), state)
-        return [
-            (root, key_of(os.fsencode(path)), Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256))
-            for (root, path), e in state.items()
-        ]
+        return [(root, key_of(os.fsencode(path)), _facts(e)) for (root, path), e in state.items()]
+
+
+def _facts(e: Event) -> Facts:
+    """What the trail says of an entry: no stat identity, and no owner from a record written before events
+    carried one."""
+    target = None if e.target is None else os.fsencode(e.target)
+    return Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256, e.uid, e.gid, target)

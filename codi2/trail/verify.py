@@ -289,7 +289,7 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
     differences = []
     for p in sorted(trail.keys() | have.keys()):
         want, got = trail.get(p), have.get(p)
-        if want == got or (want and got and p in disk.unknown and want.type == got.type):
+        if (want and got and want.matches(got)) or (want and got and p in disk.unknown and want.type == got.type):
             continue  # a file whose contents could not be read is compared by type
         kind = "not_on_disk" if got is None else "not_in_trail" if want is None else "differs"
         differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": got and asdict(got)})
