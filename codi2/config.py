@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "CODI2_"
 STATE_DIR_NAME = ".codi2"
+JOURNAL_FILE_NAME = "journal.db"
 _toml_path: ContextVar[Path | None] = ContextVar("codi2_toml_path", default=None)
 
 
@@ -174,14 +175,20 @@ class MonitoringSettings(Section):
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
     """Gitignore-style patterns of trees that get no watch and no events; a bare name matches at any depth."""
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=1 << 40)
-    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`."""
+    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`. Each change of a file
+    within the limit is read whole on the journal thread, and every other change waits meanwhile: about
+    1.2 GB/s of one core (sha256 with the CPU's SHA extensions, file in the page cache, measured on the build
+    machine), so the default costs at most some 55 ms per change, 8 GiB about 7 s, and a multi-GB file
+    rewritten continuously keeps a core busy and delays unrelated changes by seconds (/status
+    `pipeline.hashing` shows the hash in progress)."""
     initial_scan: Literal["record", "silent"] = "record"
     """On the very first start: `record` emits `created` (origin `baseline`) for everything there, so the
     trail is complete from day one; `silent` only notes it in the index (0.1's default). 0.1's spellings
     `events` and `baseline` are read as `record` and `silent`."""
     rescan_interval_s: float = Field(default=60.0, ge=1.0, le=86_400.0)
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
-    the index, in seconds."""
+    the index, in seconds; also how often hard-linked files with names outside the watched trees are
+    re-statted (at most 1,000 a round), which bounds how late a write through such a name is recorded."""
 
     @field_validator("watch_paths")
     @classmethod
@@ -369,6 +376,21 @@ class Settings(BaseSettings):
             return Path(os.path.abspath(self.storage.sqlite_path))
         return self.state_dir / "audit.db"
 
+    @property
+    def journal_file(self) -> Path:
+        return self.state_dir / JOURNAL_FILE_NAME
+
+    def private_paths(self) -> list[Path]:
+        """The daemon's own places, never audit events (recording them would feed back for ever): its state
+        directory, and a SQLite store with the files beside it. The daemon and `verify --disk` both use this."""
+        return [self.state_dir, *(_with_companions(self.sqlite_file) if self.backend == "sqlite" else [])]
+
+    def private_files(self) -> list[Path]:
+        """The files the daemon holds open and locked (journal, store, their WAL and shm, the lock files): never
+        opened by a walk, under any name (a hard link to one included)."""
+        dbs = [self.journal_file, *([self.sqlite_file] if self.backend == "sqlite" else [])]
+        return [self.state_dir / "lock", *(p for db in dbs for p in _with_companions(db))]
+
     def effective(self) -> dict[str, Any]:
         """The config as the daemon will use it, derived values filled in (for `config check`)."""
         data = self.model_dump(mode="json")
@@ -377,6 +399,11 @@ class Settings(BaseSettings):
         data["state"]["dir"] = str(self.state_dir)
         data["monitoring"]["watch_paths"] = [str(p) for p in self.watch_roots]
         return data
+
+
+def _with_companions(db: Path) -> list[Path]:
+    """A SQLite file and the files SQLite and the store lock keep beside it."""
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
 
 
 _IDENTITY_ENV = {

@@ -83,6 +83,11 @@ class Metrics:
             "codi2_inotify_handler_errors", "Kernel events the watcher failed to handle (see the logs)"
         )
         r.register(self.handler_errors)
+        self.roots_gone = Gauge("codi2_watch_roots_gone", "Watch roots whose path holds no directory now", registry=r)
+        self.roots_reestablished = _DerivedCounter(
+            "codi2_watch_roots_reestablished", "Watch roots watched again after being removed, replaced or renamed away"
+        )
+        r.register(self.roots_reestablished)
 
 
 class _DerivedCounter(Collector):

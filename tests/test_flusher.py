@@ -212,7 +212,9 @@ class Bench:
         rec = Reconciler(index, [self._fd], names, IgnoreRules([], [self.ws]), 1 << 20, events)
         self.gaps = NotedGaps()
         batching = BatchingSettings(max_events=max_events)
-        self.flusher = Flusher(Window(), events, self.gaps, Metrics(), batching, local_store=None, on_corrupt=_never)
+        self.flusher = Flusher(
+            Window(), events, self.gaps, Metrics(), batching, local_store=None, on_corrupt=_never, reopen_root=_kept
+        )
         self.flusher.attach(self.journal, rec)
         self.committed: list[OutboxBatch] = []
         self.flusher.on_committed = self.committed.append
@@ -238,6 +240,10 @@ class Bench:
 
 def _never(exc: Exception) -> None:
     raise AssertionError(f"no journal here is corrupt: {exc!r}")
+
+
+def _kept(root: int) -> bool:
+    raise AssertionError(f"no root here is replaced: {root}")
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import structlog
 
 from codi2 import __version__
 from codi2.daemon import retention
-from codi2.daemon.build import Parts, build_health, connect_store, private_files, private_paths
+from codi2.daemon.build import Parts, build_health, connect_store
 from codi2.daemon.health import Checks
 from codi2.journal.journal import JournalUnavailable
 from codi2.ship.shipper import Shipper
@@ -159,7 +159,7 @@ class Daemon:
                 raise StartupError(f"cannot lock {self._store_lock.path}: {exc.strerror or exc}") from None
             stack.callback(self._store_lock.release)
         rules = self.parts.rules
-        rules.add_private(private_paths(s))  # the state dir exists now: known by identity too
+        rules.add_private(s.private_paths())  # the state dir exists now: known by identity too
         pipeline = self.pipeline
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
@@ -174,7 +174,7 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         stack.push_async_callback(asyncio.to_thread, sink.close)
-        rules.add_private_files(private_files(s))
+        rules.add_private_files(s.private_files())
         self.shipper = shipper = connect_store(self.parts, sink)
         if shipper is not None:
             shipper.start()

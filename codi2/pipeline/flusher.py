@@ -38,7 +38,7 @@ from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
 from codi2.ship.shipper import StoreMonitor
 from codi2.trail.events import Origin
-from codi2.watch.hints import Hint, Rescan
+from codi2.watch.hints import Hint, Rescan, RootReplaced
 
 log = structlog.get_logger("codi2.pipeline.flusher")
 
@@ -96,7 +96,8 @@ class Flusher:
     """Commits the window; `attach` gives it the journal (again after a recovery) before the first flush.
 
     `local_store` is the store's monitor when the journal's file is the store (SQLite): a commit is then the
-    store's, and so is a failure."""
+    store's, and so is a failure. `reopen_root` is the owner of the roots' descriptors: it opens a root's path
+    again and says whether a directory is there."""
 
     def __init__(
         self,
@@ -108,6 +109,7 @@ class Flusher:
         *,
         local_store: StoreMonitor | None,
         on_corrupt: Callable[[Exception], None],
+        reopen_root: Callable[[int], bool],
     ) -> None:
         self.window = window
         self._events = events
@@ -117,6 +119,7 @@ class Flusher:
         self._max_batch_bytes = batching.max_bytes
         self._local_store = local_store
         self._on_corrupt = on_corrupt
+        self._reopen_root = reopen_root
         self.on_committed: Callable[[OutboxBatch], None] = lambda batch: None  # the shipper's
         self.health = JournalHealth()
         self.retry_at = 0.0  # monotonic: no flush before then (a back-off)
@@ -133,6 +136,14 @@ class Flusher:
 
     def attach(self, journal: Journal, reconciler: Reconciler) -> None:
         self._journal, self._reconciler = journal, reconciler
+
+    @property
+    def reconciler(self) -> Reconciler | None:
+        return self._reconciler
+
+    def hashing(self) -> dict[str, object] | None:
+        """The hash in progress, if any (a multi-GB file takes seconds): for /status."""
+        return self._reconciler.hashing_status() if self._reconciler is not None else None
 
     def expect_initial(self, roots: int) -> None:
         """A scan of every root is on its way (start-up, or after a rebuild): done once all are committed."""
@@ -179,9 +190,12 @@ class Flusher:
             journal.begin()
             rec.prefetch(hints)
             taken = self._gap_events(rec)
+            self._reopen_roots(rec, hints)
             for current, hint in enumerate(hints):
                 reached = current + 1
                 origin: Origin = "live"
+                if isinstance(hint, RootReplaced):
+                    hint = Rescan(hint.root, b"", True)
                 if isinstance(hint, Rescan):
                     origin = hint.origin
                     self._metrics.rescans.labels(origin=origin).inc()
@@ -213,6 +227,17 @@ class Flusher:
         for reason, count in reasons.items():
             rec.add_event(self._events.gap(reason, count or None))
         return reasons
+
+    def _reopen_roots(self, rec: Reconciler, hints: list[Hint]) -> None:
+        """A root the watcher found replaced or gone is read from its path again (`reopen_root`, before
+        anything of it is read in this transaction), after a `gap` that says so; its `Rescan` follows."""
+        for hint in hints:
+            if not isinstance(hint, RootReplaced):
+                continue
+            if self._reopen_root(hint.root):
+                rec.add_event(self._events.gap("root_replaced", None, hint.root))
+            else:
+                rec.add_event(self._events.gap("root_gone", None, hint.root))
 
     def _commit_batch(self, journal: Journal, rec: Reconciler) -> None:
         events = rec.take_events()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from typing import Any
 import structlog
 
 from codi2.config import STATE_DIR_NAME, BatchingSettings, MonitoringSettings, SpoolSettings
-from codi2.disk.fs import O_DIR
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal import legacy
 from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corruption
@@ -53,6 +54,11 @@ MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of 
 # With nothing to do, the journal thread sleeps until woken (new hints, a stop): this bound only limits
 # what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
+# The journal's pages checked (`Journal.check`) at start and then hourly, each check abandoned past its
+# budget: the journal thread holds every flush meanwhile.
+CHECK_AT_START_S = 10.0
+CHECK_INTERVAL_S = 3600.0
+CHECK_BUDGET_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,7 @@ class Pipeline:
             batching,
             local_store=store if journal_file.local_store is not None else None,
             on_corrupt=self._journal_corrupt,
+            reopen_root=self._reopen_root,
         )
         self._rebuild = IndexRebuild(identity, self.root_names, self._flusher)
         self._deadline: float | None = None
@@ -148,6 +155,9 @@ class Pipeline:
         self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
         self._ack_failing = False
         self._tasks: list[Callable[[], None]] = []  # `post`ed: run on the journal thread between flushes
+        self._recheck_every = monitoring.rescan_interval_s  # hard links with names out of sight (`recheck`)
+        self._recheck_at = 0.0
+        self._check_at = time.monotonic() + CHECK_INTERVAL_S
 
     @property
     def on_committed(self) -> Callable[[OutboxBatch], None]:
@@ -171,8 +181,11 @@ class Pipeline:
         fresh = not _has_journal(path)
         try:
             self.journal = Journal(path, fsync=self._fsync, store=place.local_store, key=place.chain_key)
+            self.journal.check(CHECK_AT_START_S)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+            if self.journal is not None:
+                self.journal.close()
             self.journal = self._recover(path)
         self.journal.on_ack = self._ack_posted
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
@@ -401,6 +414,8 @@ class Pipeline:
         if rebuild:
             self._rebuild_index()
             return True
+        if not stopping:
+            self._chores(now)
         if self._outbox_full():
             self._flusher.retry_in(0.5)  # the shipper has to make room first
             return True
@@ -409,6 +424,25 @@ class Pipeline:
             self._flush()
         # Stopping: done once nothing waits, a `gap` marker (noted by the last flush) included.
         return not (stopping and not self._window and not self._intake and not self._gap_pending())
+
+    def _chores(self, now: float) -> None:
+        """Between flushes, on the thread that owns the journal: a round over hard-linked files with names
+        out of sight (`Reconciler.recheck`), and hourly a bounded check of the journal's pages."""
+        journal, rec = self.journal, self._flusher.reconciler
+        assert journal is not None and rec is not None
+        try:
+            if rec.recheck_pending and now >= self._recheck_at:
+                self._recheck_at = now + self._recheck_every
+                for hint in rec.recheck():
+                    self._window.add(hint)
+                if self._window and self._deadline is None:
+                    self._deadline = now + self._max_delay
+            if now >= self._check_at:
+                self._check_at = now + CHECK_INTERVAL_S
+                if not journal.check(CHECK_BUDGET_S):
+                    log.warning("journal_check_incomplete", budget_s=CHECK_BUDGET_S)
+        except (sqlite3.Error, JournalCorrupt) as exc:
+            self._flusher.failed(exc)
 
     def _wait_time(self) -> float:
         """How long the journal thread may sleep: until the window is due, or a back-off has passed."""
@@ -424,6 +458,9 @@ class Pipeline:
         # (their window is re-armed next turn), a gap or a rebuild asked for from inside a flush.
         if self._window or self._gap_reasons or self._rebuild_requested:
             return 0.0
+        rec = self._flusher.reconciler
+        if rec is not None and rec.recheck_pending:
+            return max(0.0, min(self._recheck_at - now, IDLE_WAIT_S))
         return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
@@ -451,6 +488,25 @@ class Pipeline:
     def _flush(self) -> None:
         self._deadline = None  # the window is taken whole: the next hint starts a new one
         self._flusher.flush()
+
+    def _reopen_root(self, root: int) -> bool:
+        """Journal thread, in a flush: the watcher found another directory at root `root`'s path, or none.
+        Read the root from its path from now on; whether a directory is there. A root that is gone is read
+        through a directory that stays empty (made in the state dir and removed at once), so everything the
+        index holds under it is `deleted`."""
+        try:
+            fd = os.open(self._roots[root], O_DIR)
+            there = True
+        except OSError as exc:
+            if exc.errno not in ABSENT_ERRNOS:
+                raise
+            empty = tempfile.mkdtemp(prefix="gone-", dir=self._file.state_dir)
+            fd = os.open(empty, O_DIR)
+            os.rmdir(empty)
+            there = False
+        os.close(self._root_fds[root])
+        self._root_fds[root] = fd  # in place: the reconciler and its cache read this list
+        return there
 
     def _journal_corrupt(self, exc: Exception) -> None:
         """The journal's file is damaged (found by a flush, an ack, a rebuild): recover it into a new file."""
@@ -530,6 +586,7 @@ class Pipeline:
                 "pipeline_errors": flusher.pipeline_errors,
                 "last_error": flusher.last_error,
                 "last_error_at": rfc3339(error_at) if error_at is not None else None,
+                "hashing": self._flusher.hashing(),
             },
             "journal": {
                 "state": jh.state,

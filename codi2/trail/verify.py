@@ -22,7 +22,6 @@ from typing import Any
 
 from codi2.config import Settings
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.journal import FILE_NAME as JOURNAL_FILE
 from codi2.stores.base import Cursor, StoredBatch, TrailAdmin, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
@@ -275,7 +274,9 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
         raise VerifyError(f"--disk {path} is none of the trail's watch roots ({', '.join(roots)})")
     if not path.is_dir():
         raise VerifyError(f"--disk {path}: not a directory")
-    private, private_files = (_at(path, Path(root), places) for places in _private_places(settings))
+    private, private_files = (
+        _at(path, Path(root), places) for places in (settings.private_paths(), settings.private_files())
+    )
     rules = IgnoreRules(settings.monitoring.ignore_patterns, [path], private)
     rules.add_private_files(private_files)
     try:
@@ -295,18 +296,6 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
         differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": got and asdict(got)})
     unreadable = [{"path": p, "problem": why} for p, why in sorted(disk.unknown.items())[:UNREADABLE_LISTED]]
     return DiskReport(str(path), root, user_id, len(have), differences, len(disk.unknown), unreadable)
-
-
-def _private_places(settings: Settings) -> tuple[list[Path], list[Path]]:
-    """The daemon's own places (its state directory, a SQLite store and the files beside it) and the files
-    it holds locked, as the daemon names them: the trail never records them, under any name."""
-
-    def companions(db: Path) -> list[Path]:
-        return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
-
-    state = settings.state_dir
-    store = companions(settings.sqlite_file) if settings.backend == "sqlite" else []
-    return [state, *store], [state / "lock", *companions(state / JOURNAL_FILE), *store]
 
 
 def _at(path: Path, root: Path, places: list[Path]) -> list[Path]:

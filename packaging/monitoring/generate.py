@@ -231,6 +231,17 @@ def _rows() -> dict[str, list[Stat | Timeseries | StateTimeline]]:
                 (f"sum by (origin) (increase(codi2_rescans_total{{{SEL}}}[{RATE}]))", "rescans: {{origin}}"),
             ),
             _timeseries(
+                "Watch roots gone and watched again",
+                "short",
+                "Watch roots whose path holds no directory (Codi2WatchRootGone), and roots watched again after being"
+                " removed, replaced or renamed away.",
+                (f"max by ({BY_POD}) (codi2_watch_roots_gone{{{SEL}}})", "gone " + POD_LEGEND),
+                (
+                    f"sum by ({BY_POD}) (increase(codi2_watch_roots_reestablished_total{{{SEL}}}[{RATE}]))",
+                    "watched again " + POD_LEGEND,
+                ),
+            ),
+            _timeseries(
                 "Watcher handler errors",
                 "short",
                 "Kernel events the watcher failed to handle (Codi2HandlerErrors).",
