@@ -16,6 +16,7 @@ from conftest import DaemonProcess
 from trail_checks import converge, final_check, lagging, run_verify
 
 from codi2.trail.events import Event
+from codi2.trail.replay import fold_events
 
 Start = Callable[..., DaemonProcess]
 LAG = pytest.mark.parametrize("lag", [True, False], ids=["lagging", "keeping-up"])
@@ -120,3 +121,27 @@ def test_verify_disk_compares_owners_and_targets(workspace: Path, daemon_factory
     assert found.keys() == {"f", "l"}
     assert (found["f"][1]["uid"], found["f"][2]["uid"], found["f"][2]["gid"]) == (os.getuid(), OTHER, OTHER)
     assert (found["l"][1]["target"], found["l"][2]["target"]) == ("f", "g")
+
+
+@LAG
+def test_an_entry_changed_then_renamed_in_one_window_folds_to_its_new_owner_and_target(
+    workspace: Path, daemon_factory: Start, lag: bool
+) -> None:
+    """The `moved` event carries what the rename found; a fold takes the owner and target from it, not only
+    from the entry's event before the rename."""
+    ws = workspace
+    (ws / "d").mkdir()
+    (ws / "d" / "f").write_text("inside")
+    (ws / "l").symlink_to("a")
+    daemon = daemon_factory()
+    converge(daemon, ws)
+    with _maybe_lagging(daemon, lag):
+        os.chown(ws / "d", OTHER, OTHER)
+        (ws / "d").rename(ws / "d2")
+        os.unlink(ws / "l")
+        os.symlink("b", ws / "l")
+        os.lchown(ws / "l", OTHER, OTHER)
+        (ws / "l").rename(ws / "l2")
+    events = final_check(daemon, ws)
+    assert fold_events(events)[(str(ws), "d2")].uid == OTHER
+    assert fold_events(events)[(str(ws), "l2")].target == "b"

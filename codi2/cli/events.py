@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
@@ -189,8 +190,7 @@ def _replay(events: Iterator[Event], fmt: str, tenant: str) -> int:
         print(REPLAY_TABLE.format(type="TYPE", sha256="SHA256", root="ROOT", path="PATH"))
     for (root, path), entry in sorted(state.items()):
         if fmt == "jsonl":
-            line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256, "uid": entry.uid}
-            line |= {"gid": entry.gid, "target": entry.target}
+            line = {"root": root, "path": path, **asdict(entry)}
             print(json.dumps(line, separators=(",", ":")))
         else:
             fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": printable(root)}

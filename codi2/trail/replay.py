@@ -52,6 +52,16 @@ def _subtree(state: dict[tuple[str, str], Event], root: str, path: str) -> list[
     return [key for key in state if key[0] == root and (key[1] == path or key[1].startswith(prefix))]
 
 
+def _renamed(before: Event, moved: Event) -> Event:
+    """The entry's last event, with the owner and target the rename found (changed in the same window as
+    it, they have no event of their own); what the rename did not know stays as it was."""
+    return before._replace(
+        uid=before.uid if moved.uid is None else moved.uid,
+        gid=before.gid if moved.gid is None else moved.gid,
+        target=before.target if moved.target is None else moved.target,
+    )
+
+
 def fold_events(
     events: Iterable[Event], state: dict[tuple[str, str], Event] | None = None
 ) -> dict[tuple[str, str], Event]:
@@ -74,7 +84,7 @@ def fold_events(
                 del state[k]
             for (root, path), event in moved.items():
                 state[(root, e.dest_path + path[len(e.path) :])] = event
-            state[(e.root, e.dest_path)] = e if e.sha256 or key not in moved else moved[key]
+            state[(e.root, e.dest_path)] = e if e.sha256 or key not in moved else _renamed(moved[key], e)
     return state
 
 
