@@ -31,6 +31,8 @@ def register(sub: Subparsers) -> None:
     events.add_argument("--path", metavar="GLOB", help="only events whose path or dest_path matches (* spans /)")
     events.add_argument("--action", choices=ACTIONS, help="only events with this action")
     events.add_argument("--since", metavar="ISO8601", help="only events at or after this time (UTC if no zone)")
+    events.add_argument("--until", metavar="ISO8601", help="only events at or before this time (UTC if no zone)")
+    events.add_argument("--session", metavar="S", help="only events of this IDE session")
     events.add_argument("--limit", type=int, metavar="N", help="print at most N events")
     events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
     events.add_argument(
@@ -54,7 +56,15 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit: must be 0 or more")
-    query = EventQuery(settings.tenant_id, args.path, args.action, since(args), args.limit)
+    query = EventQuery(
+        settings.tenant_id,
+        args.path,
+        args.action,
+        since(args),
+        args.limit,
+        until=_time(args.until, "--until"),
+        session_id=args.session,
+    )
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
     if args.limit == 0 and not args.replay:
         return EXIT_OK
@@ -87,10 +97,14 @@ def command(args: argparse.Namespace) -> int:
 
 def since(args: argparse.Namespace) -> datetime | None:
     """`--since` as a time (`events` and `verify` take it alike)."""
+    return _time(args.since, "--since")
+
+
+def _time(text: str | None, flag: str) -> datetime | None:
     try:
-        return parse_time(args.since) if args.since else None
+        return parse_time(text) if text else None
     except ValueError:
-        raise UsageError(f"--since: not an ISO 8601 time: {args.since!r}") from None
+        raise UsageError(f"{flag}: not an ISO 8601 time: {text!r}") from None
 
 
 def _replay(rows: Iterator[tuple[Any, Event]]) -> int:
