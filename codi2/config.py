@@ -182,6 +182,10 @@ class MonitoringSettings(Section):
     rescan_interval_s: float = Field(default=60.0, ge=1.0, le=86_400.0)
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
     the index, in seconds."""
+    session_file: FilePath | None = None
+    """A file the IDE keeps the current session id in (e.g. `/workspace/.theia/session`): read again when it
+    changes (a stat at each batch cut), and each event carries the session current when it was recorded.
+    Unset, missing or empty: the fixed `session_id` (`--session-id`, `$SESSION_ID`)."""
 
     @field_validator("watch_paths")
     @classmethod

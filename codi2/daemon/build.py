@@ -70,6 +70,7 @@ def build(settings: Settings, identity: Identity) -> Parts:
         initial_scan=s.monitoring.initial_scan,
         store=store,
         chain_key=chain_key,
+        session_file=s.monitoring.session_file,
     )
 
     def overflow() -> None:

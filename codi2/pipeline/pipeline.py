@@ -35,13 +35,13 @@ from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corrup
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.journal.recovery import move_aside, salvage_outbox
 from codi2.metrics import Metrics
-from codi2.pipeline.factory import EventFactory
+from codi2.pipeline.factory import EventFactory, SessionFile
 from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
 from codi2.ship.shipper import StoreMonitor
 from codi2.stores.base import TrailReader
 from codi2.trail.chain import ChainKey
-from codi2.trail.events import Event, EventQuery, Identity, Origin, rfc3339
+from codi2.trail.events import Event, Identity, Origin, rfc3339
 from codi2.trail.replay import fold_events
 from codi2.watch.hints import Hint, Rescan
 
@@ -120,6 +120,7 @@ class Pipeline:
         initial_scan: str,
         store: StoreMonitor,
         chain_key: ChainKey | None = None,
+        session_file: Path | None = None,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
         self.root_names = [str(r) for r in roots]
@@ -128,7 +129,8 @@ class Pipeline:
         self._local_store = local_store  # the store lives in the journal's file: nothing to ship
         self._rules = rules
         self._identity = identity
-        self._events = EventFactory(identity, self.root_names, self._take_seq)
+        sessions = None if session_file is None else SessionFile(session_file, identity.session_id)
+        self._events = EventFactory(identity, self.root_names, self._take_seq, sessions)
         self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
         # The shipper's: each batch once committed, and a journal recovered into a new file.
         self.on_committed: Callable[[OutboxBatch], None] = lambda batch: None
@@ -441,6 +443,7 @@ class Pipeline:
         assert journal is not None and rec is not None
         items = self._window.take()
         self._deadline = None
+        self._events.refresh_session()
         committed_through = 0  # items before this index are wholly committed
         current = 0
         try:
@@ -582,10 +585,9 @@ class Pipeline:
             stored: set[str] = set()
 
             def trail() -> Iterator[Event]:
-                for _, e in self._trail().read(EventQuery(ident.tenant_id)):
-                    if e.user_id == ident.user_id and e.root in roots:
-                        stored.add(e.id)
-                        yield e
+                for e in self._trail().user_trail(ident.tenant_id, ident.user_id, roots):
+                    stored.add(e.id)
+                    yield e
 
             state = fold_events(trail())
             # Only what the store does not have yet, in order: a rename folded twice would drop its target.
