@@ -1,0 +1,259 @@
+"""The trail's read paths (issue #23): `--until` and `--session` pushed down to each store, verify with memory
+per stream, a stream lost whole named (`missing_stream`), the index rebuild reading one user's streams, the
+shipper's backlog at batch priority, and sessions from the IDE's session file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import tracemalloc
+from collections.abc import Iterator
+from contextlib import closing
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import fakefdb
+import pytest
+from conftest import WAIT_S, run_codi2
+from sink_contract import chain_of, make_event
+
+from codi2.stores.base import Sink
+from codi2.stores.fdb.sink import FdbSink
+from codi2.stores.sqlite import SCHEMA, SqliteSink, _adopt
+from codi2.trail.events import Event, EventQuery, encode_event, parse_time
+from codi2.trail.verify import verify
+
+START = 1_700_000_000
+
+
+def _sessions(batches: int, per_batch: int) -> list[list[Event]]:
+    """Batches alternating between sessions A and B, each a second after the last."""
+    return [
+        [
+            make_event(f"b{b}/{i}", ts=START + b + i / 1000, session_id="ses-A" if b % 2 == 0 else "ses-B")
+            for i in range(per_batch)
+        ]
+        for b in range(batches)
+    ]
+
+
+def _paths(rows: Iterator[tuple[Any, Event]]) -> list[str]:
+    return [e.path for _, e in rows]
+
+
+@pytest.fixture
+def fdb_sink(fdb_api: ModuleType, tmp_path: Path) -> FdbSink:
+    clock = iter(range(START, START + 100_000))  # one second per transaction, by the pod's clock
+    return FdbSink(fdb_api.open(str(tmp_path / "fdb.cluster")), tenant_id="t1", clock=lambda: next(clock))
+
+
+def _fdb_reads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A function that runs a read and gives (keys read, bytes read, its result) by the fake's counters."""
+    data = Path(f"{tmp_path / 'fdb.cluster'}.fakefdb.sqlite")
+    monkeypatch.setenv("FAKEFDB_COUNT_READS", "1")
+
+    def reading(read: Any) -> tuple[int, int, Any]:
+        before = fakefdb.counters(data)
+        result = read()
+        after = fakefdb.counters(data)
+        return (
+            after["keys_read"] - before.get("keys_read", 0),
+            after["bytes_read"] - before.get("bytes_read", 0),
+            result,
+        )
+
+    return reading
+
+
+# --until and --session --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fdb"])
+def test_until_and_session_select_the_same_events_on_both_stores(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    sink: Sink = SqliteSink(tmp_path / "audit.db") if backend == "sqlite" else request.getfixturevalue("fdb_sink")
+    batches = chain_of(*_sessions(6, 3))
+    for batch in batches:
+        sink.write_batch(batch)
+    every = [e for b in batches for e in b.events]
+    until = datetime.fromtimestamp(START + 2.001, UTC)
+    since = datetime.fromtimestamp(START + 1, UTC)
+    assert _paths(sink.read(EventQuery("t1", until=until))) == [e.path for e in every if parse_time(e.ts) <= until]
+    assert _paths(sink.read(EventQuery("t1", session_id="ses-B"))) == [e.path for e in every if e.session_id == "ses-B"]
+    both = _paths(sink.read(EventQuery("t1", since=since, until=until, session_id="ses-A")))
+    assert both == ["b2/0", "b2/1"]
+    rows = list(sink.read(EventQuery("t1", session_id="ses-A")))
+    assert _paths(sink.read(EventQuery("t1", session_id="ses-A"), after=rows[3][0])) == [e.path for _, e in rows[4:]]
+
+
+def test_a_session_is_read_from_the_s_index_only(
+    fdb_sink: FdbSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`events --session S` reads S's batches (and their `s` keys), none of another session's."""
+    for batch in chain_of(*_sessions(40, 50)):
+        fdb_sink.write_batch(batch)
+    reading = _fdb_reads(tmp_path, monkeypatch)
+    full_keys, full_bytes, _ = reading(lambda: list(fdb_sink.read(EventQuery("t1"))))
+    keys, read_bytes, rows = reading(lambda: list(fdb_sink.read(EventQuery("t1", session_id="ses-A"))))
+    print(f"\nfull {full_keys} keys, {full_bytes} B; one session of two: {keys} keys, {read_bytes} B")
+    assert len(rows) == 20 * 50 and {e.session_id for _, e in rows} == {"ses-A"}
+    assert keys <= 2 * 20 + 4 and read_bytes <= 0.55 * full_bytes
+
+
+def test_sqlite_reads_since_and_a_session_through_their_indexes(tmp_path: Path) -> None:
+    """`--since` on the last 1% goes by the time index (the planner left alone takes the commit order's and
+    reads the tenant), `--session` by the session's."""
+    sink = SqliteSink(tmp_path / "audit.db")
+    for batch in chain_of(*_sessions(100, 10)):
+        sink.write_batch(batch)
+    since = datetime.fromtimestamp(START + 99, UTC)
+    assert len(list(sink.read(EventQuery("t1", since=since)))) == 10
+    plans: list[str] = []
+    with closing(sqlite3.connect(tmp_path / "audit.db")) as db:
+        real = sink._query
+
+        def explained(sql: str, args: list[object]) -> Iterator[tuple[Any, ...]]:
+            plans.append("; ".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args)))
+            return real(sql, args)
+
+        sink._query = explained  # type: ignore[method-assign]
+        list(sink.read(EventQuery("t1", since=since)))
+        list(sink.read(EventQuery("t1", session_id="ses-A")))
+    assert "USING INDEX events_tenant_ts (tenant_id=? AND ts>?)" in plans[0]
+    assert "USING INDEX events_tenant_session (tenant_id=? AND session_id=? AND pos>?)" in plans[1]
+
+
+def test_the_session_column_is_backfilled_for_rows_stored_before_it(tmp_path: Path) -> None:
+    """A store at schema 1 (no session column): the migration fills the column from each row's record."""
+    path = tmp_path / "audit.db"
+    events = [make_event(f"old/{i}", session_id=f"ses-{i % 2}") for i in range(5)]
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("BEGIN")
+        _adopt(db)
+        db.execute(f"PRAGMA user_version = {1 << SCHEMA.shift}")
+        db.executemany(
+            "INSERT INTO events (id, batch_id, tenant_id, ts, action, path, body) VALUES (?, 'b', ?, ?, ?, ?, ?)",
+            [(e.id, e.tenant_id, e.ts, e.action, e.path.encode(), encode_event(e)) for e in events],
+        )
+        db.execute("COMMIT")
+    sink = SqliteSink(path)
+    assert _paths(sink.read(EventQuery("t1", session_id="ses-1"))) == ["old/1", "old/3"]
+    with closing(sqlite3.connect(path)) as db:
+        assert SCHEMA.version(db) == SCHEMA.latest
+
+
+# verify: memory per stream ----------------------------------------------------------------------------------
+
+
+def _peak(tmp_path: Path, batches: int) -> int:
+    sink = SqliteSink(tmp_path / f"audit-{batches}.db")
+    for batch in chain_of(*([make_event(f"b{b}/{i}") for i in range(100)] for b in range(batches))):
+        sink.write_batch(batch)
+    tracemalloc.start()
+    try:
+        report = verify(sink, "t1")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.ok and report.trail_events == batches * 100
+    return peak
+
+
+def test_verify_s_memory_does_not_grow_with_the_events(tmp_path: Path) -> None:
+    small, large = _peak(tmp_path, 20), _peak(tmp_path, 200)  # 2,000 and 20,000 events
+    print(f"\nverify peak: 2k events {small:,} B, 20k events {large:,} B")
+    assert large <= 1.5 * small
+
+
+# missing_stream ---------------------------------------------------------------------------------------------
+
+
+def _two_streams(sink: Sink) -> None:
+    """One pod's stream, then its next (a journal lost and made anew), each of two batches."""
+    for n, stream in enumerate(("stream-old", "stream-new")):
+        for batch in chain_of(*([make_event(f"{stream}/{b}", ts=START + 10 * n + b)] for b in range(2)), stream=stream):
+            sink.write_batch(batch)
+
+
+def _sqlite_drop(db: Path, stream: str, *, registry: bool = True) -> None:
+    with closing(sqlite3.connect(db)) as conn, conn:
+        for first, last in conn.execute("SELECT first_pos, last_pos FROM batches WHERE stream_id = ?", (stream,)):
+            conn.execute("DELETE FROM events WHERE pos BETWEEN ? AND ?", (first, last))
+        conn.execute("DELETE FROM batches WHERE stream_id = ?", (stream,))
+        if registry:
+            conn.execute("DELETE FROM streams WHERE stream_id = ?", (stream,))
+
+
+def _fdb_drop(sink: FdbSink, stream: str, *, registry: bool = True) -> None:
+    """Every key of the stream: its pieces, its `c` keys and its registry entry."""
+    db = sink._db
+    for batch in list(sink.batches("t1", stream)):
+        for cursor, _ in sink.batch_events("t1", batch):
+            _, _, vs, p, _ = sink._keys.unpack(cursor)
+            db.clear_range_startswith(sink.key("t1", "log", vs, p))
+    db.clear_range_startswith(sink.key("t1", "c", stream))
+    if registry:
+        db.clear(sink.key("t1", "streams", stream))
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fdb"])
+def test_a_stream_lost_whole_is_named(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """No chain breaks when a whole stream goes: the next stream's registry entry, which names the head it
+    followed, does."""
+    sink: Sink = SqliteSink(tmp_path / "audit.db") if backend == "sqlite" else request.getfixturevalue("fdb_sink")
+    _two_streams(sink)
+    [old, new] = sink.registry("t1")
+    assert (old.stream_id, old.predecessor) == ("stream-old", None)
+    assert new.predecessor is not None and new.predecessor[:2] == ("stream-old", 2)
+    assert verify(sink, "t1").ok
+    if isinstance(sink, FdbSink):
+        _fdb_drop(sink, "stream-old")
+    else:
+        _sqlite_drop(tmp_path / "audit.db", "stream-old")
+    report = verify(sink, "t1")
+    breaks = [(s.stream_id, b.kind) for s in report.streams for b in s.breaks]
+    assert not report.ok and breaks == [("stream-old", "missing_stream")]
+
+
+def test_a_registered_stream_with_no_batch_is_named(tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path / "audit.db")
+    _two_streams(sink)
+    _sqlite_drop(tmp_path / "audit.db", "stream-new", registry=False)  # the tail: no successor names it
+    report = verify(sink, "t1")
+    assert [(s.stream_id, b.kind) for s in report.streams for b in s.breaks] == [("stream-new", "missing_stream")]
+
+
+def test_codi2_verify_exits_1_naming_a_lost_stream(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    _two_streams(SqliteSink(db))
+    _sqlite_drop(db, "stream-old")
+    config = tmp_path / "codi2.toml"
+    config.write_text(f'[storage]\nbackend = "sqlite"\nsqlite_path = {json.dumps(str(db))}\n')
+    result = run_codi2("verify", "--config", str(config), "--tenant-id", "t1", timeout=WAIT_S)
+    assert result.returncode == 1, result.stderr
+    assert "stream stream-old" in result.stdout and "BREAK missing_stream" in result.stdout
+
+
+# the index rebuild: one user's streams ----------------------------------------------------------------------
+
+
+def test_the_rebuild_reads_none_of_another_user_s_batches(
+    fdb_sink: FdbSink, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mine = chain_of([make_event("mine/a"), make_event("mine/b")], stream="stream-u1")
+    theirs = chain_of(
+        *([make_event(f"theirs/{b}/{i}", user_id="u2", pod="pod-2") for i in range(50)] for b in range(30)),
+        stream="stream-u2",
+    )
+    for batch in [*theirs[:15], *mine, *theirs[15:]]:
+        fdb_sink.write_batch(batch)
+    reading = _fdb_reads(tmp_path, monkeypatch)
+    _, full_bytes, _ = reading(lambda: list(fdb_sink.read(EventQuery("t1"))))
+    keys, read_bytes, events = reading(lambda: list(fdb_sink.user_trail("t1", "u1", {"/workspace"})))
+    print(f"\nrebuild of u1: {keys} keys, {read_bytes} B (the tenant: {full_bytes} B)")
+    assert [e.path for e in events] == ["mine/a", "mine/b"]
+    assert read_bytes < full_bytes / 30  # less than one of the other user's batches
+    assert list(fdb_sink.user_trail("t1", "u1", {"/elsewhere"})) == []
