@@ -16,13 +16,16 @@ from typing import Any
 
 import fakefdb
 import pytest
-from conftest import WAIT_S, run_codi2
+from conftest import WAIT_S, read_events, run_codi2, wait_for
 from sink_contract import chain_of, make_event
 
+from codi2.journal.journal import Journal
+from codi2.metrics import Metrics
+from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import Sink
 from codi2.stores.fdb.sink import FdbSink
 from codi2.stores.sqlite import SCHEMA, SqliteSink, _adopt
-from codi2.trail.events import Event, EventQuery, encode_event, parse_time
+from codi2.trail.events import Batch, Event, EventQuery, encode_event, parse_time
 from codi2.trail.verify import verify
 
 START = 1_700_000_000
@@ -257,3 +260,68 @@ def test_the_rebuild_reads_none_of_another_user_s_batches(
     assert [e.path for e in events] == ["mine/a", "mine/b"]
     assert read_bytes < full_bytes / 30  # less than one of the other user's batches
     assert list(fdb_sink.user_trail("t1", "u1", {"/elsewhere"})) == []
+
+
+# the shipper's backlog ---------------------------------------------------------------------------------------
+
+
+class Recording:
+    """A SQLite store that records what the shipper says of its backlog."""
+
+    name = "sqlite"
+
+    def __init__(self, sink: SqliteSink) -> None:
+        self.sink = sink
+        self.draining: list[bool] = []
+
+    def write_batch(self, batch: Batch) -> None:
+        self.sink.write_batch(batch)
+
+    def draining_backlog(self, draining: bool) -> None:
+        self.draining.append(draining)
+
+    def ping(self) -> None:
+        self.sink.ping()
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def test_the_shipper_replays_a_backlog_as_one_and_says_when_it_caught_up(tmp_path: Path) -> None:
+    """40 batches waiting in the outbox (the store was down): read back a chunk at a time, at the store's
+    batch priority until the last chunk."""
+    journal = Journal(tmp_path / "journal.db")
+    for i in range(40):
+        with journal.transaction():
+            journal.append([make_event(f"waiting/{i}")])
+    store = Recording(SqliteSink(tmp_path / "audit.db"))
+    shipper = Shipper(journal, store, StoreMonitor(Metrics()), on_batch_lost=lambda n, reason: None)
+    shipper.start()
+    try:
+        wait_for(lambda: len(read_events(tmp_path / "audit.db")) == 40 and store.draining == [True, False])
+    finally:
+        shipper.stop(0)
+        journal.close()
+        store.close()
+
+
+# sessions ----------------------------------------------------------------------------------------------------
+
+
+def test_each_event_carries_the_session_current_when_it_was_recorded(
+    workspace: Path, tmp_path: Path, daemon_factory: Any
+) -> None:
+    session = tmp_path / "session"
+    session.write_text("ses-old\n")
+    daemon = daemon_factory(env={"CODI2_MONITORING__SESSION_FILE": str(session)})
+    (workspace / "before.txt").write_text("x")
+    wait_for(lambda: "before.txt" in {e.path for e in daemon.events()})
+    session.write_text("ses-new\n")  # the IDE opened another session
+    (workspace / "after.txt").write_text("x")
+    wait_for(lambda: "after.txt" in {e.path for e in daemon.events()})
+    assert daemon.terminate() == 0
+    sessions = {e.path: e.session_id for e in daemon.events()}
+    assert sessions["before.txt"] == "ses-old" and sessions["after.txt"] == "ses-new"
+    result = run_codi2("events", "--config", str(daemon.config), "--tenant-id", "t1", "--session", "ses-new")
+    assert result.returncode == 0, result.stderr
+    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["after.txt"]
