@@ -27,6 +27,7 @@ from codi2.pipeline.pipeline import Pipeline
 from codi2.ship import shipper as shipper_module
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import StoreError
+from codi2.stores.sqlite import SCHEMA as STORE_SCHEMA
 from codi2.stores.sqlite import LocalStore, SqliteSink
 from codi2.trail.events import Batch, EventQuery, Identity
 from codi2.watch.hints import Touch
@@ -306,7 +307,7 @@ def test_a_journal_before_chaining_gets_its_header_column(v0: Path) -> None:
 def test_a_sqlite_store_with_its_journal_of_the_release_before_is_carried_over(v0: Path) -> None:
     path = v0 / "audit.db"
     journal = Journal(path, store=LocalStore())
-    assert _user_version(path) == 1 | 1 << 16  # the journal's half and the store's
+    assert _user_version(path) == 1 | STORE_SCHEMA.latest << 16  # the journal's half and the store's
     assert journal.chain.batches == 2 and journal.count() == 4
     with journal.transaction():
         journal.append([make_event("e")])
@@ -335,8 +336,9 @@ def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
     store = tmp_path / "audit.db"
     Journal(store, store=LocalStore()).close()
     with closing(sqlite3.connect(store)) as db:
-        db.execute(f"PRAGMA user_version = {1 | 2 << 16}")  # the store's half ahead: the trail is kept as it is
-    with pytest.raises(JournalUnavailable, match="store schema 2"):
+        ahead = STORE_SCHEMA.latest + 1
+        db.execute(f"PRAGMA user_version = {1 | ahead << 16}")  # the store's half ahead: the trail is kept as it is
+    with pytest.raises(JournalUnavailable, match=f"store schema {ahead}"):
         Journal(store, store=LocalStore())
-    with pytest.raises(StoreError, match="store schema 2"):
+    with pytest.raises(StoreError, match=f"store schema {ahead}"):
         SqliteSink(store, create=False)
