@@ -136,23 +136,18 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
     return Report(tenant_id, streams, len(trail), len(unchained), listed)
 
 
+@dataclass
 class _Digest:
     """A set of cursors as a count and a sum of their SHA-256 (modulo 2**256): two equal digests are two equal
     sets, but for a collision nobody can aim at without choosing the store's own positions and versionstamps."""
 
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = 0
+    count: int = 0
+    total: int = 0
 
     def add(self, cursor: Cursor) -> None:
         raw = cursor if isinstance(cursor, bytes) else str(cursor).encode()
         self.count += 1
         self.total = (self.total + int.from_bytes(hashlib.sha256(raw).digest())) % DIGEST_MODULUS
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, _Digest) and (self.count, self.total) == (other.count, other.total)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass

@@ -244,14 +244,14 @@ class FdbSink:
             done = len(events)  # committed by codi2 0.2 (layout v1), replayed after the upgrade
         if done >= len(events):
             return _Written(True, registered, v1_head)
-        if not registered:  # read before anything is written: a key this transaction versionstamps is unreadable
-            predecessor = self._head_before(tr.snapshot, tenant, stream, events[0].user_id, events[0].pod)
+        # Read before anything is written: a key this transaction versionstamps is unreadable in it.
+        first = events[0]
+        predecessor = None if registered else self._head_before(tr.snapshot, tenant, stream, first.user_id, first.pod)
         written = self._put_pieces(tr, tenant, stream, number, events, done, cut)
         runs.append((None, 0, written.pieces))
         tr.set_versionstamped_value(c_key, codec.encode_progress(header, done + written.events, runs))
         self._put_indexes(tr, tenant, events[done : done + written.events])
         if not registered:
-            first = events[0]
             value = codec.encode_stream(first.user_id, first.pod, header.ts, predecessor)
             tr.set(keys.stream(tenant, stream), value)
         return _Written(done + written.events >= len(events), True, v1_head)
