@@ -46,13 +46,15 @@ bench: $(STAMP)
 manifests: $(STAMP)
 	rm -f packaging/k8s/*.yaml
 	$(BIN)/codi2 provision render --user-id example-user --tenant-id example-tenant \
-		--session-id example-session --output-dir packaging/k8s
+		--session-id example-session --config config/codi2.toml --registry registry.example/coditect \
+		--output-dir packaging/k8s
 	$(BIN)/codi2 provision rbac --output-dir packaging/k8s
 
-# The generated parts of packaging/monitoring/ (dashboard, PrometheusRule) and docs/config.md; tests fail
-# when they drift from their sources.
+# The generated parts of packaging/monitoring/ (the dashboard) and docs/config.md; tests fail when they
+# drift from their sources. With DOCS_URL (where docs/ is served, absolute), also the rules Prometheus loads,
+# their runbook links absolute, into dist/monitoring/: codi2.rules.yml and prometheusrule.yaml.
 monitoring: $(STAMP)
-	$(BIN)/python packaging/monitoring/generate.py
+	$(BIN)/python packaging/monitoring/generate.py $(if $(DOCS_URL),--docs-url '$(DOCS_URL)')
 
 docs: $(STAMP)
 	$(BIN)/codi2 config reference > docs/config.md

@@ -41,6 +41,7 @@ from pydantic_settings import (
 
 ENV_PREFIX = "CODI2_"
 STATE_DIR_NAME = ".codi2"
+JOURNAL_FILE_NAME = "journal.db"
 _toml_path: ContextVar[Path | None] = ContextVar("codi2_toml_path", default=None)
 
 
@@ -174,14 +175,20 @@ class MonitoringSettings(Section):
     ignore_patterns: list[str] = Field(default_factory=lambda: [".git", "node_modules", "target", "dist"])
     """Gitignore-style patterns of trees that get no watch and no events; a bare name matches at any depth."""
     hash_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0, le=1 << 40)
-    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`."""
+    """Files up to this size get a sha256 in their event; larger ones get `sha256 = null`. Each change of a file
+    within the limit is read whole on the journal thread, and every other change waits meanwhile: about
+    1.2 GB/s of one core (sha256 with the CPU's SHA extensions, file in the page cache, measured on the build
+    machine), so the default costs at most some 55 ms per change, 8 GiB about 7 s, and a multi-GB file
+    rewritten continuously keeps a core busy and delays unrelated changes by seconds (/status
+    `pipeline.hashing` shows the hash in progress)."""
     initial_scan: Literal["record", "silent"] = "record"
     """On the very first start: `record` emits `created` (origin `baseline`) for everything there, so the
     trail is complete from day one; `silent` only notes it in the index (0.1's default). 0.1's spellings
     `events` and `baseline` are read as `record` and `silent`."""
     rescan_interval_s: float = Field(default=60.0, ge=1.0, le=86_400.0)
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
-    the index, in seconds."""
+    the index, in seconds; also how often hard-linked files with names outside the watched trees are
+    re-statted (at most 1,000 a round), which bounds how late a write through such a name is recorded."""
     session_file: FilePath | None = None
     """A file the IDE keeps the current session id in (e.g. `/workspace/.theia/session`): read again when it
     changes (a stat at each batch cut), and each event carries the session current when it was recorded.
@@ -253,6 +260,35 @@ class IntegritySettings(Section):
     (docs/trail-format.md)."""
 
 
+DURATION = re.compile(r"(?P<count>[0-9]+)(?P<unit>[smhdw])")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
+
+
+def duration_s(text: str) -> int:
+    """A duration such as "90d", "12h", "30m", "45s", "2w" in seconds; ValueError otherwise."""
+    m = DURATION.fullmatch(text.strip())
+    if m is None or int(m["count"]) == 0:
+        raise ValueError(f"expected a duration such as 90d, 12h, 30m or 2w, got {text!r}")
+    return int(m["count"]) * DURATION_UNITS[m["unit"]]
+
+
+def _check_duration(value: str) -> str:
+    duration_s(value)
+    return value
+
+
+class RetentionSettings(Section):
+    max_age: Annotated[str, AfterValidator(_check_duration)] | None = None
+    """How long the trail is kept (a duration: `90d`, `12h`, `2w`); unset keeps it for ever. With SQLite
+    the daemon prunes what is older itself, at start and then daily; with FoundationDB a pod never
+    deletes trail data: the retention CronJob (`codi2 archive` then `codi2 prune`, which take their cutoff
+    from it) does (docs/retention.md)."""
+
+    @property
+    def max_age_s(self) -> int | None:
+        return None if self.max_age is None else duration_s(self.max_age)
+
+
 class LoggingSettings(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Lowest level logged (case-insensitive)."""
@@ -291,6 +327,8 @@ class Settings(BaseSettings):
     """When a batch of events is cut."""
     integrity: IntegritySettings = IntegritySettings()
     """The hash chain that makes the trail tamper-evident."""
+    retention: RetentionSettings = RetentionSettings()
+    """How long the trail is kept, and who removes what is older."""
     logging: LoggingSettings = LoggingSettings()
     """Logs (structlog, on stderr)."""
 
@@ -342,6 +380,21 @@ class Settings(BaseSettings):
             return Path(os.path.abspath(self.storage.sqlite_path))
         return self.state_dir / "audit.db"
 
+    @property
+    def journal_file(self) -> Path:
+        return self.state_dir / JOURNAL_FILE_NAME
+
+    def private_paths(self) -> list[Path]:
+        """The daemon's own places, never audit events (recording them would feed back for ever): its state
+        directory, and a SQLite store with the files beside it. The daemon and `verify --disk` both use this."""
+        return [self.state_dir, *(_with_companions(self.sqlite_file) if self.backend == "sqlite" else [])]
+
+    def private_files(self) -> list[Path]:
+        """The files the daemon holds open and locked (journal, store, their WAL and shm, the lock files): never
+        opened by a walk, under any name (a hard link to one included)."""
+        dbs = [self.journal_file, *([self.sqlite_file] if self.backend == "sqlite" else [])]
+        return [self.state_dir / "lock", *(p for db in dbs for p in _with_companions(db))]
+
     def effective(self) -> dict[str, Any]:
         """The config as the daemon will use it, derived values filled in (for `config check`)."""
         data = self.model_dump(mode="json")
@@ -350,6 +403,11 @@ class Settings(BaseSettings):
         data["state"]["dir"] = str(self.state_dir)
         data["monitoring"]["watch_paths"] = [str(p) for p in self.watch_roots]
         return data
+
+
+def _with_companions(db: Path) -> list[Path]:
+    """A SQLite file and the files SQLite and the store lock keep beside it."""
+    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
 
 
 _IDENTITY_ENV = {

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
@@ -15,6 +22,10 @@ DROP_REASONS = ("shutdown_timeout", "pipeline_error")
 
 class Metrics:
     def __init__(self) -> None:
+        # Without this, every counter and histogram also exports `<name>_created`, the time it was made: one
+        # series per counter and label set that no rule or panel reads, doubling what is scraped from every
+        # pod. Process-wide, which suits the daemon (it owns its process); set before any metric is made.
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # process_start_time_seconds (the restart-loop alert), memory and CPU, as the default registry has them
@@ -72,6 +83,11 @@ class Metrics:
             "codi2_inotify_handler_errors", "Kernel events the watcher failed to handle (see the logs)"
         )
         r.register(self.handler_errors)
+        self.roots_gone = Gauge("codi2_watch_roots_gone", "Watch roots whose path holds no directory now", registry=r)
+        self.roots_reestablished = _DerivedCounter(
+            "codi2_watch_roots_reestablished", "Watch roots watched again after being removed, replaced or renamed away"
+        )
+        r.register(self.roots_reestablished)
 
 
 class _DerivedCounter(Collector):

@@ -140,7 +140,9 @@ class DaemonProcess:
             try:
                 wait_for(lambda: (s := self.status())["initial_scan"] == "done" and s["spool"]["events"] == 0)
             except AssertionError:
-                raise AssertionError(f"start-up diff never done: {self.status()}; logs {self.logs[-20:]}") from None
+                status = self.status()
+                self.kill()  # not yet handed to the test's `spawned` list: nothing else would end it
+                raise AssertionError(f"start-up diff never done: {status}; logs {self.logs[-20:]}") from None
 
     def _read_logs(self) -> None:
         assert self.proc.stderr is not None

@@ -107,3 +107,26 @@ def test_daemon_on_fdb_without_client_library_is_one_line_and_exit_1(tmp_path: P
         " is not installed"
     )
     assert "Traceback" not in result.stderr
+
+
+def test_a_missing_fdb_cluster_file_is_one_message_from_run_and_test(tmp_path: Path, fake_libfdb_c: Path) -> None:
+    """The client's own error for it ("File could not be written (1514)") names neither the file nor the
+    variable; `codi2 test` and the daemon say the same thing, with the file (#24, item 7)."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "a.txt").write_text("a")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[server]\nbind_addr = "127.0.0.1:0"\n[foundationdb]\ncluster_string = "a:b@127.0.0.1:4500"\n'
+        f"[monitoring]\nwatch_paths = [{json.dumps(str(workspace))}]\n"
+    )
+    missing = tmp_path / "nowhere" / "fdb.cluster"
+    env = {**fakefdb.child_env(fake_libfdb_c, tmp_path / "data.sqlite"), "FDB_CLUSTER_FILE": str(missing)}
+    said = f"cluster file {missing} (FDB_CLUSTER_FILE): No such file or directory"
+    checked = _run("--config", str(config), env=env)
+    assert checked.returncode == 1
+    assert checked.stdout.splitlines()[-2].startswith("FAIL  cluster_file") and said in checked.stdout
+    assert checked.stdout.splitlines()[-1].strip() == "hint: mount the codi2-fdb Secret or set FDB_CLUSTER_FILE"
+    ran = run_codi2("--config", str(config), "--user-id", "u", "--tenant-id", "t", env=env)
+    assert ran.returncode == 1
+    assert ran.stderr.strip().splitlines()[-1] == f"codi2: cannot open the fdb store: {said}"

@@ -57,7 +57,7 @@ def test_bash_completes_a_subcommand(bash_script: Path) -> None:
 
 def test_bash_completes_an_option_and_its_choices(bash_script: Path) -> None:
     assert _complete(bash_script, ["codi2", "events", "--fo"]) == ["--follow", "--format"]
-    assert _complete(bash_script, ["codi2", "events", "--format", ""]) == ["jsonl", "table"]
+    assert _complete(bash_script, ["codi2", "events", "--format", ""]) == ["ecs", "jsonl", "ocsf", "table"]
     assert _complete(bash_script, ["codi2", "completion", ""]) == ["bash", "zsh"]
 
 

@@ -36,19 +36,19 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def fs(tmp_path: Path) -> Path:
-    """A real temp dir: pyfakefs cannot serve pydantic's Path validator (pyfakefs issue #553)."""
+def config_dir(tmp_path: Path) -> Path:
+    """A real temp dir for config files; not called `fs`, which is pyfakefs's fixture (a dev dependency)."""
     return tmp_path
 
 
-def _write(fs: Path, text: str) -> Path:
-    path = fs / "codi2.toml"
+def _write(config_dir: Path, text: str) -> Path:
+    path = config_dir / "codi2.toml"
     path.write_text(text)
     return path
 
 
-def test_seed_config_loads_unchanged_and_means_fdb(fs: Path) -> None:
-    settings = load_settings(_write(fs, SEED_TOML))
+def test_seed_config_loads_unchanged_and_means_fdb(config_dir: Path) -> None:
+    settings = load_settings(_write(config_dir, SEED_TOML))
     assert settings.backend == "fdb"
     assert settings.server.host == "0.0.0.0" and settings.server.port == 8765
     assert settings.server.shutdown_timeout_s == 20.0
@@ -56,21 +56,23 @@ def test_seed_config_loads_unchanged_and_means_fdb(fs: Path) -> None:
     assert settings.state_dir == Path("/workspace/.codi2")
 
 
-def test_no_cluster_means_sqlite_under_state_dir(fs: Path) -> None:
-    settings = load_settings(_write(fs, '[monitoring]\nwatch_paths = ["/srv/ws", "/srv/other"]\n'))
+def test_no_cluster_means_sqlite_under_state_dir(config_dir: Path) -> None:
+    settings = load_settings(_write(config_dir, '[monitoring]\nwatch_paths = ["/srv/ws", "/srv/other"]\n'))
     assert settings.backend == "sqlite"
     assert settings.state_dir == Path("/srv/ws/.codi2")
     assert settings.sqlite_file == Path("/srv/ws/.codi2/audit.db")
 
 
-def test_explicit_backend_wins_over_cluster(fs: Path) -> None:
-    settings = load_settings(_write(fs, SEED_TOML + '[storage]\nbackend = "sqlite"\nsqlite_path = "/data/a.db"\n'))
+def test_explicit_backend_wins_over_cluster(config_dir: Path) -> None:
+    settings = load_settings(
+        _write(config_dir, SEED_TOML + '[storage]\nbackend = "sqlite"\nsqlite_path = "/data/a.db"\n')
+    )
     assert settings.backend == "sqlite"
     assert settings.sqlite_file == Path("/data/a.db")
 
 
-def test_env_overrides_file_and_cli_overrides_env(fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    path = _write(fs, 'tenant_id = "from-file"\n' + SEED_TOML)
+def test_env_overrides_file_and_cli_overrides_env(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = _write(config_dir, 'tenant_id = "from-file"\n' + SEED_TOML)
     monkeypatch.setenv("CODI2_SERVER__BIND_ADDR", "127.0.0.1:9000")
     monkeypatch.setenv("CODI2_BATCHING__MAX_EVENTS", "17")
     monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "2.5")
@@ -86,8 +88,8 @@ def test_env_overrides_file_and_cli_overrides_env(fs: Path, monkeypatch: pytest.
     assert load_settings(path, tenant_id="from-cli").tenant_id == "from-cli"
 
 
-def test_logging_level_is_case_insensitive(fs: Path) -> None:
-    assert load_settings(_write(fs, '[logging]\nlevel = "DEBUG"\n')).logging.level == "debug"
+def test_logging_level_is_case_insensitive(config_dir: Path) -> None:
+    assert load_settings(_write(config_dir, '[logging]\nlevel = "DEBUG"\n')).logging.level == "debug"
 
 
 @pytest.mark.parametrize(
@@ -118,8 +120,8 @@ def test_logging_level_is_case_insensitive(fs: Path) -> None:
         ),
     ],
 )
-def test_bad_config_names_file_key_and_problem(fs: Path, text: str, expected: str) -> None:
-    path = _write(fs, text)
+def test_bad_config_names_file_key_and_problem(config_dir: Path, text: str, expected: str) -> None:
+    path = _write(config_dir, text)
     with pytest.raises(ConfigError) as info:
         load_settings(path)
     message = str(info.value)
@@ -128,15 +130,15 @@ def test_bad_config_names_file_key_and_problem(fs: Path, text: str, expected: st
     assert "\n" not in message
 
 
-def test_missing_file_is_an_error(fs: Path) -> None:
+def test_missing_file_is_an_error(config_dir: Path) -> None:
     with pytest.raises(ConfigError, match=r"/nowhere.toml: config file not found"):
-        load_settings(fs / "nowhere.toml")
+        load_settings(config_dir / "nowhere.toml")
 
 
-def test_bad_env_value_is_attributed_to_the_env_var(fs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bad_env_value_is_attributed_to_the_env_var(config_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CODI2_SERVER__BIND_ADDR", "nope")
     with pytest.raises(ConfigError, match=r"^env CODI2_SERVER__BIND_ADDR: server.bind_addr: expected HOST:PORT"):
-        load_settings(_write(fs, SEED_TOML))
+        load_settings(_write(config_dir, SEED_TOML))
 
 
 def test_shipped_configs_are_valid() -> None:

@@ -18,12 +18,13 @@ import structlog
 from conftest import WAIT_S, read_events, wait_for
 from sink_contract import make_event
 
+from codi2.config import BatchingSettings, MonitoringSettings, SpoolSettings
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal.index import key_of
 from codi2.journal.journal import Journal, JournalCorrupt, JournalUnavailable, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.metrics import Metrics
-from codi2.pipeline.pipeline import Pipeline
+from codi2.pipeline.pipeline import JournalFile, Pipeline
 from codi2.ship import shipper as shipper_module
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import StoreError
@@ -48,23 +49,16 @@ def _numbers(path: Path) -> list[int]:
 
 def _pipeline(ws: Path, state: Path, store: SqliteSink, monitor: StoreMonitor) -> Pipeline:
     """The pipeline as the daemon builds it for a remote store (the journal a file of its own)."""
-    metrics = Metrics()
     pipeline = Pipeline(
         roots=[ws],
-        state_dir=state,
-        journal_path=state / "journal.db",
-        local_store=None,
+        journal_file=JournalFile(state / "journal.db", state),
         rules=IgnoreRules([], [ws]),
         identity=Identity("t1", "u1", None, "pod-1"),
-        metrics=metrics,
-        max_events=1000,
-        max_batch_bytes=1 << 20,
-        max_delay_ms=10,
-        max_bytes=1 << 30,
-        hash_max_bytes=1 << 20,
-        fsync=True,
-        initial_scan="record",
+        metrics=Metrics(),
         store=monitor,
+        batching=BatchingSettings(max_events=1000, max_bytes=1 << 20, max_delay_ms=10),
+        spool=SpoolSettings(max_bytes=1 << 30, fsync=True),
+        monitoring=MonitoringSettings(watch_paths=[ws], hash_max_bytes=1 << 20, initial_scan="record"),
     )
     pipeline.open()
     pipeline.trail = store

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -113,16 +114,12 @@ def _log_events() -> set[str]:
 
 
 def _gap_causes() -> set[str]:
-    """The causes a `gap` event can name: `note_gap("cause", ...)`, `_gap_event("cause", ...)` and
-    `_gap_reasons["cause"]` in codi2/."""
+    """The causes a `gap` event can name: `note_gap("cause", ...)`, the event factory's `gap("cause", ...)`
+    and `_gap_reasons["cause"]` in codi2/."""
     causes = set()
     for tree in _code():
         for node in ast.walk(tree):
-            if (
-                isinstance(node, ast.Call)
-                and getattr(node.func, "attr", None) in ("note_gap", "_gap_event")
-                and node.args
-            ):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) in ("note_gap", "gap") and node.args:
                 cause = node.args[0]
             elif isinstance(node, ast.Subscript) and getattr(node.value, "attr", None) == "_gap_reasons":
                 cause = node.slice
@@ -207,7 +204,7 @@ def test_every_alert_has_a_severity_a_summary_naming_its_workspace_and_a_runbook
         for label in IDENTITY:
             assert f"$labels.{label}" in annotations["summary"], (name, label)
         path, _, anchor = annotations["runbook_url"].partition("#")
-        assert path == "docs/runbook.md" and anchor == name.lower() and anchor in anchors, name
+        assert path == "$DOCS_URL/runbook.md" and anchor == name.lower() and anchor in anchors, name
 
 
 def test_the_runbook_says_for_each_alert_what_it_means_why_how_to_confirm_and_what_to_do() -> None:
@@ -234,12 +231,35 @@ def test_the_gap_causes_the_runbook_explains_are_those_the_code_records() -> Non
 # Generated files, scrape configuration ---------------------------------------------------------------
 
 
-def test_the_dashboard_and_the_prometheus_rule_are_what_generate_py_makes() -> None:
+def test_the_dashboard_is_what_generate_py_makes() -> None:
+    assert (MONITORING / "codi2-dashboard.json").read_text() == _generator().dashboard_json(), "run `make monitoring`"
+
+
+def test_the_rules_prometheus_loads_link_their_runbooks_absolutely(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Alertmanager and Grafana show a runbook_url as a link, which a relative path breaks; the base is
+    where the operator serves docs/, given at render time (#24, item 10)."""
     generator = _generator()
-    assert (MONITORING / "codi2-dashboard.json").read_text() == generator.dashboard_json(), "run `make monitoring`"
-    assert (MONITORING / "prometheusrule.yaml").read_text() == generator.prometheus_rule_yaml(), "run `make monitoring`"
-    (rule,) = yaml.safe_load_all((MONITORING / "prometheusrule.yaml").read_text())
-    assert rule["kind"] == "PrometheusRule" and rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    url = "https://git.example.com/platform/codi2/-/blob/main/docs/"
+    assert generator.main(["--docs-url", url, "--output-dir", str(tmp_path)]) == 0
+    rendered = yaml.safe_load((tmp_path / "codi2.rules.yml").read_text())["groups"]
+    for group in rendered:
+        for alert in group["rules"]:
+            link = urllib.parse.urlsplit(alert["annotations"]["runbook_url"])
+            assert (link.scheme, link.netloc) == ("https", "git.example.com"), alert["alert"]
+            assert (
+                f"{link.path}#{link.fragment}"
+                == f"/platform/codi2/-/blob/main/docs/runbook.md#{alert['alert'].lower()}"
+            )
+    (rule,) = yaml.safe_load_all((tmp_path / "prometheusrule.yaml").read_text())
+    assert rule["kind"] == "PrometheusRule" and rule["spec"]["groups"] == rendered
+    assert not (MONITORING / "prometheusrule.yaml").exists()  # only rendered, never checked in with a guess
+    for bad in ("docs/runbook.md", "example.com/docs", "file:///srv/docs"):
+        with pytest.raises(SystemExit) as exited:
+            generator.main(["--docs-url", bad, "--output-dir", str(tmp_path / "bad")])
+        assert exited.value.code == 2 and "absolute http(s) URL" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_the_dashboard_has_tenant_and_pod_variables_and_the_panels_operators_need() -> None:
@@ -267,7 +287,12 @@ def test_the_pod_monitor_scrapes_provisioned_pods_and_labels_them_with_their_ide
     (pod,) = [
         m
         for m in render(
-            WorkspaceSpec(user_id="alice", tenant_id="acme", codi2_config=(REPO / "config" / "codi2.toml").read_text())
+            WorkspaceSpec(
+                user_id="alice",
+                tenant_id="acme",
+                codi2_config=(REPO / "config" / "codi2.toml").read_text(),
+                registry="registry.example/coditect",
+            )
         )
         if m["kind"] == "Pod"
     ]
@@ -314,12 +339,17 @@ def exported(scraped: tuple[str, dict[str, Any]]) -> dict[str, str]:
     text, _ = scraped
     names = {}
     for family in text_string_to_metric_families(text):
-        if family.name.endswith("_created"):  # a counter's creation time, exported beside it
-            continue
         for suffix in SAMPLE_SUFFIXES.get(family.type, ("",)):  # families with no sample yet count too
             names[family.name + suffix] = family.name
         names.update({sample.name: family.name for sample in family.samples})
     return names
+
+
+def test_no_counter_exports_a_created_series(scraped: tuple[str, dict[str, Any]]) -> None:
+    """`*_created` (when a counter was made) doubles the series of every pod and nothing reads it (#24)."""
+    text, _ = scraped
+    created = sorted({line.split("{")[0].split(" ")[0] for line in text.splitlines() if "_created" in line})
+    assert created == [] and "codi2_events_committed_total" in text
 
 
 def test_every_expression_names_only_metrics_the_daemon_exports(exported: dict[str, str]) -> None:

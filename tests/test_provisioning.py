@@ -4,7 +4,9 @@ idempotent server-side apply against a local API double, and the checked-in mani
 from __future__ import annotations
 
 import base64
+import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,8 +22,9 @@ from lightkube.config.kubeconfig import KubeConfig
 from pydantic import ValidationError
 from tls_certs import DAY, NOW, TlsFiles, issue
 
+from codi2 import __version__
 from codi2.config import load_settings
-from codi2.provisioning.apply import Provisioner
+from codi2.provisioning.apply import ClusterError, Provisioner
 from codi2.provisioning.render import render, render_rbac
 from codi2.provisioning.spec import DNS_LABEL, MAX_ID, WorkspaceSpec
 
@@ -30,8 +33,17 @@ CONFIG = (REPO / "config" / "codi2.toml").read_text()
 K8S_VERSION = kubernetes_validate.utils.latest_version()
 
 
+REGISTRY = "registry.example/coditect"
+
+
 def spec(**kw: object) -> WorkspaceSpec:
-    fields: dict[str, object] = {"user_id": "alice", "tenant_id": "acme", "codi2_config": CONFIG, **kw}
+    fields: dict[str, object] = {
+        "user_id": "alice",
+        "tenant_id": "acme",
+        "codi2_config": CONFIG,
+        "registry": REGISTRY,
+        **kw,
+    }
     return WorkspaceSpec(**fields)  # type: ignore[arg-type]
 
 
@@ -231,7 +243,7 @@ def test_entrypoint_layout_is_one_container_running_codi2() -> None:
     assert "initContainers" not in pod["spec"]
     (container,) = pod["spec"]["containers"]
     assert container["command"] == ["/usr/local/bin/codi2"]
-    assert container["image"] == "gcr.io/serene-voltage-464305-n2/t2-workspace-pod:latest"
+    assert container["image"] == f"{REGISTRY}/codi2-workspace:{__version__}"  # Dockerfile.workspace's target
     assert "CODI2_STATE__DIR" not in {e["name"] for e in container["env"]}
     assert {m["mountPath"]: m.get("readOnly", False) for m in container["volumeMounts"]} == {
         "/workspace": False,
@@ -307,7 +319,7 @@ def test_wait_ready_times_out_with_the_last_state() -> None:
         server.kube.pod_gets_before_ready = 10**9
         provisioner = Provisioner(_client(server), progress=lambda _: None)
         provisioner.apply(render(spec()))
-        with pytest.raises(TimeoutError, match="not ready after 0s"):
+        with pytest.raises(ClusterError, match="not ready after 0s"):
             provisioner.wait_ready("user-alice", "workspace", timeout_s=0)
 
 
@@ -325,14 +337,20 @@ def test_delete_removes_everything_in_reverse_and_tolerates_gone_objects() -> No
     assert lines[-1] == "already gone: Namespace/user-alice"
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def _cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, defaults: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """`codi2 provision ARGS`; render, apply and delete get the seed config and a registry first, which
+    the test's own flags override."""
+    if defaults and args[0] in ("render", "apply", "delete"):
+        args = (args[0], "--config", str(REPO / "config" / "codi2.toml"), "--registry", REGISTRY, *args[1:])
     return subprocess.run(
         [sys.executable, "-m", "codi2", "provision", *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
     )
 
@@ -415,3 +433,91 @@ def test_checked_in_manifests_match_the_renderer(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in checked_in.glob("*.yaml"))
     for path in out.iterdir():
         assert (checked_in / path.name).read_text() == path.read_text(), f"{path.name} drifted: run make manifests"
+
+
+def test_cluster_errors_are_one_line_naming_the_server_or_the_kubeconfig(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on once it is closed
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with FakeKubeServer() as server:
+        config = server.config()
+    config["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{port}"
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(json.dumps(config))
+    ids = ("--user-id", "bob", "--tenant-id", "acme")
+    down = _cli("apply", *ids, env={"KUBECONFIG": str(kubeconfig)})
+    assert down.returncode == 1 and down.stdout == ""
+    assert down.stderr.startswith(
+        f"codi2: cannot reach the Kubernetes API server http://127.0.0.1:{port} ("
+    ) and down.stderr.rstrip().endswith(
+        "to apply Namespace/user-bob: is the cluster up, and is it the "
+        "kubeconfig's current context? (kubectl cluster-info)"
+    ), down.stderr
+    assert down.stderr.count("\n") == 1
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {name: value for name, value in os.environ.items() if not name.startswith(("KUBE", "HOME"))}
+    none = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "codi2",
+            "provision",
+            "delete",
+            *ids,
+            "--registry",
+            REGISTRY,
+            "--fdb-cluster-string",
+            "a:b@10.0.0.1:4500",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**env, "HOME": str(home)},
+    )
+    assert none.returncode == 1 and none.stderr.count("\n") == 1, none.stderr
+    assert none.stderr.startswith(
+        "codi2: no Kubernetes cluster configured (Configuration file ~/.kube/config not found)"
+    )
+    assert "create ~/.kube/config" in none.stderr
+
+
+def test_render_works_anywhere_with_defaults_and_pins_the_images_to_this_release(tmp_path: Path) -> None:
+    ids = ("--user-id", "dave", "--tenant-id", "acme")
+    anywhere = _cli(
+        "render",
+        *ids,
+        "--registry",
+        REGISTRY,
+        "--fdb-cluster-string",
+        "a:b@10.0.0.1:4500",
+        cwd=tmp_path,
+        defaults=False,
+    )
+    assert anywhere.returncode == 0, anywhere.stderr
+    docs = list(yaml.safe_load_all(anywhere.stdout))
+    validate(docs)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["codi2.toml"]
+    settings = tmp_path / "codi2.toml"
+    settings.write_text(config)
+    assert load_settings(settings).backend == "fdb"
+    pod = docs[-1]["spec"]
+    images = [c["image"] for c in [*pod["initContainers"], *pod["containers"]]]
+    assert images == [f"{REGISTRY}/codi2:{__version__}", f"{REGISTRY}/t2-workspace-pod:{__version__}"]
+    assert "latest" not in anywhere.stdout
+    tagged = _cli("render", *ids, "--tag", "sha-1234")
+    assert [c["image"] for c in list(yaml.safe_load_all(tagged.stdout))[-1]["spec"]["initContainers"]] == [
+        f"{REGISTRY}/codi2:sha-1234"
+    ]
+    no_registry = _cli("render", *ids, cwd=tmp_path, defaults=False)
+    assert no_registry.returncode == 2 and no_registry.stderr == (
+        "codi2: --registry: no image registry: give one (e.g. gcr.io/PROJECT), or name every image in full"
+        " (--image and --codi2-image)\n"
+    )
+    no_cluster = _cli("render", *ids, "--registry", REGISTRY, cwd=tmp_path, defaults=False)
+    assert no_cluster.returncode == 2
+    assert no_cluster.stderr == (
+        "codi2: no FDB cluster string: give --fdb-cluster-string, or a --config that sets [foundationdb] "
+        "cluster_string\n"
+    )

@@ -24,7 +24,7 @@ from codi2.metrics import Metrics
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import Sink
 from codi2.stores.fdb.sink import FdbSink
-from codi2.stores.sqlite import SCHEMA, SqliteSink, _adopt
+from codi2.stores.sqlite import SCHEMA, SqliteSink, _add_horizons, _adopt
 from codi2.trail.events import Batch, Event, EventQuery, encode_event, parse_time
 from codi2.trail.verify import verify
 
@@ -148,6 +148,44 @@ def test_the_session_column_is_backfilled_for_rows_stored_before_it(tmp_path: Pa
         assert SCHEMA.version(db) == SCHEMA.latest
 
 
+def test_a_store_at_the_horizons_step_migrates_to_the_session_column_and_the_registry(tmp_path: Path) -> None:
+    """A store written by the release with retention (schema 2: horizons; no session column, no registry)
+    runs the later steps in order, its horizon kept: sessions backfilled, its stream registered (with no
+    predecessor: none was recorded), and verify still follows the horizon."""
+    path = tmp_path / "audit.db"
+    batches = chain_of(*([make_event(f"b{b}/{i}", session_id=f"ses-{b % 2}") for i in range(3)] for b in range(3)))
+    with closing(sqlite3.connect(path, isolation_level=None)) as db:
+        db.execute("BEGIN")
+        _adopt(db)
+        _add_horizons(db)
+        db.execute(f"PRAGMA user_version = {2 << SCHEMA.shift}")
+        pruned = batches[0].header
+        assert pruned is not None
+        db.execute("INSERT INTO horizons VALUES ('t1', ?, ?, ?, ?)", (pruned.stream_id, 1, pruned.link, pruned.ts))
+        for batch in batches[1:]:
+            h = batch.header
+            assert h is not None
+            first = None
+            for e in batch.events:
+                cursor = db.execute(
+                    "INSERT INTO events (id, batch_id, tenant_id, ts, action, path, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (e.id, batch.batch_id, e.tenant_id, e.ts, e.action, e.path.encode(), encode_event(e)),
+                )
+                first = first or cursor.lastrowid
+            db.execute(
+                "INSERT INTO batches VALUES ('t1', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (h.stream_id, h.number, h.ts, h.prev, h.link, h.key_id, h.events, first, cursor.lastrowid),
+            )
+        db.execute("COMMIT")
+    sink = SqliteSink(path)
+    with closing(sqlite3.connect(path)) as db:
+        assert SCHEMA.version(db) == SCHEMA.latest == 4
+    assert _paths(sink.read(EventQuery("t1", session_id="ses-1"))) == ["b1/0", "b1/1", "b1/2"]
+    assert [(entry.stream_id, entry.predecessor) for entry in sink.registry("t1")] == [("stream-1", None)]
+    report = verify(sink, "t1")
+    assert report.ok and report.streams[0].pruned_through == 1 and report.streams[0].batches == 2
+
+
 # verify: memory per stream ----------------------------------------------------------------------------------
 
 
@@ -219,6 +257,46 @@ def test_a_stream_lost_whole_is_named(backend: str, tmp_path: Path, request: pyt
     report = verify(sink, "t1")
     breaks = [(s.stream_id, b.kind) for s in report.streams for b in s.breaks]
     assert not report.ok and breaks == [("stream-old", "missing_stream")]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fdb"])
+def test_a_stream_pruned_whole_is_not_a_missing_stream(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A prune is no loss: a predecessor pruned whole is held by its horizon, and a stream begun after it
+    names the horizon as the head it follows. That horizon gone, the stream is named lost."""
+    sink: Sink = SqliteSink(tmp_path / "audit.db") if backend == "sqlite" else request.getfixturevalue("fdb_sink")
+    _two_streams(sink)
+    sink.prune(sink.retention_plan("t1", datetime.fromtimestamp(START + 5, UTC)))  # stream-old, whole
+    report = verify(sink, "t1")
+    assert report.ok, [(s.stream_id, b.kind) for s in report.streams for b in s.breaks]
+    assert [s.stream_id for s in report.streams] == ["stream-new"]
+    sink.prune(sink.retention_plan("t1", datetime.fromtimestamp(START + 100, UTC)))  # stream-new too
+    for batch in chain_of([make_event("stream-3/0", ts=START + 200)], stream="stream-3"):
+        sink.write_batch(batch)
+    entry = sink.registry("t1")[-1]
+    assert entry.stream_id == "stream-3" and entry.predecessor is not None
+    assert entry.predecessor[:2] == ("stream-new", 2)
+    assert verify(sink, "t1").ok
+    if isinstance(sink, FdbSink):
+        sink._db.clear(sink.key("t1", "h", "stream-new"))
+    else:
+        with closing(sqlite3.connect(tmp_path / "audit.db")) as conn, conn:
+            conn.execute("DELETE FROM horizons WHERE stream_id = 'stream-new'")
+    report = verify(sink, "t1")
+    breaks = {(s.stream_id, b.kind) for s in report.streams for b in s.breaks}
+    assert not report.ok and breaks == {("stream-new", "missing_stream")}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "fdb"])
+def test_delete_tenant_removes_its_streams_registry(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Offboarding leaves no registry entry behind (one would name a stream lost to the next verify)."""
+    sink: Sink = SqliteSink(tmp_path / "audit.db") if backend == "sqlite" else request.getfixturevalue("fdb_sink")
+    _two_streams(sink)
+    sink.delete_tenant("t1")
+    assert sink.registry("t1") == [] and verify(sink, "t1").ok
 
 
 def test_a_registered_stream_with_no_batch_is_named(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from codi2.pipeline.window import Window
-from codi2.watch.hints import Hint, Move, Rescan, Touch
+from codi2.watch.hints import Hint, Move, Rescan, RootReplaced, Touch
 
 
 def _window(*hints: Hint) -> list[Hint]:
@@ -104,3 +104,8 @@ def test_a_later_appearance_of_another_type_wins_its_type() -> None:
     assert got == [Touch(0, b"d", True, True)]
     assert _window(Touch(0, b"d", True, True), Touch(0, b"d", True, False)) == [Touch(0, b"d", True, False)]
     assert _window(Touch(0, b"d", True, True), Touch(0, b"d", False, True)) == [Touch(0, b"d", True, True)]
+
+
+def test_a_replaced_root_is_read_again_once_and_a_rename_leaves_it_in_place() -> None:
+    got = _window(RootReplaced(0), Touch(0, b"d/f"), RootReplaced(0), Move(0, b"d", b"e", True, 3), RootReplaced(1))
+    assert got == [RootReplaced(0), Move(0, b"d", b"e", True, 3), Touch(0, b"e/f"), RootReplaced(1)]

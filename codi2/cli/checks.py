@@ -6,6 +6,7 @@ Each step is timed and reported on its own line; the first failure stops the run
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -17,6 +18,7 @@ from codi2.config import Settings
 from codi2.stores.base import Sink, StoreError
 
 PROBE_TENANT = "codi2-selftest"
+CLUSTER_FILE_HINT = "mount the codi2-fdb Secret or set FDB_CLUSTER_FILE"
 
 
 @dataclass
@@ -55,6 +57,8 @@ def _hint(exc: StoreError) -> str | None:
         )
     if exc.code == "fdb_1031":  # transaction_timed_out
         return "is the cluster reachable from here? check the coordinators in the cluster file and the network"
+    if exc.code == "no_cluster_file":
+        return CLUSTER_FILE_HINT
     if exc.code == "SQLITE_BUSY":
         return "another process holds the database lock"
     return None
@@ -64,12 +68,19 @@ def run_checks(settings: Settings, config_path: Path | None) -> Iterator[Step]:
     """Yield each step in order, stopping after the first failure."""
     yield Step("config", True, 0.0, f"{config_path or 'defaults'}: backend {settings.backend}")
     tenant = settings.tenant_id or PROBE_TENANT
-    steps = _fdb_steps(settings, tenant) if settings.backend == "fdb" else _sqlite_steps(settings, tenant)
-    for name, fn in steps:
-        step = _timed(name, fn)
-        yield step
-        if not step.ok:
-            return
+    # What a check must write (the cluster file made from `cluster_string`) goes here, not into the state
+    # directory: run on a laptop against the pod's config, that would be /workspace/.codi2 on the host.
+    with tempfile.TemporaryDirectory(prefix="codi2-test-") as scratch:
+        if settings.backend == "fdb":
+            state = settings.state.model_copy(update={"dir": Path(scratch)})
+            steps = _fdb_steps(settings.model_copy(update={"state": state}), tenant)
+        else:
+            steps = _sqlite_steps(settings, tenant)
+        for name, fn in steps:
+            step = _timed(name, fn)
+            yield step
+            if not step.ok:
+                return
 
 
 def _sqlite_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], str]]]:
@@ -112,7 +123,7 @@ def _fdb_steps(settings: Settings, tenant: str) -> list[tuple[str, Callable[[], 
         try:
             desc, ident, coordinators = fdb_client.parse_cluster_file(path.read_text())
         except OSError as exc:
-            raise StepFailed(f"{path}: {exc.strerror}", "mount the codi2-fdb Secret or set FDB_CLUSTER_FILE") from None
+            raise StepFailed(f"cluster file {path}: {exc.strerror}", CLUSTER_FILE_HINT) from None
         except ValueError as exc:
             raise StepFailed(
                 f"{path}: {exc}", "copy the cluster file from a server (/etc/foundationdb/fdb.cluster)"

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     Subparsers: TypeAlias = argparse._SubParsersAction[argparse.ArgumentParser]
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_BROKEN_PIPE = 128 + 13  # what a shell reports for a process killed by SIGPIPE: the reader stopped reading
 FILE, DIRECTORY = "file", "directory"  # what an option's value completes with (shtab, in `codi2 completion`)
 
 Command = Callable[[argparse.Namespace], int]  # what a leaf parser's `func` default is: its exit code
@@ -53,3 +54,15 @@ def config_arg(parser: argparse.ArgumentParser) -> None:
 def load(args: argparse.Namespace, **cli: str | None) -> Settings:
     """The settings from `--config`, the environment and these flags (highest first: flags)."""
     return load_settings(args.config, **cli)
+
+
+def printable(path: str) -> str:
+    """A name as a person reads it on one line: bytes that are not UTF-8 as \\xNN, control characters such as
+    a newline as escapes, so one name stays on one line (a table row, a line of a report)."""
+    if path.isprintable():
+        return path
+    try:
+        text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: shown as Python writes it
+        return path.encode("unicode_escape").decode("ascii")
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)

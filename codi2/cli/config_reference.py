@@ -79,12 +79,14 @@ class Key:
 def _describe_type(annotation: Any, metadata: list[Any]) -> str:
     args = typing.get_args(annotation)
     origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:  # validators inside an optional type (`FilePath | None`): the type they check
+        return _describe_type(args[0], [*metadata, *annotation.__metadata__])
     if origin in (typing.Union, types.UnionType) and type(None) in args:
         inner = [a for a in args if a is not type(None)]
         return _describe_type(inner[0], metadata) + ", optional"
     if origin is Literal:
         return " or ".join(f"`{json.dumps(a)}`" for a in args)
-    text = f"list of {_scalar(args[0])}s" if origin is list else _scalar(annotation)
+    text = f"list of {_describe_type(args[0], [])}s" if origin is list else _scalar(annotation)
     bounds = [
         f"{sign} {_number(getattr(m, attr))}" for m in metadata for kind, attr, sign in _BOUNDS if isinstance(m, kind)
     ]
@@ -93,6 +95,8 @@ def _describe_type(annotation: Any, metadata: list[Any]) -> str:
 
 
 def _scalar(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Annotated:  # a validated item type (`list[FilePath]`)
+        annotation = typing.get_args(annotation)[0]
     return _SCALARS.get(annotation) or str(annotation)  # a new kind of type shows as Python writes it
 
 

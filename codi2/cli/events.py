@@ -4,20 +4,32 @@ implies (`--replay`); `--follow` keeps printing."""
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
+import re
 import sys
 import time
-from collections.abc import Iterator
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from codi2.cli.common import EXIT_OK, UsageError, config_arg, load
-from codi2.trail.events import ACTIONS, Event, EventQuery, parse_time
+from codi2.cli.common import EXIT_OK, FILE, UsageError, completes, config_arg, load, printable
+from codi2.trail.events import ACTIONS, Event, EventQuery, Origin, parse_time
+from codi2.trail.export import FORMATS, render
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
+    from codi2.cli.cursor import CursorFile
+    from codi2.config import Settings
+    from codi2.stores.base import TrailReader
 
 FOLLOW_POLL_S = 0.5
+RELATIVE = re.compile(r"(\d+)([smhdw])")  # `--since 30m`: that long before now
+UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+TABLE = "{ts:<27} {action:<7} {type:<7} {size:>10} {mode:>4} {origin:<8} {user:<12} {session:<12} {owner:<9} {path}"
+REPLAY_TABLE = "{type:<7} {sha256:<64} {root}  {path}"
 
 
 def register(sub: Subparsers) -> None:
@@ -30,20 +42,42 @@ def register(sub: Subparsers) -> None:
     events.add_argument("--tenant-id", help="tenant to read (default: the configured identity, $TENANT_ID)")
     events.add_argument("--path", metavar="GLOB", help="only events whose path or dest_path matches (* spans /)")
     events.add_argument("--action", choices=ACTIONS, help="only events with this action")
-    events.add_argument("--since", metavar="ISO8601", help="only events at or after this time (UTC if no zone)")
-    events.add_argument("--until", metavar="ISO8601", help="only events at or before this time (UTC if no zone)")
+    events.add_argument("--origin", choices=get_args(Origin), help="only events of this origin")
+    events.add_argument("--user", metavar="USER_ID", help="only events of this user")
     events.add_argument("--session", metavar="S", help="only events of this IDE session")
+    events.add_argument(
+        "--since",
+        metavar="TIME",
+        help="only events at or after this time: ISO 8601 (UTC if no zone), or that long ago (30s, 15m, 1h, 2d, 1w)",
+    )
+    events.add_argument(
+        "--until",
+        metavar="TIME",
+        help="only events at or before this time: ISO 8601 (UTC if no zone), or that long ago (30s, 15m, 1h, 2d, 1w)",
+    )
+    events.add_argument(
+        "--after-seq", type=int, metavar="N", help="only events whose seq (the journal's sequence) is above N"
+    )
     events.add_argument("--limit", type=int, metavar="N", help="print at most N events")
     events.add_argument("--follow", action="store_true", help="keep printing new events until interrupted")
+    cursor_file = events.add_argument(
+        "--cursor-file",
+        type=Path,
+        metavar="F",
+        help="resume after the last event a run with this file printed, and record each one there once its line is"
+        " flushed (docs/siem.md)",
+    )
+    completes(cursor_file, FILE)
     events.add_argument(
         "--replay",
         action="store_true",
-        help="print the workspace state the trail implies (fold of the selected events), one JSON line per entry",
+        help="print the workspace state the trail implies (fold of the selected events), one entry per line",
     )
     events.add_argument(
         "--format",
-        choices=("jsonl", "table"),
-        help="jsonl (default when stdout is not a terminal) or table (default on a terminal)",
+        choices=("jsonl", "table", *FORMATS),
+        help="jsonl (default when stdout is not a terminal), table (default on a terminal), or for a SIEM: ocsf"
+        " (OCSF 1.5.0 File System Activity) or ecs (Elastic Common Schema 9.4.0)",
     )
     events.set_defaults(func=command)
 
@@ -56,76 +90,162 @@ def command(args: argparse.Namespace) -> int:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit: must be 0 or more")
+    if args.replay and (args.cursor_file or args.format in FORMATS):
+        raise UsageError("--replay prints workspace entries, not events: not with --cursor-file, ocsf or ecs")
+    wanted = _filter(args)
+    # The store applies its own filters and the limit; the limit moves here when this command filters too.
+    limit = args.limit if wanted is None else None
     query = EventQuery(
         settings.tenant_id,
         args.path,
         args.action,
         since(args),
-        args.limit,
+        limit,
         until=_time(args.until, "--until"),
         session_id=args.session,
     )
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
+    if fmt == "table":  # a name no encoding of the terminal can show is escaped, never a crash
+        _reconfigure(sys.stdout)
     if args.limit == 0 and not args.replay:
         return EXIT_OK
     sink = open_sink(settings, create=False)
     if args.replay:
         try:
-            return _replay(sink.read(query))
+            rows = sink.read(query)
+            selected = (e for _, e in rows if wanted is None or wanted(e))
+            return _replay(itertools.islice(selected, args.limit), fmt, settings.tenant_id)
         finally:
             sink.close()
     printed = 0
-    after = None
+    cursor_file = None
     try:
+        cursor_file = _cursor_file(args.cursor_file, settings, query.tenant_id, sink)
+        after = cursor_file.load() if cursor_file is not None else None
         while True:
             for cursor, event in sink.read(query, after=after):
                 after = cursor  # --follow resumes after the last event printed
+                if wanted is not None and not wanted(event):
+                    continue
                 if fmt == "jsonl":
                     print(event.to_json())
+                elif fmt in FORMATS:
+                    print(render(fmt, event))
                 else:
                     print(_table_row(event.to_dict(), header=printed == 0))
+                if cursor_file is not None:  # the line first, then the cursor: a crash between reprints it
+                    sys.stdout.flush()
+                    cursor_file.save(cursor, event.id)
                 printed += 1
                 if args.limit is not None and printed >= args.limit:
                     return EXIT_OK
             if not args.follow:
+                if printed == 0:
+                    _nothing("no events match", settings.tenant_id)
                 return EXIT_OK
             sys.stdout.flush()
             time.sleep(FOLLOW_POLL_S)
     finally:
+        if cursor_file is not None:
+            cursor_file.close()
         sink.close()
 
 
+def _cursor_file(path: Path | None, settings: Settings, tenant_id: str, sink: TrailReader) -> CursorFile | None:
+    from codi2.cli.cursor import CursorFile, store_name
+
+    return CursorFile(path, tenant_id, store_name(settings), sink) if path is not None else None
+
+
 def since(args: argparse.Namespace) -> datetime | None:
-    """`--since` as a time (`events` and `verify` take it alike)."""
+    """`--since` as a time (`events` and `verify` take it alike): ISO 8601, or a span back from now."""
     return _time(args.since, "--since")
 
 
 def _time(text: str | None, flag: str) -> datetime | None:
+    if not text:
+        return None
+    if relative := RELATIVE.fullmatch(text.strip()):
+        amount, unit = relative.groups()
+        return datetime.now(UTC) - timedelta(**{UNITS[unit]: int(amount)})
     try:
-        return parse_time(text) if text else None
+        return parse_time(text)
     except ValueError:
-        raise UsageError(f"{flag}: not an ISO 8601 time: {text!r}") from None
+        raise UsageError(f"{flag}: neither an ISO 8601 time nor a span such as 30m, 1h, 2d: {text!r}") from None
 
 
-def _replay(rows: Iterator[tuple[Any, Event]]) -> int:
+def _filter(args: argparse.Namespace) -> Callable[[Event], bool] | None:
+    """The filters this command applies itself, on each event the store returns; None when there are none."""
+    tests: list[Callable[[Event], bool]] = []
+    if args.origin is not None:
+        tests.append(lambda e: e.origin == args.origin)
+    if args.user is not None:
+        tests.append(lambda e: e.user_id == args.user)
+    if args.after_seq is not None:
+        tests.append(lambda e: e.seq > args.after_seq)
+    if not tests:
+        return None
+    return lambda e: all(test(e) for test in tests)
+
+
+def _nothing(message: str, tenant: str) -> None:
+    """Said on a terminal only: to a script an empty output is the answer."""
+    if sys.stdout.isatty():
+        print(f"codi2: {message} (tenant {tenant}; see the filters in codi2 events --help)", file=sys.stderr)
+
+
+def _reconfigure(stream: TextIO) -> None:
+    if isinstance(stream, io.TextIOWrapper):
+        stream.reconfigure(errors="backslashreplace")
+
+
+def _replay(events: Iterator[Event], fmt: str, tenant: str) -> int:
     from codi2.trail.replay import fold
 
-    state = fold(event for _, event in rows)
+    state = fold(events)
+    if fmt == "table" and state:
+        print(REPLAY_TABLE.format(type="TYPE", sha256="SHA256", root="ROOT", path="PATH"))
     for (root, path), entry in sorted(state.items()):
-        print(json.dumps({"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}))
+        if fmt == "jsonl":
+            line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}
+            print(json.dumps(line, separators=(",", ":")))
+        else:
+            fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": printable(root)}
+            print(REPLAY_TABLE.format(path=printable(path), **fields))
+    if not state:
+        _nothing("no entries: the selected events leave no file", tenant)
     return EXIT_OK
 
 
-def _printable(path: str) -> str:
-    """Newlines and undecodable bytes shown as escapes, so one event stays one table row."""
-    return path.encode("unicode_escape").decode("ascii") if not path.isprintable() else path
-
-
 def _table_row(e: dict[str, Any], *, header: bool) -> str:
-    path = _printable(e["path"])
+    path = printable(e["path"])
     if e["dest_path"] is not None:
-        path += f" -> {_printable(e['dest_path'])}"
-    row = f"{e['ts']:<28} {e['action']:<8} {e['type']:<7} {e['size'] if e['size'] is not None else '-':>10}  {path}"
+        path += f" -> {printable(e['dest_path'])}"
+    uid, gid = e.get("uid"), e.get("gid")  # an event's owner, once events carry it
+    row = TABLE.format(
+        ts=e["ts"],
+        action=e["action"],
+        type=e["type"],
+        size="-" if e["size"] is None else e["size"],
+        mode="-" if e["mode"] is None else f"{e['mode']:04o}",
+        origin=e["origin"],
+        user=printable(e["user_id"]),
+        session=printable(e["session_id"] or "-"),
+        owner="-" if uid is None else f"{uid}:{gid}",
+        path=path,
+    )
     if header:
-        return f"{'TS':<28} {'ACTION':<8} {'TYPE':<7} {'SIZE':>10}  PATH\n{row}"
+        titles = TABLE.format(
+            ts="TS",
+            action="ACTION",
+            type="TYPE",
+            size="SIZE",
+            mode="MODE",
+            origin="ORIGIN",
+            user="USER",
+            session="SESSION",
+            owner="OWNER",
+            path="PATH",
+        )
+        return f"{titles}\n{row}"
     return row

@@ -3,16 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from codi2.cli.common import DIRECTORY, EXIT_FAILURE, EXIT_OK, FILE, UsageError, completes, config_arg, load
+from codi2.cli.common import (
+    DIRECTORY,
+    EXIT_FAILURE,
+    EXIT_OK,
+    FILE,
+    UsageError,
+    completes,
+    config_arg,
+    load,
+    printable,
+)
 from codi2.cli.events import since
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
     from codi2.trail.chain import ChainKey
+    from codi2.trail.verify import Report
+
+LIVE_HINT = "a change made in the last few seconds may not be committed yet: run again"
 
 
 def register(sub: Subparsers) -> None:
@@ -26,7 +40,10 @@ def register(sub: Subparsers) -> None:
     config_arg(verify)
     verify.add_argument("--tenant-id", help="tenant to check (default: the configured identity, $TENANT_ID)")
     verify.add_argument(
-        "--since", metavar="ISO8601", help="check each stream from its first batch journaled at or after this time"
+        "--since",
+        metavar="TIME",
+        help="check each stream from its first batch journaled at or after this time (ISO 8601, or a span back "
+        "from now: 30m, 1h, 2d)",
     )
     key_file = verify.add_argument(
         "--key-file",
@@ -48,6 +65,10 @@ def register(sub: Subparsers) -> None:
     verify.add_argument(
         "--user-id", help="whose workspace --disk is (default: the configured identity; needed with several users)"
     )
+    archive = verify.add_argument(
+        "--archive", type=Path, metavar="DIR", help="check an archive (`codi2 archive`) alone instead of the store"
+    )
+    completes(archive, DIRECTORY)
     verify.set_defaults(func=command)
 
 
@@ -57,6 +78,10 @@ def command(args: argparse.Namespace) -> int:
     from codi2.trail.chain import load_key
 
     settings = load(args, tenant_id=args.tenant_id, user_id=args.user_id)
+    if args.archive is not None:
+        from codi2.cli.archive import chain_keys, check
+
+        return check(args.archive, chain_keys(args, settings), as_json=args.json)
     if not settings.tenant_id:
         raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
     start = since(args)
@@ -68,13 +93,52 @@ def command(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise UsageError(f"{'--key-file' if args.key_file else 'integrity.key_file'}: {exc}") from None
     sink = open_sink(settings, create=False)
+    disk_error = None
     try:
-        report = verify.verify(sink, settings.tenant_id, keys, start)
+        try:
+            report = verify.verify(sink, settings.tenant_id, keys, start)
+        except verify.VerifyError as exc:
+            raise UsageError(str(exc)) from None
         if args.disk is not None:
-            report.disk = verify.compare_disk(sink, settings, args.disk)
-    except verify.VerifyError as exc:
-        raise UsageError(str(exc)) from None
+            try:
+                report.disk = verify.compare_disk(sink, settings, args.disk)
+            except verify.VerifyError as exc:  # the chain's report stands on its own: printed all the same
+                disk_error = str(exc)
+            except OSError as exc:
+                disk_error = f"--disk {args.disk}: {exc.strerror or exc}"
     finally:
         sink.close()
-    print(json.dumps(report.to_dict(), indent=2) if args.json else verify.render(report))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render(report))
+    if disk_error is not None:
+        raise UsageError(disk_error)
     return EXIT_OK if report.ok else EXIT_FAILURE
+
+
+def render(report: Report) -> str:
+    """The chain's report, then the disk's: each difference as what the trail says against what the disk
+    says, what could not be read named as such, and a hint, since on a live workspace a difference may be a
+    change the daemon has not committed yet."""
+    from codi2.trail import verify
+
+    lines = [verify.render(dataclasses.replace(report, disk=None))]
+    d = report.disk
+    if d is None:
+        return lines[0]
+    differ = f"{len(d.differences)} differ from the trail" if d.differences else "exactly what the trail folds to"
+    unread = f"; {d.unreadable} could not be read (not compared)" if d.unreadable else ""
+    lines.append(f"disk {d.path} (watch root {d.root}, user {d.user_id or '-'}): {d.entries} entries, {differ}{unread}")
+    for x in d.differences:
+        lines.append(f"  {printable(x['path'])}: the trail {_says(x['trail'])}, the disk {_says(x['disk'])}")
+    lines += [f"  unreadable: {printable(x['path'])}: {x['problem']}" for x in d.unreadable_listed]
+    if d.unreadable > len(d.unreadable_listed):
+        lines.append(f"  … and {d.unreadable - len(d.unreadable_listed)} more unreadable")
+    if d.differences:
+        lines.append(f"hint: {LIVE_HINT}")
+    return "\n".join(lines)
+
+
+def _says(entry: dict[str, Any] | None) -> str:
+    if entry is None:
+        return "has nothing there"
+    digest = entry.get("sha256")
+    return f"says {entry['type']}" + (f" sha256 {digest[:12]}…" if digest else "")

@@ -8,15 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from codi2.config import ConfigError, Settings
 from codi2.daemon.health import Checks, HealthServer, build_app
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.journal import FILE_NAME
 from codi2.metrics import Metrics
-from codi2.pipeline.pipeline import Pipeline
+from codi2.pipeline.pipeline import JournalFile, Pipeline
 from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import Sink
 from codi2.trail.chain import ChainKey, load_key
@@ -53,24 +51,22 @@ def build(settings: Settings, identity: Identity) -> Parts:
         from codi2.stores.sqlite import LocalStore
 
         local = LocalStore()
+    journal_file = JournalFile(
+        path=s.sqlite_file if local else s.journal_file,
+        state_dir=s.state_dir,
+        local_store=local,
+        chain_key=chain_key,
+    )
     pipeline = Pipeline(
         roots=s.watch_roots,
-        state_dir=s.state_dir,
-        journal_path=s.sqlite_file if local else s.state_dir / FILE_NAME,
-        local_store=local,
+        journal_file=journal_file,
         rules=rules,
         identity=identity,
         metrics=metrics,
-        max_events=s.batching.max_events,
-        max_batch_bytes=s.batching.max_bytes,
-        max_delay_ms=s.batching.max_delay_ms,
-        max_bytes=s.spool.max_bytes,
-        hash_max_bytes=s.monitoring.hash_max_bytes,
-        fsync=s.spool.fsync,
-        initial_scan=s.monitoring.initial_scan,
         store=store,
-        chain_key=chain_key,
-        session_file=s.monitoring.session_file,
+        batching=s.batching,
+        spool=s.spool,
+        monitoring=s.monitoring,
     )
 
     def overflow() -> None:
@@ -83,6 +79,11 @@ def build(settings: Settings, identity: Identity) -> Parts:
         follow meanwhile is recorded as its end state, and the trail notes the lost history."""
         pipeline.note_gap("out_of_descriptors", None)
 
+    def mounts_changed() -> None:
+        """Watcher thread, when a mount inside a root came or went (the watcher recrawls where): what it
+        covered or uncovered changed with no kernel event, so the trail notes the lost history."""
+        pipeline.note_gap("mount_changed", None)
+
     watcher = Watcher(
         s.watch_roots,
         rules,
@@ -90,6 +91,8 @@ def build(settings: Settings, identity: Identity) -> Parts:
         on_hints=pipeline.feed,
         on_overflow=overflow,
         on_descriptors_back=descriptors_back,
+        on_mounts_changed=mounts_changed,
+        check_interval_s=s.monitoring.rescan_interval_s,
     )
     _gauges(metrics, pipeline, watcher)
     return Parts(s, identity, metrics, rules, store, pipeline, watcher)
@@ -122,22 +125,6 @@ def build_health(parts: Parts, *, live: Checks, ready: Checks, status: Callable[
     return HealthServer(app, parts.settings.server.host, parts.settings.server.port)
 
 
-def private_paths(settings: Settings) -> list[Path]:
-    """The daemon's own files never become audit events (that would feed back forever)."""
-    paths = [settings.state_dir]
-    if settings.backend == "sqlite":
-        paths += _with_companions(settings.sqlite_file)
-    return paths
-
-
-def private_files(settings: Settings) -> list[Path]:
-    """The files the daemon holds open with locks (journal, store, their WAL and shm, the lock files)."""
-    files = [settings.state_dir / "lock"]
-    for db in [settings.state_dir / FILE_NAME] + ([settings.sqlite_file] if settings.backend == "sqlite" else []):
-        files += _with_companions(db)
-    return files
-
-
 def _gauges(m: Metrics, pipeline: Pipeline, watcher: Watcher) -> None:
     m.inotify_watches.set_function(lambda: watcher.state.watches)
     m.unwatched_dirs.set_function(lambda: len(watcher.state.unwatched))
@@ -146,8 +133,5 @@ def _gauges(m: Metrics, pipeline: Pipeline, watcher: Watcher) -> None:
     m.spool_max_bytes.set(pipeline.max_bytes)
     m.pipeline_queue.set_function(pipeline.pending_hints)
     m.handler_errors.source = lambda: float(watcher.state.handler_errors)
-
-
-def _with_companions(db: Path) -> list[Path]:
-    """A SQLite file and the files SQLite and the store lock keep beside it."""
-    return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
+    m.roots_gone.set_function(lambda: len(watcher.state.roots_gone))
+    m.roots_reestablished.source = lambda: float(watcher.state.roots_reestablished)

@@ -19,7 +19,8 @@ from typing import Any, NoReturn
 import structlog
 
 from codi2 import __version__
-from codi2.daemon.build import Parts, build_health, connect_store, private_files, private_paths
+from codi2.daemon import retention
+from codi2.daemon.build import Parts, build_health, connect_store
 from codi2.daemon.health import Checks
 from codi2.journal.journal import JournalUnavailable
 from codi2.ship.shipper import Shipper
@@ -158,7 +159,7 @@ class Daemon:
                 raise StartupError(f"cannot lock {self._store_lock.path}: {exc.strerror or exc}") from None
             stack.callback(self._store_lock.release)
         rules = self.parts.rules
-        rules.add_private(private_paths(s))  # the state dir exists now: known by identity too
+        rules.add_private(s.private_paths())  # the state dir exists now: known by identity too
         pipeline = self.pipeline
         try:
             # The journal first: with SQLite it is the store's file, and a damaged one is recovered there.
@@ -173,13 +174,16 @@ class Daemon:
         except Exception as exc:
             raise StartupError(f"cannot open the {s.backend} store: {exc}") from None
         stack.push_async_callback(asyncio.to_thread, sink.close)
-        rules.add_private_files(private_files(s))
+        rules.add_private_files(s.private_files())
         self.shipper = shipper = connect_store(self.parts, sink)
         if shipper is not None:
             shipper.start()
             stack.push_async_callback(self._stop_shipper, shipper)
         pipeline.start()
         stack.push_async_callback(self._stop_pipeline)
+        if s.backend == "sqlite" and (max_age := s.retention.max_age_s) is not None:
+            task = retention.apply_daily(pipeline, s.sqlite_file, self.identity.tenant_id, max_age)
+            stack.callback(asyncio.create_task(task, name="codi2-retention").cancel)
         try:
             await asyncio.to_thread(self.watcher.start)
         except OSError as exc:

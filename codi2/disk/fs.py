@@ -177,7 +177,24 @@ def lstat_at(dir_fd: int, name: bytes) -> Facts | None:
         raise
 
 
-def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None, hash_max: int) -> Facts | None:
+class HashProgress:
+    """The hash being computed, for /status: a multi-GB file takes seconds to minutes, with no change
+    pending meanwhile to show for it. The hashing thread replaces `current` (path, bytes done, bytes in
+    all, start time) once per chunk, so a reader on another thread sees one consistent tuple."""
+
+    def __init__(self) -> None:
+        self.path = ""  # what the next `read_facts` hashes, set by its caller
+        self.current: tuple[str, int, int, float] | None = None
+
+
+def read_facts(
+    dir_fd: int,
+    name: bytes,
+    st: os.stat_result,
+    known: Facts | None,
+    hash_max: int,
+    progress: HashProgress | None = None,
+) -> Facts | None:
     """The entry's facts with the sha256 of a regular file, read through one descriptor (open, fstat,
     read): the hash belongs to exactly the inode the stat describes. `st` is the entry's lstat, taken by
     the caller: only a regular file is ever opened, for opening a FIFO counts as its reader (a writer
@@ -187,7 +204,8 @@ def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None
 
     A write racing the read has its own inotify event, read after this window, so it is looked at again;
     and a hash taken within RACY_NS of the file's ctime never lets the next look skip hashing, for a
-    write in the same timestamp tick would leave the stat unchanged."""
+    write in the same timestamp tick would leave the stat unchanged. A file of more than one chunk is
+    reported to `progress` while it is read."""
     if not stat.S_ISREG(st.st_mode):
         return facts_of(st)
     try:
@@ -213,12 +231,16 @@ def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None
             return facts
         digest, total = hashlib.sha256(), 0
         want = size + 1 if size < HASH_CHUNK else HASH_CHUNK
+        report = progress if size >= HASH_CHUNK else None
+        started = time.time()
         while chunk := os.read(fd, want):
             total += len(chunk)
             if total > hash_max:
                 # Grown past the limit while read, or a pseudo-file (/proc, /sys) whose size says nothing
                 # of what it yields: no hash, as for any file over the limit, and never an endless read.
                 return facts
+            if report is not None:
+                report.current = (report.path, total, size, started)
             digest.update(chunk)
             if total <= size < HASH_CHUNK:
                 break  # a small file in one read: a shorter answer than asked is the end of the file
@@ -233,6 +255,8 @@ def read_facts(dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None
         raise
     finally:
         os.close(fd)
+        if progress is not None:
+            progress.current = None
 
 
 def list_dir(fd: int) -> list[tuple[bytes, bool | None, int]]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -45,7 +46,6 @@ from codi2.trail.chain import ChainHead, ChainKey
 from codi2.trail.events import Batch, BatchHeader, Event, encode_event, now_rfc3339, uuid7
 
 FORMAT_VERSION = 1  # written to `meta` for releases before user_version, which refuse a newer format
-FILE_NAME = "journal.db"
 BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all over the file
 # SQLite's primary result codes (an extended code carries one in its low byte) that mean the file's
@@ -53,6 +53,8 @@ CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all
 SQLITE_CORRUPT = 11
 SQLITE_NOTADB = 26
 CORRUPTION_CODES = (SQLITE_CORRUPT, SQLITE_NOTADB)
+SQLITE_INTERRUPT = 9
+CHECK_PROBLEMS = 20  # problems a page check lists at most: one is enough to recover, a few to say where
 
 
 def _adopt(db: sqlite3.Connection) -> None:
@@ -112,7 +114,10 @@ class JournalUnavailable(Exception):
 
 
 def is_corruption(exc: BaseException) -> bool:
-    """SQLite said the file is damaged or is no database (by its result code: messages are not an API)."""
+    """SQLite said the file is damaged or is no database (by its result code: messages are not an API),
+    or a check of its pages found damage."""
+    if isinstance(exc, JournalCorrupt):
+        return True
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.DatabaseError) and code is not None and code & 0xFF in CORRUPTION_CODES
 
@@ -173,6 +178,27 @@ class Journal(Index):
         if is_corruption(exc):
             return JournalCorrupt(f"{self.path}: {exc}")
         return JournalUnavailable(f"{self.path}: {exc}")
+
+    def check(self, budget_s: float) -> bool:
+        """`PRAGMA quick_check` of every page (b-tree structure, records, free list): damage on a page no
+        query reads (an index page of `files` only a rename below it uses) is otherwise found only when
+        something finally reads it. Abandoned after `budget_s` seconds (False; the owner is not held up
+        longer); True when the file checked out. Raises JournalCorrupt when it did not."""
+        deadline = time.monotonic() + budget_s
+        self._db.set_progress_handler(lambda: time.monotonic() > deadline, 10_000)
+        try:
+            rows = self._db.execute(f"PRAGMA quick_check({CHECK_PROBLEMS})").fetchall()
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorcode", None) == SQLITE_INTERRUPT:
+                return False
+            if is_corruption(exc):
+                raise JournalCorrupt(f"{self.path}: {exc}") from exc
+            raise
+        finally:
+            self._db.set_progress_handler(None, 0)
+        if rows != [("ok",)]:
+            raise JournalCorrupt(f"{self.path}: " + "; ".join(str(row[0]) for row in rows))
+        return True
 
     def _migrate(self) -> None:
         """Bring the file's schemas (the journal's, and a local store's) to this release's versions."""

@@ -99,8 +99,9 @@ class EventFactory:
             origin,
         )
 
-    def gap(self, reason: str, count: int | None) -> Event:
-        """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history."""
+    def gap(self, reason: str, count: int | None, root: int = 0) -> Event:
+        """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history,
+        `root` the watch root it concerns (the first when it concerns them all)."""
         ident = self._identity
         log.warning("gap_recorded", reason=reason, changes=count)
         return Event(
@@ -114,7 +115,7 @@ class EventFactory:
             "gap",
             "",
             reason,
-            self._root_names[0],
+            self._root_names[root],
             "dir",
             count,
             None,

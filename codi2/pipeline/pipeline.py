@@ -1,69 +1,74 @@
-"""watcher hints → window → reconcile + journal (one transaction per batch) → the shipper.
+"""watcher hints → window → flush (reconcile + journal, one transaction per batch) → the shipper.
 
 One thread of its own, the **journal thread**, so the event loop never waits for a disk: it collects
 hints into the batch window (which coalesces them per path and follows renames), and at the end of the
-window reconciles them against the index, appending the events to the journal's outbox in the same
-transaction that updates the index. A failed transaction (a full disk) rolls both back and keeps the
-hints, which are tried again with back-off: nothing observed is dropped, and the history that was
-coarsened meanwhile is marked by a `gap` event. Each committed batch goes to `on_committed` (the
-shipper, `codi2/shipper.py`); with SQLite the journal's file is the store, and nothing is shipped.
+window has the `Flusher` (`codi2.pipeline.flusher`) reconcile them against the index and append the
+events to the journal's outbox in the transaction that updates the index; what a failure keeps is told
+there. When the index may be ahead of the trail, `IndexRebuild` (`codi2.pipeline.rebuild`) derives it
+again before any flush. Each committed batch goes to `on_committed` (the shipper,
+`codi2.ship.shipper`); with SQLite the journal's file is the store, and nothing is shipped.
 
-The hint buffers are bounded without ever blocking the watcher: past the bound they collapse into a
-rescan of every root, which loses the fine history (a `gap` says so) but never a change.
+This module owns the thread and what other threads hand it: the watcher's hints (`feed`), the causes of
+`gap` events (`note_gap`), the shipper's acknowledgements and reports; it opens (or recovers) the journal
+and composes the journal's part of /status. The hint buffers are bounded without ever blocking the
+watcher: past the bound they collapse into a rescan of every root, which loses the fine history (a `gap`
+says so) but never a change.
 """
 
 from __future__ import annotations
 
 import os
 import sqlite3
+import tempfile
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from codi2.config import STATE_DIR_NAME
-from codi2.disk.fs import O_DIR, RESOURCE_ERRNOS, Facts
+from codi2.config import STATE_DIR_NAME, BatchingSettings, MonitoringSettings, SpoolSettings
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal import legacy
-from codi2.journal.index import key_of
 from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corruption
-from codi2.journal.outbox import OutboxBatch, OutboxReader
+from codi2.journal.outbox import OutboxBatch
 from codi2.journal.recovery import move_aside, salvage_outbox
 from codi2.metrics import Metrics
 from codi2.pipeline.factory import EventFactory, SessionFile
+from codi2.pipeline.flusher import Flusher, JournalHealth
+from codi2.pipeline.rebuild import IndexRebuild
 from codi2.pipeline.reconcile import Reconciler
 from codi2.pipeline.window import Window
 from codi2.ship.shipper import StoreMonitor
 from codi2.stores.base import TrailReader
 from codi2.trail.chain import ChainKey
-from codi2.trail.events import Event, Identity, Origin, rfc3339
-from codi2.trail.replay import fold_events
+from codi2.trail.events import Identity, Origin, rfc3339
 from codi2.watch.hints import Hint, Rescan
 
 log = structlog.get_logger("codi2.pipeline.pipeline")
 
-JOURNAL_RETRY_MAX_S = 30.0
 MAX_HINTS = 250_000  # beyond this many pending hints, collapse into rescans of every root
 # With nothing to do, the journal thread sleeps until woken (new hints, a stop): this bound only limits
 # what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
+# The journal's pages checked (`Journal.check`) at start and then hourly, each check abandoned past its
+# budget: the journal thread holds every flush meanwhile.
+CHECK_AT_START_S = 10.0
+CHECK_INTERVAL_S = 3600.0
+CHECK_BUDGET_S = 2.0
 
 
-@dataclass
-class JournalHealth:
-    """Written by the journal thread, read by /status."""
+@dataclass(frozen=True)
+class JournalFile:
+    """Where the journal lives and how its batches are sealed."""
 
-    state: str = "ok"  # ok | error (a write failed; retrying) | full (the outbox reached its limit)
-    error: str | None = None
-    since: float = field(default_factory=time.time)
-    consecutive_failures: int = 0
-    initial_scan: str = "pending"  # pending | running | done | waiting (for an index rebuild)
-    rebuilds: int = 0
+    path: Path
+    state_dir: Path  # the daemon's own: 0.1's state found there (or in the first root) is migrated on a first start
+    local_store: LocalStore | None = None  # SQLite: the store lives in the journal's file, nothing is shipped
+    chain_key: ChainKey | None = None  # seals every batch's link (HMAC) when set
 
 
 def _has_journal(path: Path) -> bool:
@@ -88,79 +93,62 @@ def _never_started(journal: Journal) -> bool:
     return journal.needs_rebuild and not journal.initialized and journal.count() == 0 and journal.outbox_batches == 0
 
 
-def _environmental(exc: BaseException) -> bool:
-    """A failure of the disk or the database (worth retrying), as opposed to a bug in handling one change."""
-    return isinstance(exc, OSError | sqlite3.Error)
-
-
-def _hint(exc: BaseException) -> str:
-    """What an operator can do about a failing flush."""
-    if isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS:
-        return "raise the open-file limit of the container (nofile) or free memory; the changes wait and are retried"
-    return "free disk space under the state dir"
-
-
 class Pipeline:
+    """The journal thread and its hand-offs: the watcher's hints (`feed`), gap causes (`note_gap`), the
+    shipper's reports; the flush itself is `Flusher`'s, the index rebuild `IndexRebuild`'s."""
+
     def __init__(
         self,
         *,
         roots: list[Path],
-        state_dir: Path,
-        journal_path: Path,
-        local_store: LocalStore | None,
+        journal_file: JournalFile,
         rules: IgnoreRules,
         identity: Identity,
         metrics: Metrics,
-        max_events: int,
-        max_batch_bytes: int,
-        max_delay_ms: int,
-        max_bytes: int,
-        hash_max_bytes: int,
-        fsync: bool,
-        initial_scan: str,
         store: StoreMonitor,
-        chain_key: ChainKey | None = None,
-        session_file: Path | None = None,
+        batching: BatchingSettings,
+        spool: SpoolSettings,
+        monitoring: MonitoringSettings,
     ) -> None:
         self._roots = [os.fsencode(r) for r in roots]
         self.root_names = [str(r) for r in roots]
-        self._state_dir = state_dir
-        self._journal_path = journal_path
-        self._local_store = local_store  # the store lives in the journal's file: nothing to ship
+        self._file = journal_file
         self._rules = rules
-        self._identity = identity
+        session_file = monitoring.session_file
         sessions = None if session_file is None else SessionFile(session_file, identity.session_id)
         self._events = EventFactory(identity, self.root_names, self._take_seq, sessions)
         self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
-        # The shipper's: each batch once committed, and a journal recovered into a new file.
-        self.on_committed: Callable[[OutboxBatch], None] = lambda batch: None
+        # The shipper's: a journal recovered into a new file (each committed batch: `on_committed`).
         self.on_new_journal: Callable[[Journal], None] = lambda journal: None
         self._metrics = metrics
-        self._max_events = max_events
-        self._max_batch_bytes = max_batch_bytes
-        self._max_delay = max_delay_ms / 1000
-        self.max_bytes = max_bytes
-        self._hash_max = hash_max_bytes
-        self._fsync = fsync
-        self._chain_key = chain_key  # seals every batch's link (HMAC) when set
-        self._silent_baseline = initial_scan == "silent"
+        self._max_events = batching.max_events
+        self._max_delay = batching.max_delay_ms / 1000
+        self.max_bytes = spool.max_bytes
+        self._fsync = spool.fsync
+        self._hash_max = monitoring.hash_max_bytes
+        self._silent_baseline = monitoring.initial_scan == "silent"
         self.store = store
-        self.journal_health = JournalHealth()
         self.journal: Journal | None = None
-        self.gaps = 0
+        self.gaps = 0  # gap events recorded outside a flush (a migration, a recovery)
         self.corrupt_records = 0
         self.lost_at_shutdown = 0
         self._root_fds: list[int] = []
-        self._reconciler: Reconciler | None = None
         self._lock = threading.Condition()
         self._intake: list[Hint] = []
         self._window = Window()
+        self._flusher = Flusher(
+            self._window,
+            self._events,
+            self,
+            metrics,
+            batching,
+            local_store=store if journal_file.local_store is not None else None,
+            on_corrupt=self._journal_corrupt,
+            reopen_root=self._reopen_root,
+        )
+        self._rebuild = IndexRebuild(identity, self.root_names, self._flusher)
         self._deadline: float | None = None
-        self._retry_at = 0.0
-        self._journal_delay = 0.5
         self._gap_reasons: dict[str, int] = {}
-        self._initial_pending = 0
-        self._initial_in_txn = 0
         self._stopping = False
         self._stop_deadline = 0.0
         self._rebuild_requested = False
@@ -168,27 +156,48 @@ class Pipeline:
         self._journal_thread: threading.Thread | None = None
         self._ack_retry_at = 0.0  # deleting acknowledged rows failed (a full disk): tried again from then
         self._ack_failing = False
+        self._tasks: list[Callable[[], None]] = []  # `post`ed: run on the journal thread between flushes
+        self._recheck_every = monitoring.rescan_interval_s  # hard links with names out of sight (`recheck`)
+        self._recheck_at = 0.0
+        self._check_at = time.monotonic() + CHECK_INTERVAL_S
+
+    @property
+    def on_committed(self) -> Callable[[OutboxBatch], None]:
+        """The shipper's: each batch once committed."""
+        return self._flusher.on_committed
+
+    @on_committed.setter
+    def on_committed(self, hand: Callable[[OutboxBatch], None]) -> None:
+        self._flusher.on_committed = hand
+
+    @property
+    def journal_health(self) -> JournalHealth:
+        return self._flusher.health
 
     # Life cycle ----------------------------------------------------------------------------------
 
     def open(self) -> None:
         """Blocking: open (or migrate, or recover) the journal and the roots."""
-        path = self._journal_path
+        place = self._file
+        path = place.path
         fresh = not _has_journal(path)
         try:
-            self.journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
+            self.journal = Journal(path, fsync=self._fsync, store=place.local_store, key=place.chain_key)
+            self.journal.check(CHECK_AT_START_S)
         except JournalCorrupt as exc:
             log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+            if self.journal is not None:
+                self.journal.close()
             self.journal = self._recover(path)
         self.journal.on_ack = self._ack_posted
         # 0.1 kept its state in the workspace (`<root>/.codi2`); a sidecar's state dir is elsewhere, and
         # the workspace is read-only to it: migrate from there, leaving the old files to their owner.
         old_default = Path(os.fsdecode(self._roots[0])) / STATE_DIR_NAME
         migrated_any = False
-        for place in dict.fromkeys([self._state_dir, old_default]):
-            if fresh and legacy.present(place):
+        for old in dict.fromkeys([place.state_dir, old_default]):
+            if fresh and legacy.present(old):
                 migrated_any = True
-                migrated = legacy.migrate(place, self.journal, remove=place == self._state_dir)
+                migrated = legacy.migrate(old, self.journal, remove=old == place.state_dir)
                 self.corrupt_records += migrated.corrupt_records
                 self._metrics.spool_corrupt_records.inc(migrated.corrupt_records)
                 if migrated.corrupt_records and migrated.needs_rebuild:
@@ -197,7 +206,7 @@ class Pipeline:
                     self._metrics.gaps.inc()
                     self.gaps += 1
                 break
-        if fresh and not migrated_any and self._local_store is None:
+        if fresh and not migrated_any and place.local_store is None:
             # No journal, but the store may hold a trail of this user's roots already (the state volume
             # was lost or wiped while the store kept everything): derive the index from it before the
             # first diff, or every entry would be `created` twice and what was deleted meanwhile never go.
@@ -206,9 +215,9 @@ class Pipeline:
         # A journal this start made, or one a first start made before failing (the store could not be
         # opened, the watcher could not start): still a first start, whose scan is the baseline when the
         # store holds no trail of these roots either. (A recovered journal holds a `gap` in its outbox.)
-        self._fresh_remote = self._local_store is None and _never_started(self.journal)
+        self._fresh_remote = place.local_store is None and _never_started(self.journal)
         self._root_fds = [os.open(r, O_DIR) for r in self._roots]
-        self._reconciler = self._new_reconciler(self.journal)
+        self._flusher.attach(self.journal, self._new_reconciler(self.journal))
 
     def _new_reconciler(self, journal: Journal) -> Reconciler:
         return Reconciler(
@@ -226,7 +235,8 @@ class Pipeline:
         rebuild the index from the store (the trail is the truth; the index is derived from it)."""
         aside = move_aside(path)
         batches, lost = salvage_outbox(aside)
-        self.journal = journal = Journal(path, fsync=self._fsync, store=self._local_store, key=self._chain_key)
+        place = self._file
+        self.journal = journal = Journal(path, fsync=self._fsync, store=place.local_store, key=place.chain_key)
         with journal.transaction():
             for batch_id, events, header in batches:
                 journal.append(events, batch_id, header)
@@ -278,6 +288,13 @@ class Pipeline:
             self._gap_reasons[reason] = self._gap_reasons.get(reason, 0) + (count or 0)
             self._lock.notify()
 
+    def post(self, task: Callable[[], None]) -> None:
+        """Thread-safe: run `task` on the journal thread, between flushes (the daemon's retention with SQLite,
+        whose file has that thread as its one writer). The task handles its own errors."""
+        with self._lock:
+            self._tasks.append(task)
+            self._lock.notify()
+
     def initial_scan(self) -> None:
         """The start-up walk, after the watches are in place: a baseline on a first start, otherwise the
         diff against the index of what changed while the daemon was down."""
@@ -285,8 +302,7 @@ class Pipeline:
         # After a rebuild from the store there was a trail before: what differs changed while we were down.
         known = self.journal.initialized or self.journal.needs_rebuild
         origin: Origin = "offline" if known else "baseline"
-        self._initial_pending = len(self._roots)
-        self.journal_health.initial_scan = "running"
+        self._flusher.expect_initial(len(self._roots))
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
 
     def stop(self, deadline: float) -> int:
@@ -337,7 +353,7 @@ class Pipeline:
             journal.apply_acks()
         except sqlite3.Error as exc:
             if is_corruption(exc):
-                self._journal_failed(exc)
+                self._flusher.failed(exc)
                 return
             if not self._ack_failing:
                 log.warning("outbox_ack_failed", error=str(exc), note="the shipped rows stay until it works again")
@@ -365,11 +381,14 @@ class Pipeline:
             timeout = self._wait_time()
             if self.journal is not None and self.journal.acks_pending:  # checked under the lock: no lost wake-up
                 timeout = min(timeout, max(0.0, self._ack_retry_at - time.monotonic()))
-            if not self._intake and timeout > 0:
+            if not self._intake and not self._tasks and timeout > 0:
                 self._lock.wait(timeout)
             hints, self._intake = self._intake, []
+            tasks, self._tasks = self._tasks, []
             stopping = self._stopping
         self._apply_acks()  # first: they make room in the outbox (`_outbox_full`)
+        for task in tasks:
+            task()
         for hint in hints:
             self._window.add(hint)
         if self._window and self._deadline is None:
@@ -387,29 +406,52 @@ class Pipeline:
                 self._metrics.events_dropped.labels(reason="shutdown_timeout").inc(self.lost_at_shutdown)
                 log.error("changes_not_journaled", count=self.lost_at_shutdown, note="the next start's diff finds them")
             return False
-        if now < self._retry_at:
+        if now < self._flusher.retry_at:
             return True
         try:
             rebuild = self._rebuild_requested or (self.journal is not None and self.journal.needs_rebuild)
         except sqlite3.Error as exc:  # the journal's meta unreadable (a damaged first page): recover, retry
-            self._journal_failed(exc)
+            self._flusher.failed(exc)
             return True
         if rebuild:
-            self._rebuild()
+            self._rebuild_index()
             return True
+        if not stopping:
+            self._chores(now)
         if self._outbox_full():
-            self._retry_at = now + 0.5  # the shipper has to make room first
+            self._flusher.retry_in(0.5)  # the shipper has to make room first
             return True
         due = self._deadline is not None and now >= self._deadline
         if (self._window and (due or stopping or len(self._window) >= self._max_events)) or self._gap_pending():
             self._flush()
-        return not (stopping and not self._window and not self._intake)
+        # Stopping: done once nothing waits, a `gap` marker (noted by the last flush) included.
+        return not (stopping and not self._window and not self._intake and not self._gap_pending())
+
+    def _chores(self, now: float) -> None:
+        """Between flushes, on the thread that owns the journal: a round over hard-linked files with names
+        out of sight (`Reconciler.recheck`), and hourly a bounded check of the journal's pages."""
+        journal, rec = self.journal, self._flusher.reconciler
+        assert journal is not None and rec is not None
+        try:
+            if rec.recheck_pending and now >= self._recheck_at:
+                self._recheck_at = now + self._recheck_every
+                for hint in rec.recheck():
+                    self._window.add(hint)
+                if self._window and self._deadline is None:
+                    self._deadline = now + self._max_delay
+            if now >= self._check_at:
+                self._check_at = now + CHECK_INTERVAL_S
+                if not journal.check(CHECK_BUDGET_S):
+                    log.warning("journal_check_incomplete", budget_s=CHECK_BUDGET_S)
+        except (sqlite3.Error, JournalCorrupt) as exc:
+            self._flusher.failed(exc)
 
     def _wait_time(self) -> float:
         """How long the journal thread may sleep: until the window is due, or a back-off has passed."""
         now = time.monotonic()
-        if self._retry_at > now:
-            return min(self._retry_at - now, 1.0)
+        retry_at = self._flusher.retry_at
+        if retry_at > now:
+            return min(retry_at - now, 1.0)
         if self._stopping:
             return 0.0 if self._window else 0.05
         if self._deadline is not None:
@@ -418,137 +460,66 @@ class Pipeline:
         # (their window is re-armed next turn), a gap or a rebuild asked for from inside a flush.
         if self._window or self._gap_reasons or self._rebuild_requested:
             return 0.0
+        rec = self._flusher.reconciler
+        if rec is not None and rec.recheck_pending:
+            return max(0.0, min(self._recheck_at - now, IDLE_WAIT_S))
         return IDLE_WAIT_S
 
     def _gap_pending(self) -> bool:
         return bool(self._gap_reasons)
 
+    def take_gaps(self) -> dict[str, int]:
+        """Thread-safe: the flusher's, for the head of its batch (`Gaps`)."""
+        with self._lock:
+            reasons, self._gap_reasons = self._gap_reasons, {}
+        return reasons
+
     def _outbox_full(self) -> bool:
         assert self.journal is not None
         full: bool = self.journal.outbox_bytes >= self.max_bytes
-        health = self.journal_health
+        flusher = self._flusher
+        health = flusher.health
         if full and health.state != "full":
             log.warning("spool_full", bytes=self.journal.outbox_bytes, max_bytes=self.max_bytes)
-            self.journal_health = JournalHealth(
-                state="full", initial_scan=health.initial_scan, rebuilds=health.rebuilds
-            )
+            flusher.health = JournalHealth(state="full", initial_scan=health.initial_scan, rebuilds=health.rebuilds)
         elif not full and health.state == "full":
-            self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
+            flusher.health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
             self.note_gap("spool_full", self.pending_hints())  # these waited, coalescing, while it was full
         return full
 
     def _flush(self) -> None:
-        """Reconcile the window's hints and commit the events, a batch per transaction."""
-        journal, rec = self.journal, self._reconciler
-        assert journal is not None and rec is not None
-        items = self._window.take()
-        self._deadline = None
-        self._events.refresh_session()
-        committed_through = 0  # items before this index are wholly committed
-        current = 0
+        self._deadline = None  # the window is taken whole: the next hint starts a new one
+        self._flusher.flush()
+
+    def _reopen_root(self, root: int) -> bool:
+        """Journal thread, in a flush: the watcher found another directory at root `root`'s path, or none.
+        Read the root from its path from now on; whether a directory is there. A root that is gone is read
+        through a directory that stays empty (made in the state dir and removed at once), so everything the
+        index holds under it is `deleted`."""
         try:
-            journal.begin()
-            rec.prefetch(items)
-            self._gap_events()
-            for current, item in enumerate(items):
-                origin: Origin = "live"
-                if isinstance(item, Rescan):
-                    origin = item.origin
-                    self._metrics.rescans.labels(origin=origin).inc()
-                for _ in rec.apply(item, origin):
-                    if rec.pending >= self._max_events or rec.event_bytes >= self._max_batch_bytes:
-                        self._commit_batch()
-                        committed_through = current
-                        journal.begin()
-                if isinstance(item, Rescan) and item.origin in ("baseline", "offline") and not item.path:
-                    self._initial_in_txn += 1
-                    if self._initial_pending - self._initial_in_txn <= 0:
-                        journal.mark_initialized()
-            self._commit_batch()
-            committed_through = len(items)
-        except Exception as exc:
-            journal.rollback()
-            self._initial_in_txn = 0
-            rec.drop_events()
-            if not _environmental(exc):
-                # A bug met by one change must not hold back every later one: set that change aside.
-                log.exception("change_failed", hint=repr(items[current]))
-                self._metrics.events_dropped.labels(reason="pipeline_error").inc()
-                self.note_gap("pipeline_error", 1)
-                self._window.restore(items[committed_through:current] + items[current + 1 :])
-                return
-            self._window.restore(items[committed_through:])
-            self._journal_failed(exc)
-            return
-        finally:
-            rec.end_flush()
-        self._journal_ok(len(items))
+            fd = os.open(self._roots[root], O_DIR)
+            there = True
+        except OSError as exc:
+            if exc.errno not in ABSENT_ERRNOS:
+                raise
+            empty = tempfile.mkdtemp(prefix="gone-", dir=self._file.state_dir)
+            fd = os.open(empty, O_DIR)
+            os.rmdir(empty)
+            there = False
+        os.close(self._root_fds[root])
+        self._root_fds[root] = fd  # in place: the reconciler and its cache read this list
+        return there
 
-    def _commit_batch(self) -> None:
-        journal, rec = self.journal, self._reconciler
-        assert journal is not None and rec is not None
-        events = rec.take_events()
-        rec.write_index()
-        started = time.perf_counter()
-        appended = journal.append(events) if events else None
-        journal.commit()
-        if appended is not None:
-            self.on_committed(appended)
-        elif events:  # the store is the journal's own file: committed just now
-            self.store.committed(len(events), time.perf_counter() - started, events[0].ts)
-        self._initial_pending = max(0, self._initial_pending - self._initial_in_txn)
-        self._initial_in_txn = 0
-        if self._initial_pending == 0 and self.journal_health.initial_scan == "running":
-            self.journal_health.initial_scan = "done"
-            log.info("initial_scan_done", entries=journal.count())
-        for action, count in Counter(e.action for e in events).items():
-            self._metrics.events_observed.labels(action=action).inc(count)
-            if action == "gap":
-                self.gaps += count
-                self._metrics.gaps.inc(count)
-
-    def _gap_events(self) -> None:
-        rec = self._reconciler
-        assert rec is not None
-        with self._lock:
-            reasons, self._gap_reasons = self._gap_reasons, {}
-        for reason, count in reasons.items():
-            rec.add_event(self._events.gap(reason, count or None))
-
-    def _journal_failed(self, exc: Exception) -> None:
-        if is_corruption(exc):
-            log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
-            assert self.journal is not None
-            self.journal.close()
-            self.journal = self._recover(self.journal.path)
-            self._reconciler = self._new_reconciler(self.journal)
-            self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
-            self.journal.on_ack = self._ack_posted
-            self.on_new_journal(self.journal)  # the shipper reads the new file from its start
-            return
-        health = self.journal_health
-        code = getattr(exc, "sqlite_errorname", None) or (
-            os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else type(exc).__name__
-        )
-        self._metrics.journal_errors.labels(error=str(code)).inc()
-        if health.state != "error":
-            log.error("journal_write_failed", error=str(exc), code=code, hint=_hint(exc))
-            self.journal_health = JournalHealth(
-                state="error", error=f"{code}: {exc}", initial_scan=health.initial_scan, rebuilds=health.rebuilds
-            )
-        self.journal_health.consecutive_failures += 1
-        if self._local_store is not None:  # the journal's file is the store: it is the store failing
-            self.store.failed(exc, str(code))
-        self._retry_at = time.monotonic() + self._journal_delay
-        self._journal_delay = min(self._journal_delay * 2, JOURNAL_RETRY_MAX_S)
-
-    def _journal_ok(self, changes: int) -> None:
-        health = self.journal_health
-        if health.state == "error":
-            log.info("journal_recovered", after_failures=health.consecutive_failures)
-            self.journal_health = JournalHealth(initial_scan=health.initial_scan, rebuilds=health.rebuilds)
-            self.note_gap("journal_error", changes)  # these waited, coalescing, while writes failed
-        self._journal_delay = 0.5
+    def _journal_corrupt(self, exc: Exception) -> None:
+        """The journal's file is damaged (found by a flush, an ack, a rebuild): recover it into a new file."""
+        log.error("journal_corrupt", error=str(exc), action="moved aside; the index is rebuilt from the store")
+        assert self.journal is not None
+        self.journal.close()
+        self.journal = self._recover(self.journal.path)
+        self._flusher.attach(self.journal, self._new_reconciler(self.journal))
+        self._rebuild_requested = True  # at once: the recovery flagged it in the new file, without a wake-up
+        self.journal.on_ack = self._ack_posted
+        self.on_new_journal(self.journal)  # the shipper reads the new file from its start
 
     # Index rebuild -------------------------------------------------------------------------------
 
@@ -558,72 +529,16 @@ class Pipeline:
             self._rebuild_requested = True
             self._lock.notify()
 
-    def _rebuild(self) -> None:
-        """Derive the index from the trail: the store's events of this user under these roots, then
-        the outbox not yet shipped. Then every root is diffed against it, so whatever changed that the
-        trail lacks is recorded (nothing absorbed silently), and nothing it has is recorded twice."""
-        journal = self.journal
-        assert journal is not None
-        self.journal_health.initial_scan = "waiting"
-        ident = self._identity
-        roots = set(self.root_names)
-        try:
-            # The outbox first, then the store: a batch the shipper commits (and deletes from the outbox)
-            # between the two reads is then in the store's read. Read the other way round it would be in
-            # neither, and what it recorded would be recorded again by the diff that follows.
-            reader = OutboxReader(journal.path)
-            try:
-                pending: list[Event] = []
-                after = 0
-                while batches := reader.next_batches(after, 64):
-                    for b in batches:
-                        if isinstance(b, OutboxBatch):
-                            pending.extend(b.events)
-                        after = b.n if isinstance(b, OutboxBatch) else b[0]
-            finally:
-                reader.close()
-            stored: set[str] = set()
-
-            def trail() -> Iterator[Event]:
-                for e in self._trail().user_trail(ident.tenant_id, ident.user_id, roots):
-                    stored.add(e.id)
-                    yield e
-
-            state = fold_events(trail())
-            # Only what the store does not have yet, in order: a rename folded twice would drop its target.
-            state = fold_events((e for e in pending if e.id not in stored), state)
-        except Exception as exc:
-            if is_corruption(exc):  # the outbox, not the store: the journal is recovered, then rebuilt
-                self._journal_failed(exc)
-                return
-            log.warning("index_rebuild_waiting", error=str(exc), hint="the store must be readable to rebuild")
-            self._retry_at = time.monotonic() + 5.0
-            return
-        rows = [
-            (root, key_of(os.fsencode(path)), Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256))
-            for (root, path), e in state.items()
-        ]
-        try:
-            with journal.transaction():
-                journal.replace_index(rows)
-                journal.set_needs_rebuild(False)
-                journal.mark_initialized()
-        except Exception as exc:
-            self._journal_failed(exc)
+    def _rebuild_index(self) -> None:
+        """Derive the index from the trail, then diff every root against it (`codi2.pipeline.rebuild`)."""
+        assert self.journal is not None
+        origin = self._rebuild.run(self.journal, self.trail, first_start=self._fresh_remote)
+        if origin is None:
             return
         self._rebuild_requested = False
-        self.journal_health.rebuilds += 1
-        log.info("index_rebuilt", entries=len(rows))
-        # A new journal whose store holds no trail of these roots yet: this is the very first start.
-        origin: Origin = "baseline" if self._fresh_remote and not rows else "offline"
         self._fresh_remote = False
-        self._initial_pending = len(self._roots)
-        self.journal_health.initial_scan = "running"
+        self._flusher.expect_initial(len(self._roots))
         self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
-
-    def _trail(self) -> TrailReader:
-        assert self.trail is not None, "the daemon sets the store before it starts the pipeline"
-        return self.trail
 
     # Events --------------------------------------------------------------------------------------
 
@@ -657,14 +572,24 @@ class Pipeline:
             reasons.append("spool full: journaling paused until the store catches up (changes coalesce)")
         if jh.initial_scan == "waiting":
             reasons.append("index rebuild waiting for the store to be readable")
+        if (error := self._flusher.recent_error()) is not None:
+            reasons.append(f"a change met a bug and was set aside (gap pipeline_error): {error}")
         return reasons
 
     def snapshot(self) -> dict[str, Any]:
         """The journal's part of /status."""
-        jh, journal = self.journal_health, self.journal
+        jh, journal, flusher = self.journal_health, self.journal, self._flusher
+        error_at = flusher.last_error_wall
+        key = self._file.chain_key
         return {
             "initial_scan": jh.initial_scan,
-            "pipeline": {"pending_changes": self.pending_hints()},
+            "pipeline": {
+                "pending_changes": self.pending_hints(),
+                "pipeline_errors": flusher.pipeline_errors,
+                "last_error": flusher.last_error,
+                "last_error_at": rfc3339(error_at) if error_at is not None else None,
+                "hashing": self._flusher.hashing(),
+            },
             "journal": {
                 "state": jh.state,
                 "error": jh.error,
@@ -677,7 +602,7 @@ class Pipeline:
                 "stream_id": journal.stream_id if journal else None,
                 "batches": journal.chain.batches if journal else 0,
                 "head": journal.chain.link.hex() if journal else None,
-                "key_id": self._chain_key.id if self._chain_key else None,
+                "key_id": key.id if key else None,
             },
             "spool": {
                 "batches": journal.outbox_batches if journal else 0,
@@ -685,6 +610,6 @@ class Pipeline:
                 "bytes": journal.outbox_bytes if journal else 0,
                 "max_bytes": self.max_bytes,
                 "corrupt_records": self.corrupt_records,
-                "gaps_recorded": self.gaps,
+                "gaps_recorded": self.gaps + flusher.gaps,
             },
         }

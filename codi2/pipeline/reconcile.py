@@ -14,6 +14,7 @@ bounded batches instead of holding the tree in memory).
 
 from __future__ import annotations
 
+import itertools
 import os
 import stat
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from codi2.disk.fs import (
     DirCache,
     EntryType,
     Facts,
+    HashProgress,
     Unreadable,
     lstat_at,
     read_facts,
@@ -35,10 +37,13 @@ from codi2.disk.walk import DiskEntry, entries, excluded
 from codi2.journal.index import key_of, rel_of, subtree_bounds
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.index import Index
-from codi2.trail.events import Action, Event, Origin
+from codi2.trail.events import Action, Event, Origin, rfc3339
 from codi2.watch.hints import Hint, Move, Rescan, Touch
 
 CHUNK = 512
+# Inodes with names the watcher cannot see, re-statted per round (`recheck`): a round costs an index
+# lookup per inode and a stat per name, a hash only for what moved.
+RECHECK_BUDGET = 1000
 
 
 class _Unknown:
@@ -100,6 +105,11 @@ class Reconciler:
         self._puts: dict[tuple[str, bytes], Facts] = {}  # index rows to write, in one statement
         self._walked: set[tuple[int, bytes]] = set()  # directories walked whole in this flush
         self._links_touched = 0  # bumped when other names of a file are settled: a walk's index rows age
+        # (dev, ino) of files seen with more links than the index may hold names for: a write through a
+        # name in an ignored tree or outside every root has no inotify event, so they are looked at again
+        # (`recheck`). Ordered: each round takes the oldest and puts back those still short of names.
+        self._recheck: dict[tuple[int, int], None] = {}
+        self.hashing = HashProgress()  # the hash being computed now, for /status
 
     # The batch being built ---------------------------------------------------------------------------
 
@@ -194,7 +204,9 @@ class Reconciler:
 
     # Entry points ---------------------------------------------------------------------------------
 
-    def apply(self, hint: Hint, origin: Origin = "live") -> Iterator[None]:
+    def apply(self, hint: Touch | Move | Rescan, origin: Origin = "live") -> Iterator[None]:
+        """Settle one hint. A `RootReplaced` is the caller's to turn into a `Rescan` of the whole root, once it
+        has opened the root's path again (the reconciler reads the roots through descriptors it is given)."""
         self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
@@ -257,6 +269,35 @@ class Reconciler:
         for other_root, other_key in others:
             if other_root in self._names:
                 yield from self.touch(self._names.index(other_root), rel_of(other_key), origin, links=False)
+
+    # Hard links with names out of sight -----------------------------------------------------------------
+
+    def _note_links(self, disk: Facts) -> None:
+        """A file with several links: whether the index holds a name for each is known only once the walk
+        or window that found it is over, so it goes on the list and the next round (`recheck`) decides."""
+        if disk.type == "file" and (disk.nlink or 0) > 1 and disk.ino is not None:
+            self._recheck[(disk.dev or 0, disk.ino)] = None
+
+    @property
+    def recheck_pending(self) -> bool:
+        """Whether any inode waits for a round: none, and the journal thread need not wake for it."""
+        return bool(self._recheck)
+
+    def recheck(self, budget: int = RECHECK_BUDGET) -> list[Hint]:
+        """One round over up to `budget` inodes of the list, oldest first: a `Touch` of one indexed name of
+        each that has more links than the index has names (its touch settles the other names too), which
+        then goes back at the end of the list. An inode the index no longer holds, or holds a name for each
+        link of, leaves it. Between flushes, on the journal thread (reads the index outside a transaction)."""
+        hints: list[Hint] = []
+        for ident in list(itertools.islice(self._recheck, budget)):
+            del self._recheck[ident]
+            names = [(root, key) for root, key in self._j.linked(*ident) if root in self._names]
+            links = max((f.nlink or 0 for f in (self._j.get(r, k) for r, k in names) if f is not None), default=0)
+            if links > len(names):
+                self._recheck[ident] = None
+                root, key = names[0]
+                hints.append(Touch(self._names.index(root), rel_of(key)))
+        return hints
 
     def move(self, hint: Move, origin: Origin) -> Iterator[None]:
         """A rename the kernel reported. It becomes one `moved` event when the index holds what moved
@@ -355,6 +396,7 @@ class Reconciler:
             if known is not None:
                 yield from self._delete(root, rel, key, known, origin)
             return
+        self._note_links(disk)
         if known is not None and known.type != disk.type:
             yield from self._delete(root, rel, key, known, origin)
             known = None
@@ -378,6 +420,7 @@ class Reconciler:
     def _file(self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: Facts, origin: Origin) -> None:
         """`_settle` for the common case, a file or symlink that appeared or changed, without the
         generators that a directory (a walk) or a removal (a subtree) need."""
+        self._note_links(disk)
         if known is None:
             self._put(self._names[root], key, disk)
             self._record("created", root, rel, None, disk, origin)
@@ -428,7 +471,7 @@ class Reconciler:
                 continue
             if d is not None and (i is None or d.key < i[0]):
                 if d.facts is not None:
-                    full = self._hashed(d, None)
+                    full = self._hashed(root, d, None)
                     yield from self._settle(root, d.rel, d.key, None, full, origin, descend=not recursive)
                     yield from self._linked_news(root, d.key, None, full, origin)
                 if d.facts is None or d.unlistable:
@@ -445,7 +488,7 @@ class Reconciler:
                 if d.facts is None or d.unlistable:
                     kept = d.key + b"\x00"
                 if d.facts is not None:
-                    full = self._hashed(d, ifacts)
+                    full = self._hashed(root, d, ifacts)
                     if full is None or full.type != ifacts.type:
                         gone = ikey + b"\x00"
                     yield from self._settle(root, d.rel, d.key, ifacts, full, origin, descend=not recursive)
@@ -463,7 +506,7 @@ class Reconciler:
         if known is None or known.type != "file" or content_changed(known, disk):
             yield from self._touch_links(root, key, disk, origin)
 
-    def _hashed(self, entry: DiskEntry, known: Facts | None) -> Facts | None:
+    def _hashed(self, root: int, entry: DiskEntry, known: Facts | None) -> Facts | None:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
         facts, st = entry.facts, entry.st
         assert facts is not None and st is not None
@@ -473,7 +516,8 @@ class Reconciler:
             facts.sha256 = known.sha256
             return facts
         try:
-            return read_facts(entry.dir_fd, entry.name, st, known, self._hash_max)
+            self.hashing.path = self._path_of(root, entry.rel)
+            return read_facts(entry.dir_fd, entry.name, st, known, self._hash_max, self.hashing)
         except Unreadable:
             facts.sha256 = known.sha256 if known is not None and facts.same_stat(known) else None
             return facts
@@ -508,6 +552,17 @@ class Reconciler:
 
     # Helpers -----------------------------------------------------------------------------------------
 
+    def _path_of(self, root: int, rel: bytes) -> str:
+        return os.path.join(self._names[root], os.fsdecode(rel))
+
+    def hashing_status(self) -> dict[str, object] | None:
+        """Any thread: the file being hashed now (/status `pipeline.hashing`), None between hashes."""
+        now = self.hashing.current
+        if now is None:
+            return None
+        path, done, total, since = now
+        return {"path": path, "bytes_done": done, "bytes_total": total, "since": rfc3339(since)}
+
     def _ignored(self, root: int, rel: bytes) -> bool:
         return self._rules.ignored(root, rel, False) and self._rules.ignored(root, rel, True)
 
@@ -518,7 +573,8 @@ class Reconciler:
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino):
                 return None  # a hard link to the daemon's own file: never opened, out of the trail
-            facts = read_facts(dfd, entry, st, known, self._hash_max)
+            self.hashing.path = self._path_of(root, rel)
+            facts = read_facts(dfd, entry, st, known, self._hash_max, self.hashing)
         except Unreadable:
             return UNKNOWN
         except OSError as exc:

@@ -8,7 +8,7 @@ read where the entries are at the end of the window); hints for what the rename 
 from __future__ import annotations
 
 from codi2.trail.events import Origin
-from codi2.watch.hints import Hint, Move, Rescan, Touch
+from codi2.watch.hints import Hint, Move, Rescan, RootReplaced, Touch
 
 # The name a rescan keeps when two are merged: the start-up scan's over a recrawl's over a live one's.
 _ORIGIN_RANK: list[Origin] = ["baseline", "offline", "rescan", "live"]
@@ -31,6 +31,8 @@ class Window:
             self._touch(hint)
         elif isinstance(hint, Rescan):
             self._rescan(hint)
+        elif isinstance(hint, RootReplaced):
+            self._items.setdefault(("root", hint.root), hint)  # once per window: the root is read again whole
         else:
             self._move(hint)
 
@@ -67,7 +69,7 @@ class Window:
         if hint.is_dir:
             src_below, dst_below = src + b"/", dst + b"/"
             for key, item in list(self._items.items()):
-                if isinstance(item, Move) or item.root != root:
+                if isinstance(item, Move | RootReplaced) or item.root != root:
                     continue
                 path = item.path
                 if path == dst or path.startswith(dst_below):

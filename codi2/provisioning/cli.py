@@ -8,15 +8,28 @@ command runs. Like the rest of provisioning, it never imports the data path.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codi2.cli.common import DIRECTORY, EXIT_OK, FILE, Parser, UsageError, completes
+from codi2 import __version__
+from codi2.cli.common import DIRECTORY, EXIT_FAILURE, EXIT_OK, FILE, Parser, UsageError, completes
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
     from codi2.provisioning.spec import WorkspaceSpec
+
+# The codi2-config map without --config: the daemon's defaults (watch /workspace, health on :8765, JSON logs),
+# its store the cluster of the codi2-fdb Secret, which the pod names in FDB_CLUSTER_FILE. Nothing read from
+# disk, so the command works wherever it runs (the zipapp outside the repo).
+DEFAULT_CONFIG = """\
+# codi2.toml rendered by `codi2 provision` without --config: the defaults (docs/config.md), the store
+# FoundationDB through the cluster file of the codi2-fdb Secret (FDB_CLUSTER_FILE).
+[storage]
+backend = "fdb"
+"""
 
 
 def register(sub: Subparsers) -> None:
@@ -45,17 +58,24 @@ def register(sub: Subparsers) -> None:
             help="sidecar (default): codi2 beside the user's container, which holds neither the store's "
             "credentials nor codi2's state; entrypoint: one container running codi2, for local use only",
         )
-        p.add_argument("--image", help="the user's workspace image (default: the seed's t2-workspace-pod image)")
-        p.add_argument("--codi2-image", help="codi2's image for the sidecar (default: the seed's codi2 image)")
+        p.add_argument(
+            "--registry",
+            default=os.environ.get("CODI2_REGISTRY"),
+            help="where the images are, e.g. gcr.io/PROJECT (default: $CODI2_REGISTRY): REGISTRY/t2-workspace-pod:TAG "
+            "and REGISTRY/codi2:TAG; with --layout entrypoint, REGISTRY/codi2-workspace:TAG",
+        )
+        p.add_argument("--tag", default=__version__, help=f"the images' tag (default: this release, {__version__})")
+        p.add_argument("--image", help="the user's workspace image in full (default: REGISTRY/t2-workspace-pod:TAG)")
+        p.add_argument("--codi2-image", help="codi2's image for the sidecar in full (default: REGISTRY/codi2:TAG)")
         p.add_argument("--storage", default="50Gi", help="size of the workspace volume claim (default 50Gi)")
         p.add_argument("--state-storage", default="2Gi", help="size of codi2's state claim (default 2Gi)")
         p.add_argument("--storage-class", help="storage class of the claim (default: the cluster's default)")
         config = p.add_argument(
             "--config",
             type=Path,
-            default=Path("config/codi2.toml"),
             metavar="PATH",
-            help="codi2.toml for the codi2-config map (default: config/codi2.toml)",
+            help="codi2.toml for the codi2-config map (default: the daemon's defaults with the store of the "
+            "codi2-fdb Secret; the cluster string then comes from --fdb-cluster-string)",
         )
         completes(config, FILE)
         p.add_argument("--fdb-cluster-string", help="fdb.cluster content (default: the config's cluster_string)")
@@ -105,15 +125,19 @@ def command(args: argparse.Namespace) -> int:
     if args.provision_command == "render":
         _write_manifests(manifests, args.output_dir)
         return EXIT_OK
-    from codi2.provisioning.apply import Provisioner, connect
+    from codi2.provisioning.apply import ClusterError, Provisioner, connect
 
-    provisioner = Provisioner(connect(), progress=lambda line: print(line, flush=True))
-    if args.provision_command == "delete":
-        provisioner.delete(manifests)
-        return EXIT_OK
-    provisioner.apply(manifests)
-    if not args.no_wait:
-        provisioner.wait_ready(spec.namespace, "workspace", args.wait_timeout)
+    try:
+        provisioner = Provisioner(*connect(), progress=lambda line: print(line, flush=True))
+        if args.provision_command == "delete":
+            provisioner.delete(manifests)
+            return EXIT_OK
+        provisioner.apply(manifests)
+        if not args.no_wait:
+            provisioner.wait_ready(spec.namespace, "workspace", args.wait_timeout)
+    except ClusterError as exc:
+        print(f"codi2: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -123,7 +147,7 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
     from codi2.provisioning.spec import WorkspaceSpec
 
     try:
-        config_text = args.config.read_text()
+        config_text = DEFAULT_CONFIG if args.config is None else args.config.read_text()
     except OSError as exc:
         raise UsageError(f"--config {args.config}: {exc.strerror}") from None
     tls_files = _tls_files(args)
@@ -147,6 +171,8 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
         **tls_files,
     }
     optional = {
+        "registry": args.registry,
+        "image_tag": args.tag,
         "image": args.image,
         "codi2_image": args.codi2_image,
         "platform_namespaces": args.platform_namespace,
@@ -157,6 +183,7 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
         "storage_size": "--storage",
         "state_storage_size": "--state-storage",
         "codi2_config": "--config",
+        "image_tag": "--tag",
         "labels": "--label",
         "platform_namespaces": "--platform-namespace",
         "monitoring_namespaces": "--monitoring-namespace",
@@ -166,10 +193,15 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
         spec.cluster_string()
     except ValidationError as exc:
         error = exc.errors()[0]
-        field = str(error["loc"][0])
+        field = str(error["loc"][0]) if error["loc"] else "registry"  # the one check of several fields
         flag = flags.get(field, "--" + field.replace("_", "-"))
         raise UsageError(f"{flag}: {str(error['msg']).removeprefix('Value error, ')}") from None
     except (ValueError, tomllib.TOMLDecodeError) as exc:
+        if args.config is None:
+            raise UsageError(
+                "no FDB cluster string: give --fdb-cluster-string, or a --config that sets [foundationdb] "
+                "cluster_string"
+            ) from None
         raise UsageError(f"--config {args.config}: {exc}") from None
     return spec
 

@@ -225,7 +225,7 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
                 _codi2(
                     spec,
                     name="workspace",
-                    image=spec.image,
+                    image=spec.workspace_image,
                     resources=spec.resources,
                     security=NO_PRIVILEGE,
                     mounts=[_mount("workspace", WORKSPACE_DIR), config_mount, store_mount],
@@ -239,7 +239,7 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
         codi2 = _codi2(
             spec,
             name="codi2",
-            image=spec.codi2_image,
+            image=spec.sidecar_image,
             resources=spec.codi2_resources,
             security={**NO_PRIVILEGE, "runAsUser": CODI2_UID, "runAsGroup": CODI2_UID, "readOnlyRootFilesystem": True},
             mounts=[
@@ -252,7 +252,7 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
         )
         user = {
             "name": "workspace",
-            "image": spec.image,
+            "image": spec.workspace_image,
             "resources": _resources(spec.resources),
             "securityContext": NO_PRIVILEGE,
             "volumeMounts": [_mount("workspace", WORKSPACE_DIR)],

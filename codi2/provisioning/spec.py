@@ -16,7 +16,9 @@ import re
 import tomllib
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from codi2 import __version__
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 NAMESPACE_PREFIX = "user-"
@@ -86,8 +88,13 @@ class WorkspaceSpec(BaseModel):
     tenant_id: Id
     session_id: Annotated[str, AfterValidator(check_id)] | None = None
     layout: Literal["sidecar", "entrypoint"] = "sidecar"
-    image: str = Field(default="gcr.io/serene-voltage-464305-n2/t2-workspace-pod:latest", min_length=1)
-    codi2_image: str = Field(default="gcr.io/serene-voltage-464305-n2/codi2:latest", min_length=1)
+    # Images: `<registry>/t2-workspace-pod:<tag>` and `<registry>/codi2:<tag>` (entrypoint layout:
+    # `<registry>/codi2-workspace:<tag>` alone), or named in full. No registry
+    # is assumed and no tag is `latest`: a pod runs exactly the release it was rendered for.
+    registry: str | None = Field(default=None, min_length=1)
+    image_tag: str = Field(default=__version__, min_length=1)
+    image: str | None = Field(default=None, min_length=1)
+    codi2_image: str | None = Field(default=None, min_length=1)
     storage_size: Quantity = "50Gi"
     state_storage_size: Quantity = "2Gi"
     storage_class: str | None = None
@@ -102,6 +109,26 @@ class WorkspaceSpec(BaseModel):
     fdb_tls_key: str | None = None
     fdb_tls_ca: str | None = None
     labels: Annotated[dict[str, str], AfterValidator(check_labels)] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _images_named(self) -> WorkspaceSpec:
+        if self.registry is None and (self.image is None or (self.layout == "sidecar" and self.codi2_image is None)):
+            raise ValueError(
+                "no image registry: give one (e.g. gcr.io/PROJECT), or name every image in full"
+                + (" (--image and --codi2-image)" if self.layout == "sidecar" else " (--image)")
+            )
+        return self
+
+    @property
+    def workspace_image(self) -> str:
+        """The user's image; in the entrypoint layout, Dockerfile.workspace's `workspace` target, whose
+        entrypoint is codi2 (the user's own image runs its own command and knows nothing of codi2)."""
+        name = "codi2-workspace" if self.layout == "entrypoint" else "t2-workspace-pod"
+        return self.image or f"{self.registry}/{name}:{self.image_tag}"
+
+    @property
+    def sidecar_image(self) -> str:
+        return self.codi2_image or f"{self.registry}/codi2:{self.image_tag}"
 
     @property
     def namespace(self) -> str:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
 
 from codi2.config import Settings
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery
@@ -101,7 +102,67 @@ class TrailReader(Protocol):
         """Release connections; safe to call twice."""
 
 
-class Sink(BatchWriter, TrailReader, Protocol):
+# Retention (docs/retention.md) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Horizon:
+    """The last batch of a stream pruned: what its first live batch must follow (`codi2 verify`)."""
+
+    number: int
+    link: bytes
+    ts: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrunedStream:
+    """One stream's part of a retention plan: the horizon it had, and the one a prune gives it."""
+
+    previous: Horizon | None
+    horizon: Horizon
+    batches: int  # batches after `previous`, up to and with `horizon`
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionPlan:
+    """What a prune before `before` removes: per stream, the batches up to its new horizon, and everything
+    before `bound` in commit order (the backend's own position), events in no batch included."""
+
+    tenant_id: str
+    before: datetime
+    streams: dict[str, PrunedStream]
+    bound: Any
+    legacy: bool = False  # FDB: layout v1's keys go too (all of them older than `before`)
+    kept: dict[str, Horizon] = field(default_factory=dict)  # streams whose horizon stays as it is
+
+
+@runtime_checkable
+class TrailAdmin(Protocol):
+    """What `codi2 archive`, `prune` and `delete-tenant` need of a store: one policy for every backend."""
+
+    def horizons(self, tenant_id: str) -> dict[str, Horizon]:
+        """Each pruned stream's horizon."""
+        ...
+
+    def retention_plan(self, tenant_id: str, before: datetime) -> RetentionPlan:
+        """Per stream, the last batch wholly before `before` (and after its horizon, if any) that can go
+        with everything committed before it: a read, nothing changes."""
+        ...
+
+    def unchained_before(self, plan: RetentionPlan) -> Iterator[Event]:
+        """The events in no batch (written before chaining) that pruning `plan` removes, in commit order."""
+        ...
+
+    def prune(self, plan: RetentionPlan) -> None:
+        """Write the plan's horizons first, then clear what they cover in bounded transactions; running it
+        again after an interruption finishes it."""
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        """Remove everything stored for the tenant (every layout)."""
+
+
+class Sink(BatchWriter, TrailReader, TrailAdmin, Protocol):
     """A backend: both faces (one module or package per backend under `codi2/stores/`, chosen by `open_sink`)."""
 
 

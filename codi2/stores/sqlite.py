@@ -9,23 +9,27 @@ The daemon keeps its journal in this same file, so an event is committed to the 
 transaction that journals it (`insert`): one durable write per batch, and nothing to ship.
 
 `batches` holds each chained batch's header (docs/trail-format.md), inserted with its events: the batch's
-events are the rows `first_pos`…`last_pos` of `events`, the rows that transaction added.
+events are the rows `first_pos`…`last_pos` of `events`, the rows that transaction added. `horizons` holds
+each pruned stream's last pruned batch (docs/retention.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
 from collections.abc import Collection, Iterator
 from contextlib import closing
+from datetime import datetime
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from codi2.schema import Schema, SchemaTooNew, execute_script
-from codi2.stores.base import Cursor, StoredBatch, StoreError, StreamEntry
+from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
 from codi2.trail.chain import ZERO
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
 
@@ -66,11 +70,27 @@ def _adopt(db: sqlite3.Connection) -> None:
     )
 
 
+def _add_horizons(db: sqlite3.Connection) -> None:
+    """Version 2: each pruned stream's horizon (`codi2 prune`)."""
+    db.execute(
+        """
+        CREATE TABLE horizons (
+            tenant_id TEXT NOT NULL,
+            stream_id TEXT NOT NULL,
+            number    INTEGER NOT NULL,
+            link      BLOB NOT NULL,
+            ts        TEXT NOT NULL,
+            PRIMARY KEY (tenant_id, stream_id)
+        ) WITHOUT ROWID
+        """
+    )
+
+
 BACKFILL_ROWS = 10_000  # rows decoded per statement by the one-time backfills
 
 
 def _session_column(db: sqlite3.Connection) -> None:
-    """Version 2: each event's session as a column with an index, for `events --session`; the record body
+    """Version 3: each event's session as a column with an index, for `events --session`; the record body
     keeps it too (and stays what is read), so the column only finds rows. Old rows are filled in once here."""
     db.execute("ALTER TABLE events ADD COLUMN session_id TEXT")
     db.execute("CREATE INDEX events_tenant_session ON events (tenant_id, session_id, pos)")
@@ -85,7 +105,7 @@ def _session_column(db: sqlite3.Connection) -> None:
 
 
 def _streams_table(db: sqlite3.Connection) -> None:
-    """Version 3: the streams registry (docs/trail-format.md): whose each stream is, and the head of the stream
+    """Version 4: the streams registry (docs/trail-format.md): whose each stream is, and the head of the stream
     it follows (its user's and pod's previous one, as found when its first batch was stored), so a stream lost
     whole is seen by `verify`. Streams stored before it are registered from their first batch, with no
     predecessor (none was recorded)."""
@@ -119,7 +139,7 @@ def _streams_table(db: sqlite3.Connection) -> None:
 
 
 # The high half of user_version: the low half is the journal's, which shares this file in the daemon.
-SCHEMA = Schema("store", 16, [_adopt, _session_column, _streams_table])
+SCHEMA = Schema("store", 16, [_adopt, _add_horizons, _session_column, _streams_table])
 BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.stores.sqlite")
@@ -156,7 +176,8 @@ def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = No
 
 def _register(db: sqlite3.Connection, tenant: str, first: Event, h: BatchHeader) -> None:
     """With a stream's first batch stored, its registry entry: whose it is, and the head of the stream of the
-    same user and pod registered before it (the stream it succeeds), so that stream cannot vanish unseen."""
+    same user and pod registered before it (the stream it succeeds; its horizon when pruned whole), so that
+    stream cannot vanish unseen."""
     if db.execute("SELECT 1 FROM streams WHERE tenant_id = ? AND stream_id = ?", (tenant, h.stream_id)).fetchone():
         return
     head: tuple[Any, ...] = (None, None, None)
@@ -169,6 +190,9 @@ def _register(db: sqlite3.Connection, tenant: str, first: Event, h: BatchHeader)
             "SELECT number, link FROM batches WHERE tenant_id = ? AND stream_id = ? ORDER BY number DESC LIMIT 1",
             (tenant, row[0]),
         ).fetchone()
+        if last is None:  # pruned whole: its horizon is its head
+            sql = "SELECT number, link FROM horizons WHERE tenant_id = ? AND stream_id = ?"
+            last = db.execute(sql, (tenant, row[0])).fetchone()
         head = (row[0], *(last or (0, ZERO)))
     db.execute(
         "INSERT INTO streams VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -217,6 +241,13 @@ class LocalStore:
                     )
         except sqlite3.Error as exc:
             log.error("store_salvage_stopped", table="batches", error=str(exc))
+        try:  # a horizon lost would make the first live batch of its stream look cut off
+            if old.execute("SELECT 1 FROM sqlite_master WHERE name = 'horizons'").fetchone() is not None:
+                db.executemany(
+                    "INSERT OR IGNORE INTO horizons VALUES (?, ?, ?, ?, ?)", old.execute("SELECT * FROM horizons")
+                )
+        except sqlite3.Error as exc:
+            log.error("store_salvage_stopped", table="horizons", error=str(exc))
         try:
             for row in old.execute("SELECT * FROM streams ORDER BY rowid").fetchall():
                 db.execute("INSERT OR IGNORE INTO streams VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
@@ -392,3 +423,163 @@ class SqliteSink:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
+
+    # Retention (docs/retention.md) ---------------------------------------------------------------
+
+    def _reading(self) -> contextlib.closing[sqlite3.Connection]:
+        """A connection of its own in one read transaction: a plan is read from one snapshot."""
+        try:
+            db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            db.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _error(exc) from exc
+        return closing(db)
+
+    def horizons(self, tenant_id: str) -> dict[str, Horizon]:
+        with self._reading() as db:
+            return read_horizons(db, tenant_id)
+
+    def retention_plan(self, tenant_id: str, before: datetime) -> RetentionPlan:
+        with self._reading() as db:
+            try:
+                return plan(db, tenant_id, before)
+            except sqlite3.Error as exc:
+                raise _error(exc) from exc
+
+    def unchained_before(self, plan: RetentionPlan) -> Iterator[Event]:
+        with self._reading() as db:
+            try:
+                yield from unchained_before(db, plan)
+            except sqlite3.Error as exc:
+                raise _error(exc) from exc
+
+    def prune(self, plan: RetentionPlan) -> None:
+        with self._lock:
+            try:
+                prune(self._db(), plan)
+            except sqlite3.Error as exc:
+                raise _error(exc) from exc
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        with self._lock:
+            try:
+                delete_tenant(self._db(), tenant_id)
+            except sqlite3.Error as exc:
+                raise _error(exc) from exc
+
+
+# Retention, on a connection: the CLI's (SqliteSink) or, in the daemon, one the journal thread opens --------
+
+PRUNE_ROWS = 10_000  # events deleted per transaction, so the journal thread never waits long behind a prune
+
+
+@contextlib.contextmanager
+def _write(db: sqlite3.Connection) -> Iterator[None]:
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+
+
+def read_horizons(db: sqlite3.Connection, tenant_id: str) -> dict[str, Horizon]:
+    rows = db.execute("SELECT stream_id, number, link, ts FROM horizons WHERE tenant_id = ?", (tenant_id,))
+    return {stream: Horizon(number, link, ts) for stream, number, link, ts in rows}
+
+
+def plan(db: sqlite3.Connection, tenant_id: str, before: datetime) -> RetentionPlan:
+    """The bound is the first row at or after `before`, or of a batch that cannot go (journaled after
+    `before`), whichever comes first; each stream's horizon is its last batch wholly before the bound."""
+    cut = rfc3339(before.timestamp())
+    horizons = read_horizons(db, tenant_id)
+    (bound,) = db.execute("SELECT min(pos) FROM events WHERE tenant_id = ? AND ts >= ?", (tenant_id, cut)).fetchone()
+    bound = _last_pos(db) + 1 if bound is None else bound
+    streams: dict[str, list[tuple[Any, ...]]] = {}
+    sql = "SELECT stream_id, number, ts, link, events, first_pos, last_pos FROM batches WHERE tenant_id = ?"
+    for row in db.execute(sql + " ORDER BY stream_id, number", (tenant_id,)):
+        if row[1] > (horizons[row[0]].number if row[0] in horizons else 0):
+            streams.setdefault(row[0], []).append(row)
+    for rows in streams.values():  # a batch journaled after the cut keeps what follows it in commit order
+        late = next((first for _, _, ts, _, _, first, _ in rows if ts >= cut), None)
+        bound = bound if late is None else min(bound, late)
+    pruned: dict[str, PrunedStream] = {}
+    for stream, rows in streams.items():
+        going = list(takewhile(lambda r: r[2] < cut and r[6] < bound, rows))
+        if going:
+            _, number, ts, link, *_ = going[-1]
+            pruned[stream] = PrunedStream(
+                horizons.get(stream), Horizon(number, link, ts), len(going), sum(r[4] for r in going)
+            )
+    kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
+    return RetentionPlan(tenant_id, before, pruned, bound, kept=kept)
+
+
+def unchained_before(db: sqlite3.Connection, plan: RetentionPlan) -> Iterator[Event]:
+    """Rows before the bound in no batch's range: a sweep of both in position order."""
+    ranges = db.execute(
+        "SELECT first_pos, last_pos FROM batches WHERE tenant_id = ? AND first_pos < ? ORDER BY first_pos",
+        (plan.tenant_id, plan.bound),
+    ).fetchall()
+    sql = "SELECT pos, body FROM events WHERE tenant_id = ? AND pos < ? ORDER BY pos"
+    i = 0
+    for pos, body in db.execute(sql, (plan.tenant_id, plan.bound)):
+        while i < len(ranges) and ranges[i][1] < pos:
+            i += 1
+        if i == len(ranges) or pos < ranges[i][0]:
+            yield _decode(body)
+
+
+def prune(db: sqlite3.Connection, plan: RetentionPlan) -> None:
+    """Horizons first (a horizon never moves back), then the rows before the bound, PRUNE_ROWS at a time,
+    then the headers at or below each horizon (an interrupted prune's leftovers too)."""
+    tenant = plan.tenant_id
+    with _write(db):
+        for stream, p in plan.streams.items():
+            h = p.horizon
+            db.execute(
+                "INSERT INTO horizons VALUES (?, ?, ?, ?, ?) ON CONFLICT (tenant_id, stream_id) DO UPDATE SET"
+                " number = excluded.number, link = excluded.link, ts = excluded.ts WHERE excluded.number > number",
+                (tenant, stream, h.number, h.link, h.ts),
+            )
+    _delete_events(db, tenant, plan.bound)
+    with _write(db):
+        for stream, h in read_horizons(db, tenant).items():
+            db.execute(
+                "DELETE FROM batches WHERE tenant_id = ? AND stream_id = ? AND number <= ?", (tenant, stream, h.number)
+            )
+
+
+def _delete_events(db: sqlite3.Connection, tenant_id: str, bound: int | None) -> None:
+    sql = "DELETE FROM events WHERE pos IN (SELECT pos FROM events WHERE tenant_id = ?"
+    args: list[object] = [tenant_id]
+    if bound is not None:
+        sql += " AND pos < ?"
+        args.append(bound)
+    while True:
+        with _write(db):
+            gone = db.execute(sql + " ORDER BY pos LIMIT ?)", (*args, PRUNE_ROWS)).rowcount
+        if gone < PRUNE_ROWS:
+            return
+
+
+def delete_tenant(db: sqlite3.Connection, tenant_id: str) -> None:
+    _delete_events(db, tenant_id, None)
+    with _write(db):
+        db.execute("DELETE FROM batches WHERE tenant_id = ?", (tenant_id,))
+        db.execute("DELETE FROM horizons WHERE tenant_id = ?", (tenant_id,))
+        db.execute("DELETE FROM streams WHERE tenant_id = ?", (tenant_id,))
+
+
+def prune_file(path: Path, tenant_id: str, before: datetime) -> RetentionPlan:
+    """The daemon's retention, on the journal thread (the file's one writer): a connection of its own, closed
+    when done."""
+    with closing(sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)) as db:
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN")
+        made = plan(db, tenant_id, before)
+        db.execute("COMMIT")
+        prune(db, made)
+    return made

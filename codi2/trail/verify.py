@@ -23,8 +23,7 @@ from typing import Any
 
 from codi2.config import Settings
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.journal import FILE_NAME as JOURNAL_FILE
-from codi2.stores.base import Cursor, StoredBatch, TrailReader
+from codi2.stores.base import Cursor, Horizon, StoredBatch, TrailAdmin, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
 from codi2.trail.replay import fold, read_disk
@@ -55,6 +54,7 @@ class StreamReport:
     last: str | None = None
     head_batch: int = 0
     head_link: str | None = None
+    pruned_through: int = 0  # the horizon: batches up to it were pruned (docs/retention.md)
     key_ids: list[str | None] = field(default_factory=list)
     breaks: list[Break] = field(default_factory=list)
 
@@ -98,19 +98,21 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
     a `_Digest`, and only when the two differ (an event in no batch, one hidden from reads, or a batch
     committed while verifying) are both walked again with their cursors kept, to name what differs."""
     keyring = {k.id: k for k in keys}
+    horizons = sink.horizons(tenant_id) if isinstance(sink, TrailAdmin) else {}
     read = _Digest()
     for cursor, _ in sink.read(EventQuery(tenant_id, since=since)):
         read.add(cursor)
     checked = _Digest()
-    streams = [_stream(sink, tenant_id, s, keyring, since, checked) for s in sink.streams(tenant_id)]
-    streams += _missing_streams(sink, tenant_id, streams)
+    streams = [_stream(sink, tenant_id, s, horizons.get(s), keyring, since, checked) for s in sink.streams(tenant_id)]
+    streams += _missing_streams(sink, tenant_id, streams, horizons)
     if read == checked:
         return Report(tenant_id, streams, read.count, 0, [])
     trail = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
     exact = _Exact(trail)
     for report in streams:
         if report.batches:
-            _stream(sink, tenant_id, report.stream_id, keyring, since, _Digest(), exact)
+            stream_id = report.stream_id
+            _stream(sink, tenant_id, stream_id, horizons.get(stream_id), keyring, since, _Digest(), exact)
     unread = exact.unread
     if unread:  # committed after the first scan, or hidden from reads: a second scan tells them apart
         now = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
@@ -161,18 +163,22 @@ class _Exact:
 
 
 class _Headers:
-    """A stream's headers looked up by link, walking the stream again: only when a batch does not follow the
-    one stored before it (a break), so a stream that is intact is walked once and nothing of it is kept."""
+    """A stream's live headers looked up by link, walking the stream again: only when a batch does not follow
+    the one stored before it (a break), so a stream that is intact is walked once and nothing of it is kept."""
 
-    def __init__(self, sink: TrailReader, tenant_id: str, stream_id: str) -> None:
-        self._sink, self._tenant, self._stream = sink, tenant_id, stream_id
+    def __init__(self, sink: TrailReader, tenant_id: str, stream_id: str, horizon: Horizon | None) -> None:
+        self._sink, self._tenant, self._stream, self._horizon = sink, tenant_id, stream_id, horizon
+
+    def live(self) -> Iterator[StoredBatch]:
+        return _after_horizon(self._sink.batches(self._tenant, self._stream), self._horizon)
 
     def _walk(self) -> Iterator[tuple[int, StoredBatch]]:
-        return enumerate(self._sink.batches(self._tenant, self._stream))
+        return enumerate(self.live())
 
     def position(self, link: bytes) -> int | None:
-        """Where the batch with this link is (the last one, if forged twice); -1 for ZERO, what batch 1 follows."""
-        found = -1 if link == ZERO else None
+        """Where the live batch with this link is (the last one, if forged twice); -1 for what the first live
+        batch follows (ZERO, or the horizon's link)."""
+        found = -1 if link == _start_link(self._horizon) else None
         for i, batch in self._walk():
             if batch.header.link == link:
                 found = i
@@ -208,24 +214,27 @@ def _stream(
     sink: TrailReader,
     tenant_id: str,
     stream_id: str,
+    horizon: Horizon | None,
     keyring: dict[str, ChainKey],
     since: datetime | None,
     checked: _Digest,
     exact: _Exact | None = None,
 ) -> StreamReport:
-    """Walk one stream in batch order, keeping the batch before and the one after: its structure from the
-    headers, and the content of every batch from the first journaled at or after `since` on."""
+    """Walk one stream's live batches (after its horizon, if pruned) in batch order, keeping the batch before
+    and the one after: its structure from the headers, and the content of every batch from the first
+    journaled at or after `since` on."""
     report = StreamReport(stream_id)
-    headers = _Headers(sink, tenant_id, stream_id)
+    report.pruned_through = horizon.number if horizon is not None else 0
+    headers = _Headers(sink, tenant_id, stream_id, horizon)
     unchecked: dict[str | None, list[int]] = {}  # batches by the key id no given key has (None: unkeyed)
     prev: StoredBatch | None = None
     prev_end: Any = None  # where the batch before ends in commit order, when it was read and held events
     started = False
-    for i, batch, following in _with_next(sink.batches(tenant_id, stream_id)):
+    for i, batch, following in _with_next(headers.live()):
         h = batch.header
         report.batches += 1
         report.head_batch, report.head_link = h.number, h.link.hex()
-        follows = i - 1 if _follows(h, prev) else headers.position(h.prev)
+        follows = i - 1 if _follows(h, prev, horizon) else headers.position(h.prev)
         report.breaks += _structure(i, h, follows, prev, following, headers)
         before, before_end = prev, prev_end
         prev, prev_end = batch, None
@@ -265,14 +274,28 @@ def _stream(
     return report
 
 
-def _follows(h: BatchHeader, prev: StoredBatch | None) -> bool:
-    """Whether a batch follows the batch stored before it, or is its stream's start (the usual case)."""
-    return _starts_stream(h) if prev is None else h.prev == prev.header.link
+def _after_horizon(batches: Iterator[StoredBatch], horizon: Horizon | None) -> Iterator[StoredBatch]:
+    """A pruned stream's live batches: those after its horizon, the first of which must follow the horizon's
+    link (`_starts_stream`). So a prune shows, and cannot hide a deletion: a batch after the horizon gone is
+    still missing. Batches at or below the horizon are what an interrupted prune has not cleared yet."""
+    through = horizon.number if horizon is not None else 0
+    return (batch for batch in batches if batch.header.number > through)
 
 
-def _starts_stream(h: BatchHeader) -> bool:
-    """Whether a stream's first stored batch is where its chain begins: batch 1, following no one."""
-    return h.prev == ZERO
+def _follows(h: BatchHeader, prev: StoredBatch | None, horizon: Horizon | None) -> bool:
+    """Whether a batch follows the live batch stored before it, or is its stream's start (the usual case)."""
+    return _starts_stream(h, horizon) if prev is None else h.prev == prev.header.link
+
+
+def _starts_stream(h: BatchHeader, horizon: Horizon | None) -> bool:
+    """Whether a stream's first live batch is where its chain begins: batch 1, following no one, or, in a
+    pruned stream, the batch after its horizon, following the last batch pruned."""
+    return h.prev == _start_link(horizon)
+
+
+def _start_link(horizon: Horizon | None) -> bytes:
+    """What a stream's first live batch follows: ZERO, or its horizon's link."""
+    return ZERO if horizon is None else horizon.link
 
 
 def _structure(
@@ -283,7 +306,7 @@ def _structure(
     following: StoredBatch | None,
     headers: _Headers,
 ) -> list[Break]:
-    """What the headers alone say about batch `i`: whom it follows (`follows`, its position), and whether
+    """What the headers alone say about live batch `i`: whom it follows (`follows`, its position), and whether
     anyone follows it."""
     breaks = []
     if follows is not None and follows > i:
@@ -312,11 +335,15 @@ def _structure(
     return breaks
 
 
-def _missing_streams(sink: TrailReader, tenant_id: str, found: list[StreamReport]) -> list[StreamReport]:
+def _missing_streams(
+    sink: TrailReader, tenant_id: str, found: list[StreamReport], horizons: dict[str, Horizon]
+) -> list[StreamReport]:
     """Streams the registry knows of that have no batches: registered with none stored, or named as the
     stream a later one succeeds and gone (or cut before the head it had then). A stream lost whole leaves no
-    break in any chain; its successor's registry entry is what shows it."""
-    heads = {report.stream_id: report.head_batch for report in found if report.batches}
+    break in any chain; its successor's registry entry is what shows it. A prune is no loss: a stream's
+    horizon holds its head as far as it was pruned."""
+    heads = {stream_id: h.number for stream_id, h in horizons.items()}
+    heads |= {report.stream_id: report.head_batch for report in found if report.batches}
     missing: dict[str, StreamReport] = {}
 
     def report_of(stream_id: str) -> StreamReport:
@@ -409,7 +436,9 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
         raise VerifyError(f"--disk {path} is none of the trail's watch roots ({', '.join(roots)})")
     if not path.is_dir():
         raise VerifyError(f"--disk {path}: not a directory")
-    private, private_files = (_at(path, Path(root), places) for places in _private_places(settings))
+    private, private_files = (
+        _at(path, Path(root), places) for places in (settings.private_paths(), settings.private_files())
+    )
     rules = IgnoreRules(settings.monitoring.ignore_patterns, [path], private)
     rules.add_private_files(private_files)
     try:
@@ -429,18 +458,6 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
         differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": got and asdict(got)})
     unreadable = [{"path": p, "problem": why} for p, why in sorted(disk.unknown.items())[:UNREADABLE_LISTED]]
     return DiskReport(str(path), root, user_id, len(have), differences, len(disk.unknown), unreadable)
-
-
-def _private_places(settings: Settings) -> tuple[list[Path], list[Path]]:
-    """The daemon's own places (its state directory, a SQLite store and the files beside it) and the files
-    it holds locked, as the daemon names them: the trail never records them, under any name."""
-
-    def companions(db: Path) -> list[Path]:
-        return [db, *(db.with_name(db.name + suffix) for suffix in ("-wal", "-shm", "-journal", ".lock"))]
-
-    state = settings.state_dir
-    store = companions(settings.sqlite_file) if settings.backend == "sqlite" else []
-    return [state, *store], [state / "lock", *companions(state / JOURNAL_FILE), *store]
 
 
 def _at(path: Path, root: Path, places: list[Path]) -> list[Path]:
@@ -470,6 +487,8 @@ def render(report: Report) -> str:
         checked = "" if s.checked == s.batches else f" ({s.checked} checked)"
         lines.append(f"  batches {s.batches}{checked}, events {s.events}, {s.first or '-'} … {s.last or '-'}")
         lines.append(f"  head: batch {s.head_batch}, link {s.head_link or '-'}; keys: {keys}")
+        if s.pruned_through:
+            lines.append(f"  pruned through batch {s.pruned_through} (its first live batch follows it)")
         lines += [f"  BREAK {b.kind} at batch {b.batch}: {b.detail}" for b in s.breaks]
     if report.unchained_events:
         lines.append(f"{report.unchained_events} events in no batch")

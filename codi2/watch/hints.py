@@ -39,4 +39,12 @@ class Rescan(NamedTuple):
     origin: Origin = "rescan"
 
 
-Hint = Touch | Move | Rescan
+class RootReplaced(NamedTuple):
+    """The directory at root `root`'s path is not the one read so far, or there is none (removed, renamed
+    away, replaced, a mount over it): read the root from its path again, as nothing while it is gone, and
+    diff all of it against the index."""
+
+    root: int
+
+
+Hint = Touch | Move | Rescan | RootReplaced

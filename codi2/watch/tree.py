@@ -85,8 +85,8 @@ class Tree:
 
     def __init__(self, roots: list[bytes]) -> None:
         self.roots = roots
-        self.root_nodes: list[Node] = []
-        self._root_fds: list[int] = []
+        self.root_nodes: list[Node | None] = [None] * len(roots)  # None while a root is gone
+        self._root_fds: list[int | None] = [None] * len(roots)
         self._gen = 0  # bumped whenever the tree changes shape
         self._by_wd: dict[int, Node] = {}
         self._by_ident: dict[Ident, Node] = {}
@@ -96,21 +96,41 @@ class Tree:
     # Roots and indexes --------------------------------------------------------------------------------
 
     def open_root(self, index: int) -> int:
-        """A descriptor of root `index`, kept (and closed by `close`) to reach every node from."""
+        """A descriptor of the directory at root `index`'s path now, kept (and closed by `remove_root` or
+        `close`) to reach every node from."""
         fd = os.open(self.roots[index], O_DIR)
-        self._root_fds.append(fd)
+        self._close_root(index)
+        self._root_fds[index] = fd
         return fd
 
     def add_root(self, index: int, wd: int, st: os.stat_result) -> Node:
         node = Node(index, None, b"", wd, st.st_dev, st.st_ino)
         self.register(node)
-        self.root_nodes.append(node)
+        self.root_nodes[index] = node
         return node
 
-    def close(self) -> None:
-        for fd in self._root_fds:
+    def remove_root(self, index: int) -> tuple[list[Node], list[int]]:
+        """Root `index`'s directory has left its path: forget it and everything below it (as `forget`:
+        the caller removes the watches) and let go of its descriptor. Its node stops being a root, so
+        nothing that was below it has a path any more."""
+        node = self.root_nodes[index]
+        self.root_nodes[index] = None
+        self._close_root(index)
+        if node is None:
+            return [], []
+        node.is_root = False
+        self._changed()
+        return self.forget(node)
+
+    def _close_root(self, index: int) -> None:
+        fd = self._root_fds[index]
+        self._root_fds[index] = None
+        if fd is not None:
             os.close(fd)
-        self._root_fds = []
+
+    def close(self) -> None:
+        for index in range(len(self.roots)):
+            self._close_root(index)
 
     def register(self, node: Node) -> None:
         if node.wd is not None:
@@ -225,8 +245,11 @@ class Tree:
         where = node.locate(self._gen)
         if where is None:
             raise FileNotFoundError(errno.ENOENT, "not in the tree")
+        root_fd = self._root_fds[node.root]
+        if root_fd is None:
+            raise FileNotFoundError(errno.ENOENT, "its root is gone")
         try:
-            fd = open_dir(self._root_fds[node.root], where)
+            fd = open_dir(root_fd, where)
         except OSError as exc:
             if exc.errno in RESOURCE_ERRNOS:
                 raise Starved(exc.strerror) from exc

@@ -37,8 +37,10 @@ import structlog
 from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, list_dir
 from codi2.disk.ignore import IgnoreRules
 from codi2.watch.barriers import Barriers
-from codi2.watch.hints import Hint, Move, Rescan, Touch
+from codi2.watch.hints import Hint, Move, Rescan, RootReplaced, Touch
 from codi2.watch.inotify import IN, MAX_BACKLOG_EVENTS, Inotify
+from codi2.watch.mounts import MountWatch
+from codi2.watch.roots import Parents, ident_at
 from codi2.watch.tree import Node, Starved, Tree
 
 log = structlog.get_logger("codi2.watch.watcher")
@@ -83,6 +85,7 @@ class WatcherState:
     unwatched: dict[str, str] = field(default_factory=dict)
     handler_errors: int = 0
     roots_gone: list[str] = field(default_factory=list)
+    roots_reestablished: int = 0
     out_of_descriptors: bool = False
 
 
@@ -97,16 +100,22 @@ class Watcher:
         on_hints: Callable[[list[Hint]], None],
         on_overflow: Callable[[], None] | None = None,
         on_descriptors_back: Callable[[], None] | None = None,
+        on_mounts_changed: Callable[[], None] | None = None,
         max_backlog: int = MAX_BACKLOG_EVENTS,
+        check_interval_s: float = 60.0,
     ) -> None:
         self._rules = rules
         self._on_hints = on_hints
         self._on_overflow = on_overflow
         self._on_descriptors_back = on_descriptors_back
+        self._on_mounts_changed = on_mounts_changed
         self.state = WatcherState()
         self._inotify = Inotify(max_backlog)
         self._barriers = Barriers(barrier_dir)
         self._tree = Tree([os.fsencode(r) for r in roots])
+        self._parents = Parents(self._tree.roots, self._inotify.watch, self._inotify.unwatch)
+        self._real_roots = [os.path.realpath(r) for r in self._tree.roots]  # as the mount table names them
+        self._mounts = MountWatch(self._request_mounts_changed, self._request_check_roots, check_interval_s)
         self._handler: threading.Thread | None = None
         self._out: list[Hint] = []  # hints not yet handed on, from both interpretation and healing
         self._healer = Healer(self._tree, self._inotify, rules, self.state, self._out)
@@ -123,13 +132,9 @@ class Watcher:
         self._inotify.open()
         try:
             self._barriers.arm(self._inotify.watch)
-            for index, root in enumerate(self._tree.roots):
-                fd = self._tree.open_root(index)
-                st = os.fstat(fd)
-                wd = self._inotify.watch_fd(fd, WATCH_MASK)
-                if wd < 0:
-                    raise OSError(-wd, f"cannot watch: {os.strerror(-wd)}", os.fsdecode(root))
-                self._healer.walk_new(self._tree.add_root(index, wd, st), fd)
+            for index in range(len(self._tree.roots)):
+                self._parents.arm(index)
+                self._watch_root(index)
         except BaseException:
             self._close()
             raise
@@ -137,11 +142,13 @@ class Watcher:
         self._handler = threading.Thread(target=self._handle_loop, name="codi2-inotify-handle", daemon=True)
         self._handler.start()
         self._inotify.start()
+        self._mounts.start()
 
     def stop(self, timeout: float = 5.0) -> None:
         """Read everything the kernel queued so far (a barrier), hand it on, then close."""
         if self._inotify.fd is None:
             return
+        self._mounts.stop(timeout)
         if self.is_alive() and not self.barrier(timeout):
             log.warning("inotify_drain_timeout", timeout_s=timeout)
         self._inotify.stop()
@@ -265,15 +272,17 @@ class Watcher:
             return
         node = self._tree.by_wd(wd)
         if node is None:
-            return  # a watch already dropped: its late events describe nothing in the tree
+            for index in self._parents.concerned(wd, mask, name) or ():
+                self._check_root(index)
+            return  # or a watch already dropped: its late events describe nothing in the tree
         if mask & IN.IN_IGNORED:
             self._watch_removed(node)
             return
         if not name:
-            if mask & (IN.IN_DELETE_SELF | IN.IN_UNMOUNT):
+            if node.is_root and mask & (IN.IN_DELETE_SELF | IN.IN_UNMOUNT | IN.IN_MOVE_SELF):
+                self._check_root(node.root)
+            elif mask & (IN.IN_DELETE_SELF | IN.IN_UNMOUNT):
                 self._self_gone(node)
-            elif mask & IN.IN_MOVE_SELF and node.is_root:
-                self._root_gone(node)
             return
         if self._pending and not (mask & IN.IN_MOVED_TO and cookie in self._pending):
             self._settle_moves()
@@ -358,9 +367,6 @@ class Watcher:
 
     def _self_gone(self, node: Node) -> None:
         """IN_DELETE_SELF: the directory was removed (its parent's IN_DELETE follows)."""
-        if node.is_root:
-            self._root_gone(node)
-            return
         where = self._tree.where(node)
         if where is not None:
             self._out.append(Touch(node.root, where))
@@ -371,7 +377,7 @@ class Watcher:
         unmounted, a deletion we had not read of). Look again at its parent."""
         self._tree.watch_lost(node)
         if node.is_root:
-            self._root_gone(node)
+            self._check_root(node.root, watch_lost=True)
             return
         where = self._tree.where(node)
         parent = node.parent
@@ -380,11 +386,117 @@ class Watcher:
             self._healer.suspect(parent)
         self._healer.drop(node)
 
-    def _root_gone(self, node: Node) -> None:
-        root = os.fsdecode(self._tree.roots[node.root])
-        if root not in self.state.roots_gone:
+    # Roots and mounts ------------------------------------------------------------------------------
+
+    def _watch_root(self, index: int) -> None:
+        """Watch the directory at root `index`'s path by itself, and everything below it. Raises OSError
+        (Starved when out of descriptors)."""
+        root = self._tree.roots[index]
+        try:
+            fd = self._tree.open_root(index)
+        except OSError as exc:
+            if exc.errno in RESOURCE_ERRNOS:
+                raise Starved(exc.strerror) from exc
+            raise OSError(exc.errno, exc.strerror, os.fsdecode(root)) from None
+        st = os.fstat(fd)
+        wd = self._inotify.watch_fd(fd, WATCH_MASK)
+        if wd < 0:
+            self._tree.remove_root(index)
+            raise OSError(-wd, f"cannot watch: {self._healer.watch_error(-wd)}", os.fsdecode(root))
+        try:
+            self._healer.walk_new(self._tree.add_root(index, wd, st), fd)
+        except OSError as exc:
+            self._healer.drop_root(index)
+            if exc.errno in RESOURCE_ERRNOS:
+                raise Starved(exc.strerror) from exc
+            raise OSError(exc.errno, exc.strerror, os.fsdecode(root)) from None
+
+    def _check_root(self, index: int, *, watch_lost: bool = False) -> None:
+        """Is the directory at root `index`'s path still the one the tree holds there, watched? If not,
+        that one's watches go (what it holds is no longer at this path: a renamed root's changes are not
+        this root's), the directory there now, if any, is watched by itself, and the pipeline reads the
+        root from its path again: `deleted` for what is no longer there, `created` for what is, after a
+        `gap`. While nothing is there the root is reported gone (degraded, not unready)."""
+        self._parents.arm(index)
+        node = self._tree.root_nodes[index]
+        now = ident_at(self._tree.roots[index])
+        if node is not None and not watch_lost and node.ident == now:
+            return
+        if node is None and now is None:
+            return  # still gone
+        root = os.fsdecode(self._tree.roots[index])
+        self._settle_moves()
+        if node is not None:
+            self._healer.drop_root(index)
+        back = False
+        if now is not None:
+            try:
+                self._watch_root(index)
+                back = True
+            except Starved:
+                raise
+            except OSError as exc:
+                log.error("watch_root_unwatchable", root=root, error=exc.strerror, note="tried again at the next check")
+        if back:
+            self.state.roots_reestablished += 1
+            if root in self.state.roots_gone:
+                self.state.roots_gone.remove(root)
+            log.warning("watch_root_back", root=root, note="watched again; what is there now is recorded")
+        elif node is None:
+            return  # still gone: what is there could not be watched
+        elif root not in self.state.roots_gone:
             self.state.roots_gone.append(root)
-            log.error("watch_root_gone", root=root, hint="restart codi2 once the directory is back")
+            log.error("watch_root_gone", root=root, hint="codi2 watches it again once a directory is back at that path")
+        self._out.append(RootReplaced(index))
+
+    def check_roots(self) -> None:
+        """Handler thread (through `request`): check every root at its path."""
+        for index in range(len(self._tree.roots)):
+            self._check_root(index)
+        self._hand_off()
+        self._refresh_state()
+
+    def _request_check_roots(self) -> None:
+        self.request(self.check_roots)
+
+    def _request_mounts_changed(self, points: list[bytes]) -> None:
+        self.request(lambda: self.mounts_changed(points))
+
+    def mounts_changed(self, points: list[bytes]) -> None:
+        """Handler thread: a mount appeared or went at each of `points` (absolute paths). What those paths
+        show changed without an event: check the roots (a mount over one, or above it, replaces it), and
+        recrawl the directory that holds each point inside a root, which watches the new directory there
+        (the watch below a mount stays on the covered one) and diffs it against the index."""
+        self.check_roots()
+        touched = False
+        for point in points:
+            for index, real in enumerate(self._real_roots):
+                rel = _below(point, real)
+                root = self._tree.root_nodes[index]
+                if rel and root is not None:
+                    touched = self._recrawl_mount_point(root, rel) or touched
+        if touched:
+            if self._on_mounts_changed is not None:
+                self._on_mounts_changed()
+            self._hand_off()
+            self._refresh_state()
+
+    def _recrawl_mount_point(self, root: Node, rel: bytes) -> bool:
+        """Recrawl what holds mount point `rel`: its parent's listing when the parent is watched (a mount
+        over a file or a directory there), else the tree of the nearest watched directory above it."""
+        node, parts = root, rel.split(b"/")
+        for depth, part in enumerate(parts[:-1]):
+            if self._rules.ignored(root.root, b"/".join(parts[: depth + 1]), True):
+                return False
+            child = node.children.get(part)
+            if child is None or child.wd is None:
+                self._healer.recrawl(node, recursive=True)
+                return True
+            node = child
+        if self._rules.ignored(root.root, rel, True) and self._rules.ignored(root.root, rel, False):
+            return False
+        self._healer.recrawl(node, recursive=False)
+        return True
 
     # Barriers and recovery -------------------------------------------------------------------------
 
@@ -426,7 +538,8 @@ class Watcher:
         everything that waited for a barrier, and diff every root."""
         self._settle_moves()
         for node in self._tree.root_nodes:
-            self._healer.recrawl(node, recursive=True)
+            if node is not None:
+                self._healer.recrawl(node, recursive=True)
         # Everything asked of a barrier so far is settled by this recrawl: some of those barriers' own
         # events may have been dropped with the rest.
         self._barriers.settle_all()
@@ -551,7 +664,7 @@ class Healer:
                 self.displace(existing)
             wd = self._inotify.watch_fd(fd, WATCH_MASK)
             if wd < 0:
-                return self._unwatched_node(parent, name, st, self._watch_error(-wd), quiet=quiet)
+                return self._unwatched_node(parent, name, st, self.watch_error(-wd), quiet=quiet)
             node = Node(parent.root, parent, name, wd, st.st_dev, st.st_ino)
             self._tree.register(node)
             self.place(parent, name, node)
@@ -587,7 +700,7 @@ class Healer:
         return node
 
     @staticmethod
-    def _watch_error(code: int) -> str:
+    def watch_error(code: int) -> str:
         if code == errno.ENOSPC:
             return "inotify watch limit reached: raise fs.inotify.max_user_watches"
         return os.strerror(code)
@@ -628,7 +741,7 @@ class Healer:
                 wd = self._inotify.watch_fd(cfd, WATCH_MASK)
                 if wd < 0:
                     os.close(cfd)
-                    self._unwatched_node(node, name, st, self._watch_error(-wd), quiet=False)
+                    self._unwatched_node(node, name, st, self.watch_error(-wd), quiet=False)
                     continue
                 child = Node(node.root, node, name, wd, st.st_dev, st.st_ino)
                 self._tree.register(child)
@@ -665,7 +778,13 @@ class Healer:
 
     def drop(self, node: Node) -> None:
         """Forget a directory and everything below it, removing their watches."""
-        nodes, released = self._tree.forget(node)
+        self._release(*self._tree.forget(node))
+
+    def drop_root(self, index: int) -> None:
+        """Forget root `index`'s directory and everything below it, removing their watches."""
+        self._release(*self._tree.remove_root(index))
+
+    def _release(self, nodes: list[Node], released: list[int]) -> None:
         for n in nodes:
             self._displaced.pop(n, None)
             self._suspects.pop(n, None)
@@ -785,3 +904,11 @@ def check_root(root: bytes) -> None:
         raise OSError(errno.ELOOP, "is a symlink; name the directory it points to", os.fsdecode(root))
     if not stat.S_ISDIR(st.st_mode):
         raise OSError(errno.ENOTDIR, "not a directory", os.fsdecode(root))
+
+
+def _below(path: bytes, top: bytes) -> bytes | None:
+    """`path` relative to `top` (b"" for `top` itself); None when it is not below it."""
+    if path == top:
+        return b""
+    prefix = top.rstrip(b"/") + b"/"
+    return path[len(prefix) :] if path.startswith(prefix) else None

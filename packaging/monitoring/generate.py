@@ -1,7 +1,10 @@
 """Generate the derived files of packaging/monitoring/ (`make monitoring`; a test fails when they drift):
 
-- codi2-dashboard.json: the Grafana dashboard, built with grafana-foundation-sdk;
-- prometheusrule.yaml: the rules of codi2.rules.yml as a Prometheus Operator PrometheusRule.
+- codi2-dashboard.json: the Grafana dashboard, built with grafana-foundation-sdk (checked in);
+- with `--docs-url URL` (or $CODI2_DOCS_URL; `make monitoring DOCS_URL=URL`), what Prometheus loads, into
+  `--output-dir` (dist/monitoring): codi2.rules.yml with every runbook link absolute (URL is where docs/ is
+  served), and the same rules as a Prometheus Operator PrometheusRule. There is no default URL: a link
+  that points nowhere is worse than none, and only the operator knows where the docs are served.
 
 Every query selects with the target labels the scrape configuration adds (tenant, user, pod), which the
 dashboard's variables choose from.
@@ -9,8 +12,12 @@ dashboard's variables choose from.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
+import os
+import sys
+import urllib.parse
 from pathlib import Path
 
 import yaml
@@ -34,7 +41,8 @@ from codi2.provisioning.render import to_yaml
 HERE = Path(__file__).resolve().parent
 RULES = HERE / "codi2.rules.yml"
 DASHBOARD = HERE / "codi2-dashboard.json"
-PROMETHEUS_RULE = HERE / "prometheusrule.yaml"
+OUTPUT = HERE.parent.parent / "dist" / "monitoring"
+DOCS_URL = "$DOCS_URL"  # in codi2.rules.yml's runbook links, replaced by --docs-url
 
 DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
 SEL = 'tenant=~"$tenant", user=~"$user", pod=~"$pod"'
@@ -223,6 +231,17 @@ def _rows() -> dict[str, list[Stat | Timeseries | StateTimeline]]:
                 (f"sum by (origin) (increase(codi2_rescans_total{{{SEL}}}[{RATE}]))", "rescans: {{origin}}"),
             ),
             _timeseries(
+                "Watch roots gone and watched again",
+                "short",
+                "Watch roots whose path holds no directory (Codi2WatchRootGone), and roots watched again after being"
+                " removed, replaced or renamed away.",
+                (f"max by ({BY_POD}) (codi2_watch_roots_gone{{{SEL}}})", "gone " + POD_LEGEND),
+                (
+                    f"sum by ({BY_POD}) (increase(codi2_watch_roots_reestablished_total{{{SEL}}}[{RATE}]))",
+                    "watched again " + POD_LEGEND,
+                ),
+            ),
+            _timeseries(
                 "Watcher handler errors",
                 "short",
                 "Kernel events the watcher failed to handle (Codi2HandlerErrors).",
@@ -272,23 +291,56 @@ def dashboard_json() -> str:
     return json.dumps(dashboard().build(), cls=JSONEncoder, indent=2, sort_keys=True) + "\n"
 
 
-def prometheus_rule_yaml() -> str:
-    """The same groups as codi2.rules.yml, for clusters that run the Prometheus Operator."""
-    groups = yaml.safe_load(RULES.read_text())["groups"]
+def docs_url(value: str) -> str:
+    """The base of every runbook link: an absolute http(s) URL, without a trailing slash."""
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(
+            f"--docs-url {value!r}: give the absolute http(s) URL where the repository's docs/ is served, "
+            "e.g. https://git.example.com/platform/codi2/-/blob/main/docs"
+        )
+    return value.rstrip("/")
+
+
+def rules_yaml(url: str) -> str:
+    """codi2.rules.yml as Prometheus loads it: every runbook link absolute."""
+    return RULES.read_text().replace(DOCS_URL, docs_url(url))
+
+
+def prometheus_rule_yaml(url: str) -> str:
+    """The same groups as the rendered codi2.rules.yml, for clusters that run the Prometheus Operator."""
+    groups = yaml.safe_load(rules_yaml(url))["groups"]
     rule = {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {"name": "codi2", "labels": {"app.kubernetes.io/name": "codi2"}},
         "spec": {"groups": groups},
     }
-    header = "# Generated from codi2.rules.yml by generate.py (`make monitoring`): edit that file instead.\n"
+    header = "# Generated from codi2.rules.yml by generate.py --docs-url (`make monitoring DOCS_URL=...`).\n"
     return header + to_yaml([rule])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--docs-url", default=os.environ.get("CODI2_DOCS_URL"), help="where docs/ is served (default: $CODI2_DOCS_URL)"
+    )
+    parser.add_argument("--output-dir", type=Path, default=OUTPUT, help=f"for the rendered rules (default: {OUTPUT})")
+    args = parser.parse_args(argv)
     DASHBOARD.write_text(dashboard_json())
-    PROMETHEUS_RULE.write_text(prometheus_rule_yaml())
+    if not args.docs_url:
+        print("generate.py: dashboard written; the rules need --docs-url (or $CODI2_DOCS_URL)", file=sys.stderr)
+        return 0
+    try:
+        rules, prometheus_rule = rules_yaml(args.docs_url), prometheus_rule_yaml(args.docs_url)
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "codi2.rules.yml").write_text(rules)
+    (args.output_dir / "prometheusrule.yaml").write_text(prometheus_rule)
+    print(f"generate.py: rules with runbook links under {docs_url(args.docs_url)} in {args.output_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -98,6 +98,10 @@ def resolve_cluster_file(settings: Settings) -> Path:
     """FDB_CLUSTER_FILE wins, then an existing `cluster_file`, then `cluster_string` written privately."""
     env = os.environ.get("FDB_CLUSTER_FILE")
     if env:
+        if not os.path.exists(env):  # said here, as `codi2 test` says it: the client's own error names no file
+            raise StoreError(
+                f"cluster file {env} (FDB_CLUSTER_FILE): No such file or directory", code="no_cluster_file"
+            )
         return Path(env)
     fdb_settings = settings.foundationdb
     if fdb_settings.cluster_file is not None and fdb_settings.cluster_file.exists():

@@ -15,6 +15,7 @@ Layout v2, what this release writes:
     (tenant, "s", session, vs)             empty: the transaction vs wrote events of that session
     (tenant, "streams", stream)            msgpack [user_id, pod, first_ts, predecessor]
     (tenant, "ids", event_id)              empty: an event of a batch without a header was written
+    (tenant, "h", stream)                  msgpack [number, link, ts]: the stream's horizon (`codi2 prune`)
     (tenant, "probe", uuid)                a random token, written and cleared by `codi2 test`
 
 Layout v1, written by codi2 0.2 and read (never written) here:
@@ -109,6 +110,9 @@ class Keys:
 
     def probe(self, tenant: str, token: str) -> bytes:
         return self.key(tenant, "probe", token)
+
+    def horizon(self, tenant: str, stream_id: str) -> bytes:
+        return self.key(tenant, "h", stream_id)
 
     # v1
 
@@ -207,6 +211,21 @@ def encode_stream(user_id: str, pod: str, first_ts: str, predecessor: tuple[str,
 def decode_stream(value: bytes) -> tuple[str, str, str, tuple[str, int, bytes] | None]:
     user_id, pod, first_ts, predecessor = _decoder.decode(value)
     return user_id, pod, first_ts, None if predecessor is None else tuple(predecessor)
+
+
+def piece_stream(value: bytes) -> str | None:
+    """A piece's stream (None: a batch without a header), its records left compressed."""
+    stream: str | None = _decoder.decode(value)[1]
+    return stream
+
+
+def encode_horizon(number: int, link: bytes, ts: str) -> bytes:
+    return _encoder.encode([number, link, ts])
+
+
+def decode_horizon(value: bytes) -> tuple[int, bytes, str]:
+    number, link, ts = _decoder.decode(value)
+    return number, link, ts
 
 
 # v1 (read only) ----------------------------------------------------------------------------------------------

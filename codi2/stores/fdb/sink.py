@@ -16,27 +16,28 @@ the log's, and a stream begun in v1 goes on in v2 with its next number.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
 from heapq import merge
-from itertools import chain
+from itertools import chain, takewhile
 from typing import Any, TypeVar
 
 import fdb
 import fdb.tuple as fdbtuple
 
 from codi2.config import Settings
-from codi2.stores.base import Cursor, StoredBatch, StoreError, StreamEntry
+from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
 from codi2.stores.fdb import codec
 from codi2.stores.fdb.client import load_fdb, resolve_cluster_file, set_network_options, store_error
 from codi2.stores.fdb.codec import VS_LEN, Keys
 from codi2.trail.chain import ZERO
-from codi2.trail.events import Batch, BatchHeader, Event, EventQuery
+from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, rfc3339
 
 PAGE_ROWS = 1000  # v1 audit rows per read transaction
 PAGE_PIECES = 16  # v2 pieces per read transaction: at most ~1.5 MB
@@ -46,6 +47,8 @@ TX_OVERHEAD = 2_000  # the `c`, `t`, `s` and `streams` keys and the read of `c`,
 CLOCK_SKEW_S = 2  # the `t` index is keyed by each pod's clock: how far apart two pods' clocks may be
 # transaction_too_large, key_too_large, value_too_large: fewer events may fit, one event alone never will.
 TOO_LARGE = frozenset({2101, 2102, 2103})
+CLEARS_PER_TX = 500  # horizons, sessions or streams handled per transaction of a prune
+V1_NAMESPACES = ("audit", "audit_chunks", "audit_by_path", "event_ids", "chain")
 
 T = TypeVar("T")
 
@@ -258,8 +261,9 @@ class FdbSink:
 
     def _head_before(self, snap: Any, tenant: str, stream: str, user: str, pod: str) -> tuple[str, int, bytes] | None:
         """The head (stream, number, link) of the stream this user's pod wrote before `stream`: the latest
-        registered one, and its last batch in either layout. Snapshot reads, in the transaction that registers
-        `stream` (once per stream): registering never conflicts with another pod registering its own."""
+        registered one, and its last batch in either layout (its horizon when pruned whole). Snapshot reads,
+        in the transaction that registers `stream` (once per stream): registering never conflicts with another
+        pod registering its own."""
         keys = self._keys
         previous: tuple[str, str] | None = None  # (first_ts, stream)
         for kv in snap.get_range(*keys.namespace_range(tenant, "streams")):
@@ -275,7 +279,13 @@ class FdbSink:
         found = [codec.decode_progress(last_stream, keys.unpack(kv.key)[3], kv.value).header for kv in c]
         found += [codec.decode_v1_header(last_stream, keys.unpack(kv.key)[3], kv.value)[0] for kv in v1]
         last = max(found, key=lambda h: h.number, default=None)
-        return (last_stream, 0, ZERO) if last is None else (last_stream, last.number, last.link)
+        if last is not None:
+            return (last_stream, last.number, last.link)
+        pruned = snap.get(keys.horizon(tenant, last_stream)).value  # pruned whole: its horizon is its head
+        if pruned is None:
+            return (last_stream, 0, ZERO)
+        number, link, _ = codec.decode_horizon(pruned)
+        return (last_stream, number, link)
 
     def _unchained_tx(self, tenant: str, events: list[Event], cut: _Cut, tr: Any) -> _Written:
         """One transaction of a batch without a header (`events`: a window of it, as many as FoundationDB lets
@@ -572,3 +582,183 @@ class FdbSink:
 
     def close(self) -> None:
         """The network thread belongs to the process; FDB stops it at exit."""
+
+    # Retention (docs/retention.md) ---------------------------------------------------------------
+
+    def horizons(self, tenant_id: str) -> dict[str, Horizon]:
+        rows = self._scan(tenant_id, *self._keys.namespace_range(tenant_id, "h"), PAGE_ROWS)
+        return {self._keys.unpack(k)[2]: Horizon(*codec.decode_horizon(v)) for k, v in rows}
+
+    def retention_plan(self, tenant_id: str, before: datetime) -> RetentionPlan:
+        """The bound is a versionstamp: that of the last transaction committed (by the `t` index) before
+        `before`, or the first of a batch that cannot go (journaled after `before`, or still being written),
+        whichever comes first. Layout v1's keys go only when all of them are older than `before`."""
+        keys, cut = self._keys, rfc3339(before.timestamp())
+        horizons = self.horizons(tenant_id)
+        t_begin, _ = keys.namespace_range(tenant_id, "t")
+        t_end = keys.time_index(tenant_id, math.floor(before.timestamp()))
+
+        def last(tr: Any) -> bytes | None:
+            return next((bytes(kv.value[:VS_LEN]) for kv in tr.get_range(t_begin, t_end, limit=1, reverse=True)), None)
+
+        last_vs = self._run(last, tenant_id)
+        upper = bytes(VS_LEN) if last_vs is None else (int.from_bytes(last_vs) + 1).to_bytes(VS_LEN)
+        streams = {
+            stream: self._stream_batches(tenant_id, stream, horizons.get(stream)) for stream in self.streams(tenant_id)
+        }
+        legacy = all(h.ts < cut for rows in streams.values() for h, versions, _ in rows if versions is None)
+        legacy = legacy and self._v1_older(tenant_id, cut)
+
+        def going(row: tuple[BatchHeader, list[bytes] | None, bool]) -> bool:
+            header, versions, complete = row
+            if versions is None:
+                return legacy
+            return complete and header.ts < cut and all(v < upper for v in versions)
+
+        while True:  # a batch that stays keeps its pieces and all committed after them: to a fixed point
+            staying = [v for rows in streams.values() for row in rows if not going(row) for v in row[1] or []]
+            if min(staying, default=upper) >= upper:
+                break
+            upper = min(staying)
+        pruned: dict[str, PrunedStream] = {}
+        for stream, rows in streams.items():
+            gone = list(takewhile(going, rows))
+            if gone:
+                h = gone[-1][0]
+                previous = horizons.get(stream)
+                pruned[stream] = PrunedStream(
+                    previous, Horizon(h.number, h.link, h.ts), len(gone), sum(row[0].events for row in gone)
+                )
+        kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
+        return RetentionPlan(tenant_id, before, pruned, upper, legacy=legacy, kept=kept)
+
+    def _stream_batches(
+        self, tenant: str, stream: str, horizon: Horizon | None
+    ) -> list[tuple[BatchHeader, list[bytes] | None, bool]]:
+        """(header, its pieces' versions or None for a v1 batch, complete) of each batch after the horizon,
+        in number order: v2's batches still being written too (their pieces must stay)."""
+        keys, after = self._keys, horizon.number if horizon is not None else 0
+        rows: list[tuple[BatchHeader, list[bytes] | None, bool]] = []
+        for key, value in self._scan(tenant, *keys.namespace_range(tenant, "chain", stream), PAGE_ROWS):
+            rows.append((codec.decode_v1_header(stream, keys.unpack(key)[3], value)[0], None, True))
+        for key, value in self._scan(tenant, *keys.namespace_range(tenant, "c", stream), PAGE_ROWS):
+            progress = codec.decode_progress(stream, keys.unpack(key)[3], value)
+            rows.append((progress.header, [bytes(v) for v, _, _ in progress.runs], progress.complete))
+        return sorted((row for row in rows if row[0].number > after), key=lambda row: row[0].number)
+
+    def _v1_older(self, tenant: str, cut: str) -> bool:
+        """Whether v1's last event (in commit order) is older than the cut: v1 has no time index."""
+        begin, end = self._keys.namespace_range(tenant, "audit")
+
+        def last(tr: Any) -> bytes | None:
+            return next((kv.key for kv in tr.get_range(begin, end, limit=1, reverse=True)), None)
+
+        key = self._run(last, tenant)
+        if key is None:
+            return True
+        _, value = next(self._v1_rows(tenant, key, end))
+        return codec.decode_v1_event(tenant, value).ts < cut
+
+    def _log_bound(self, tenant: str, plan: RetentionPlan) -> bytes:
+        return self._keys.key(tenant, "log", fdbtuple.Versionstamp(plan.bound))
+
+    def unchained_before(self, plan: RetentionPlan) -> Iterator[Event]:
+        """Pieces of batches without a header before the bound (their values decoded only then), and with
+        layout v1 going, its events in no batch's runs."""
+        tenant, keys = plan.tenant_id, self._keys
+        if plan.legacy:
+            runs: dict[bytes, list[tuple[int, int]]] = {}
+            for stream in self.streams(tenant):
+                for key, value in self._scan(tenant, *keys.namespace_range(tenant, "chain", stream), PAGE_ROWS):
+                    for version, first, count in codec.decode_v1_header(stream, keys.unpack(key)[3], value)[1]:
+                        runs.setdefault(bytes(version), []).append((first, count))
+            for key, value in self._v1_rows(tenant, *keys.namespace_range(tenant, "audit")):
+                _, _, vs, n = keys.unpack(key)
+                if not any(first <= n < first + count for first, count in runs.get(bytes(vs.tr_version), [])):
+                    yield codec.decode_v1_event(tenant, value)
+        begin, _ = keys.namespace_range(tenant, "log")
+        for _, value in self._log_pieces(tenant, begin, self._log_bound(tenant, plan)):
+            if codec.piece_stream(value) is None:
+                yield from codec.decode_piece(value).events
+
+    def prune(self, plan: RetentionPlan) -> None:
+        """Horizons first (never moved back), then the log by the `t` index's versionstamps, a page of it per
+        transaction, and the `t`, `s`, `c` and `ids` keys the horizons cover, then v1's keys if they all go.
+        Clears only: no key is read but the index and one per stream or session."""
+        tenant, keys = plan.tenant_id, self._keys
+        for chunk in _chunks(plan.streams.items()):
+
+            def set_horizons(tr: Any, chunk: list[tuple[str, PrunedStream]] = chunk) -> None:
+                stored = [(stream, p.horizon, tr.get(keys.horizon(tenant, stream))) for stream, p in chunk]
+                for stream, h, future in stored:
+                    if future.value is None or codec.decode_horizon(future.value)[0] < h.number:
+                        tr.set(keys.horizon(tenant, stream), codec.encode_horizon(h.number, h.link, h.ts))
+
+            self._run(set_horizons, tenant, write=True)
+        bound = self._log_bound(tenant, plan)
+        low, _ = keys.namespace_range(tenant, "log")
+        t_begin, _ = keys.namespace_range(tenant, "t")
+        t_end = keys.time_index(tenant, math.floor(plan.before.timestamp()))
+        for page in _chunks(self._scan(tenant, t_begin, t_end, PAGE_ROWS), PAGE_ROWS):
+            stamps = [(k, bytes(v[:VS_LEN])) for k, v in page if bytes(v[:VS_LEN]) < plan.bound]
+            last = max((vs for _, vs in stamps), default=bytes(VS_LEN))
+            high = max(low, min(bound, keys.key(tenant, "log", fdbtuple.Versionstamp(last)) + b"\xff"))
+            self._run(partial(self._clear_log, low, high, [k for k, _ in stamps]), tenant, write=True)
+            low = high
+        self._run(partial(self._clear_log, low, bound, []), tenant, write=True)  # pieces no `t` key names
+        for chunk_s in _chunks(self._first_keys(tenant, "s")):
+
+            def clear_sessions(tr: Any, chunk: list[str] = chunk_s) -> None:
+                for session in chunk:
+                    begin, _ = keys.namespace_range(tenant, "s", session)
+                    tr.clear_range(begin, keys.key(tenant, "s", session, fdbtuple.Versionstamp(plan.bound)))
+
+            self._run(clear_sessions, tenant, write=True)
+        for chunk_h in _chunks(self.horizons(tenant).items()):
+
+            def clear_batches(tr: Any, chunk: list[tuple[str, Horizon]] = chunk_h) -> None:
+                for stream, h in chunk:
+                    begin, _ = keys.namespace_range(tenant, "c", stream)
+                    tr.clear_range(begin, keys.progress(tenant, stream, h.number + 1))
+
+            self._run(clear_batches, tenant, write=True)
+        ms = math.floor(plan.before.timestamp() * 1000)
+        ids_end = keys.event_id(tenant, f"{ms:012x}"[:8] + "-" + f"{ms:012x}"[8:])
+
+        def clear_old(tr: Any) -> None:
+            tr.clear_range(keys.namespace_range(tenant, "ids")[0], ids_end)
+            for namespace in V1_NAMESPACES if plan.legacy else ():
+                tr.clear_range(*keys.namespace_range(tenant, namespace))
+
+        self._run(clear_old, tenant, write=True)
+
+    def _clear_log(self, begin: bytes, end: bytes, stamps: list[bytes], tr: Any) -> None:
+        if begin < end:
+            tr.clear_range(begin, end)
+        for key in stamps:
+            tr.clear(key)
+
+    def _first_keys(self, tenant: str, namespace: str) -> list[str]:
+        """The distinct first elements under a namespace (sessions, streams): one read each."""
+        found: list[str] = []
+        begin, end = self._keys.namespace_range(tenant, namespace)
+        while key := self._run(partial(self._first_key, begin, end), tenant):
+            found.append(self._keys.unpack(key)[2])
+            begin = self._keys.key(tenant, namespace, found[-1]) + b"\xff"
+        return found
+
+    def delete_tenant(self, tenant_id: str) -> None:
+        """The tenant's whole prefix, every layout, in one clear."""
+        prefix = self._keys.key(tenant_id)
+        self._run(lambda tr: tr.clear_range(prefix, prefix + b"\xff"), tenant_id, write=True)
+
+
+def _chunks(items: Iterable[T], size: int = CLEARS_PER_TX) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
