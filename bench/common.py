@@ -94,6 +94,32 @@ def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return time.monotonic() - started
 
 
+def health_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
+    """The health port a daemon logged in its `codi2_ready` line (it binds port 0)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in log.read_text().splitlines():
+            if '"codi2_ready"' in line:
+                port: int = json.loads(line)["health_port"]
+                return port
+        if proc.poll() is not None:
+            sys.exit(f"bench: codi2 exited: {log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    sys.exit(f"bench: codi2 did not start (log {log})")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every series of a daemon's /metrics, keyed by its name with its labels as printed
+    (`codi2_store_errors_total{error="fdb_1020"}`)."""
+    series: dict[str, float] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                series[name] = float(value)
+    return series
+
+
 class FakeFdb:
     """The fake libfdb_c (`../shared/fakelibfdb`, an SQLite file behind the C API) built into `base`, for
     the real `fdb` bindings of child processes: they find it through LD_LIBRARY_PATH, as a deployment finds

@@ -1,12 +1,13 @@
 """codi2 benchmarks: burst capture (on SQLite, and on FoundationDB over the fake libfdb_c), commit
 latency, start-up, idle cost and a mixed editor load, each run REPS times (5 for the bursts, 3 for the
-rest), interleaved with its baselines. The targets count codi2's own cost above floors measured in the same
-run, which move with the machine: the Python floor of the burst (bench/floor.py) and the import floor of
-start-up (`python -c "import aiohttp.web, pydantic_settings"`). Prints a table, each target beside its
+rest), interleaved with its baselines; and the fleet (bench/fleet.py: N daemons on one FoundationDB
+cluster, run once, into bench/results/fleet.json). The targets count codi2's own cost above floors measured
+in the same run, which move with the machine: the Python floor of the burst (bench/floor.py) and the import
+floor of start-up (`python -c "import aiohttp.web, pydantic_settings"`). Prints a table, each target beside its
 figure, and writes bench/results/bench.json. Figures are ratios and medians; these machines are shared
 and noisy.
 
-    python bench/run.py [--reps N] [--only burst,burst-fdb,latency,startup,idle,mixed] [--burst-files 100000]
+    python bench/run.py [--reps N] [--only burst,burst-fdb,latency,startup,idle,mixed,fleet] [--burst-files 100000]
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fleet
 from common import (
     Codi2,
     FakeFdb,
@@ -41,9 +43,10 @@ from common import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from codi2.disk.ignore import IgnoreRules
 from codi2.stores.sqlite import SqliteSink
 from codi2.trail.events import Event, EventQuery
-from codi2.trail.replay import disk_state, fold
+from codi2.trail.replay import fold, read_disk
 
 WRITER = """
 import os, sys
@@ -52,8 +55,9 @@ for i in range(n):
     with open(os.path.join(root, f"d{i % dirs}", f"f{i}"), "wb") as f:
         f.write(b"x")
 """
-SCENARIOS = ("burst", "burst-fdb", "latency", "startup", "idle", "mixed")
+SCENARIOS = ("burst", "burst-fdb", "latency", "startup", "idle", "mixed", "fleet")
 IGNORED = {".git", "node_modules", "target", "dist"}
+HASH_MAX = 64 * 1024 * 1024  # the daemon's default hash_max_bytes
 FLOOR = Path(__file__).resolve().parent / "floor.py"
 
 
@@ -429,7 +433,7 @@ def mixed(base: Path, reps: int) -> dict[str, Any]:
             d.mkdir(parents=True, exist_ok=True)
             (d / f"index{i}.js").write_text("module.exports = {}\n")
         ops_end = time.monotonic()
-        expected = disk_state(tree, IGNORED)
+        expected = read_disk(tree, IgnoreRules(sorted(IGNORED), [tree]), HASH_MAX).state
         sink = SqliteSink(codi2.db, create=False)
         events: list[Event] = []
 
@@ -595,6 +599,8 @@ def main() -> int:
     parser.add_argument("--burst-files", type=int, default=100_000)
     parser.add_argument("--idle-seconds", type=float, default=60.0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "bench.json")
+    parser.add_argument("--fleet-json", type=Path, default=Path(__file__).parent / "results" / "fleet.json")
+    fleet.add_arguments(parser)
     args = parser.parse_args()
     only = set(args.only.split(","))
     if only - set(SCENARIOS):
@@ -612,11 +618,12 @@ def main() -> int:
     }
     with tempfile.TemporaryDirectory(prefix="codi2-bench-") as tmp:
         base = Path(tmp)
-        fdb = FakeFdb(base) if "burst-fdb" in only else None  # built first: a missing compiler fails at once
+        # built first: a missing compiler fails at once
+        fdb = FakeFdb(base) if only & {"burst-fdb", "fleet"} else None
         if "burst" in only:
             print("burst capture", flush=True)
             results["burst"] = burst(base, binaries, burst_reps, args.burst_files)
-        if fdb is not None:
+        if fdb is not None and "burst-fdb" in only:
             print("burst capture on FoundationDB (fake libfdb_c)", flush=True)
             results["burst-fdb"] = burst_fdb(base, fdb, burst_reps, args.burst_files)
         if "latency" in only:
@@ -631,10 +638,18 @@ def main() -> int:
         if "mixed" in only:
             print("mixed editor load", flush=True)
             results["mixed"] = mixed(base, reps)
-    print()
-    print(table(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
+        if fdb is not None and "fleet" in only:
+            print("fleet on one FoundationDB cluster (fake libfdb_c)", flush=True)
+            fleet_results = fleet.run(base, fdb, args)
+            print()
+            print(fleet.report(fleet_results))
+            args.fleet_json.parent.mkdir(parents=True, exist_ok=True)
+            args.fleet_json.write_text(json.dumps(fleet_results, indent=2))
+    if only - {"fleet"}:  # bench.json keeps the other scenarios' figures when the fleet runs alone
+        print()
+        print(table(results))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
     return 0
 
 
