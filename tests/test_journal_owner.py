@@ -91,6 +91,9 @@ class Outage:
             raise StoreError("store unreachable", code="unreachable")
         self.sink.write_batch(batch)
 
+    def draining_backlog(self, draining: bool) -> None:
+        self.sink.draining_backlog(draining)
+
     def ping(self) -> None:
         self.sink.ping()
 

@@ -21,7 +21,7 @@ from codi2.journal.journal import Journal, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.pipeline.flusher import Flusher
 from codi2.stores.base import TrailReader
-from codi2.trail.events import Event, EventQuery, Identity, Origin
+from codi2.trail.events import Event, Identity, Origin
 from codi2.trail.replay import fold_events
 
 log = structlog.get_logger("codi2.pipeline.rebuild")
@@ -86,10 +86,9 @@ class IndexRebuild:
         stored: set[str] = set()
 
         def stored_trail() -> Iterator[Event]:
-            for _, e in trail.read(EventQuery(ident.tenant_id)):
-                if e.user_id == ident.user_id and e.root in roots:
-                    stored.add(e.id)
-                    yield e
+            for e in trail.user_trail(ident.tenant_id, ident.user_id, roots):
+                stored.add(e.id)
+                yield e
 
         state = fold_events(stored_trail())
         # Only what the store does not have yet, in order: a rename folded twice would drop its target.

@@ -257,13 +257,19 @@ class EventQuery:
     action: Action | None = None
     since: datetime | None = None
     limit: int | None = None
+    until: datetime | None = None  # at or before: a filter (a batch delayed by an outage commits late)
+    session_id: str | None = None
 
     def matches(self, event: Event) -> bool:
         if event.tenant_id != self.tenant_id:
             return False
         if self.action is not None and event.action != self.action:
             return False
+        if self.session_id is not None and event.session_id != self.session_id:
+            return False
         if self.since is not None and parse_time(event.ts) < self.since:
+            return False
+        if self.until is not None and parse_time(event.ts) > self.until:
             return False
         if self.path_glob is not None:
             paths = (event.path,) if event.dest_path is None else (event.path, event.dest_path)
