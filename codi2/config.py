@@ -189,6 +189,10 @@ class MonitoringSettings(Section):
     """How often directories without a watch (watch limit, permissions) are tried again and diffed against
     the index, in seconds; also how often hard-linked files with names outside the watched trees are
     re-statted (at most 1,000 a round), which bounds how late a write through such a name is recorded."""
+    session_file: FilePath | None = None
+    """A file the IDE keeps the current session id in (e.g. `/workspace/.theia/session`): read again when it
+    changes (a stat at each batch cut), and each event carries the session current when it was recorded.
+    Unset, missing or empty: the fixed `session_id` (`--session-id`, `$SESSION_ID`)."""
 
     @field_validator("watch_paths")
     @classmethod

@@ -244,6 +244,12 @@ def daemon_factory(
 Ignored = Callable[[str, bool], bool]
 
 
+def folds_to(trail: dict[tuple[str, str], Entry], disk: dict[tuple[str, str], Entry]) -> bool:
+    """Whether a trail's fold is the disk where the trail knows it: a trail begun before events carried
+    owners (0.1's, version 1 records) has entries without them, as `codi2 verify --disk` allows."""
+    return trail.keys() == disk.keys() and all(entry.matches(disk[key]) for key, entry in trail.items())
+
+
 def disk_state(
     root: Path,
     ignores: tuple[str, ...] = (".git", "node_modules", "target", "dist", ".codi2"),

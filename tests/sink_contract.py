@@ -19,7 +19,7 @@ from tamper import Tamper
 from codi2.stores.base import Sink, StoredBatch
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead, ChainKey, make_key
-from codi2.trail.events import EVENT_KEYS, Batch, Event, EventQuery, encode_events, rfc3339, uuid7
+from codi2.trail.events import EVENT_KEYS, Batch, Event, EventQuery, encode_event, encode_events, rfc3339, uuid7
 from codi2.trail.verify import Report, verify
 
 _seq = itertools.count(1)
@@ -123,11 +123,29 @@ class SinkContract:
             type="symlink",
             size=None,
             sha256=None,
+            uid=2**32 - 2,
+            gid=0,
+            target=os.fsdecode(b"../caf\xe9\n"),
         )
         sink.write_batch(batch_of(odd))
         [back] = self._all(sink)
         assert back == odd
         assert os.fsencode(back.path) == b"dir/caf\xe9\nline.txt"
+        assert os.fsencode(back.target or "") == b"../caf\xe9\n"
+
+    def test_records_of_both_versions_are_kept_as_written_and_verify(self, sink: Sink) -> None:
+        """A trail begun before events carried owners (version 1 records) goes on with version 2 ones, in
+        one batch even: each is read back as it was, and the links over both still hold."""
+        old = [make_event(f"old{i}") for i in range(2)]
+        new = [make_event(f"new{i}", uid=1000, gid=1000) for i in range(2)]
+        link = make_event("link", type="symlink", sha256=None, target="old0")
+        for batch in chain_of(old, [make_event("old2"), new[0]], [new[1], link]):
+            sink.write_batch(batch)
+        assert [(e.uid, e.target) for e in self._all(sink)] == [(None, None)] * 3 + [(1000, None)] * 2 + [
+            (None, "old0")
+        ]
+        assert [encode_event(e)[3] for e in self._all(sink)] == [1, 1, 1, 2, 2, 2]
+        assert verify(sink, "t1").ok
 
     def test_rewriting_a_batch_is_idempotent(self, sink: Sink) -> None:
         batch = batch_of(make_event("x"), make_event("y"))

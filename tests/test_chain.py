@@ -28,7 +28,7 @@ from codi2.journal.recovery import move_aside
 from codi2.stores.sqlite import LocalStore, SqliteSink
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead, load_key, make_key
-from codi2.trail.events import EVENT_KEYS, Event, encode_event
+from codi2.trail.events import Event, decode_event, encode_event
 from codi2.trail.verify import verify
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "trail-format.md"
@@ -76,10 +76,34 @@ def mp(value: Any) -> bytes:
     raise TypeError(value)
 
 
+V1 = [
+    "id",
+    "seq",
+    "ts",
+    "tenant_id",
+    "user_id",
+    "session_id",
+    "pod",
+    "action",
+    "path",
+    "dest_path",
+    "root",
+    "type",
+    "size",
+    "mode",
+    "mtime",
+    "sha256",
+    "origin",
+]
+V2 = [*V1, "uid", "gid", "target"]
+BINARY = ("path", "dest_path", "root", "target")
+
+
 def record(event: dict[str, Any]) -> list[Any]:
-    """An event, as `codi2 events` prints it, as its record: path, dest_path and root as their bytes."""
-    binary = ("path", "dest_path", "root")
-    return [1, *(os.fsencode(event[k]) if k in binary and event[k] is not None else event[k] for k in EVENT_KEYS)]
+    """An event, as `codi2 events` prints it, as its record: the shortest version that holds it (2 when it
+    has an owner or a target), the binary fields as their bytes."""
+    version, keys = (2, V2) if any(event.get(k) is not None for k in V2[len(V1) :]) else (1, V1)
+    return [version, *(os.fsencode(event[k]) if k in BINARY and event[k] is not None else event[k] for k in keys)]
 
 
 def reference_link(header: dict[str, Any], records: list[Any], key: bytes | None) -> bytes:
@@ -113,8 +137,9 @@ def test_the_worked_example_of_the_doc() -> None:
     doc = DOC.read_text()
     example = doc[doc.index("## Worked example") :]
     event_json, message_hex = re.findall(r"```(?:json)?\n(.*?)```", example, re.S)
-    plain, keyed = re.findall(r"`([0-9a-f]{64})`", example)
+    plain, keyed, plain_v1 = re.findall(r"`([0-9a-f]{64})`", example)
     event = json.loads(event_json)
+    assert record(event)[0] == 2
     key = b"an example key: 32 bytes or more"
     key_id = hmac.new(key, b"codi2 key id", hashlib.sha256).hexdigest()[:16]
     header = {"stream_id": "5f0c2b7e-3d1a-4c8e-9b6f-0a1d2e3f4a5b", "number": 1, "ts": "2026-11-27T12:00:00.120000Z"}
@@ -124,11 +149,16 @@ def test_the_worked_example_of_the_doc() -> None:
     assert reference_link(header, [record(event)], None).hex() == plain
     assert f"whose id is `{key_id}`" in example
     assert reference_link(header | {"key_id": key_id}, [record(event)], key).hex() == keyed
+    v1 = event | {"uid": None, "gid": None}  # the same event before codi2 kept owners
+    assert mp([1, *header.values(), [record(v1)]]).hex().startswith("9701") and len(mp(record(v1))) + 35 + 36 < 349
+    assert reference_link(header, [record(v1)], None).hex() == plain_v1
 
     records = chain.records([encode_event(Event.from_fields(event))])  # and codi2 itself
     head = ChainHead(0, chain.ZERO)
     assert chain.seal(header["stream_id"], head, header["ts"], records, 1, None).link.hex() == plain
     assert chain.seal(header["stream_id"], head, header["ts"], records, 1, make_key(key)).link.hex() == keyed
+    records = chain.records([encode_event(Event.from_fields(v1))])
+    assert chain.seal(header["stream_id"], head, header["ts"], records, 1, None).link.hex() == plain_v1
 
 
 paths = st.binary(min_size=1, max_size=300).filter(lambda b: b"\x00" not in b).map(os.fsdecode)
@@ -136,12 +166,34 @@ texts = st.text(max_size=300)
 numbers = st.one_of(st.none(), st.integers(min_value=-(2**63), max_value=2**64 - 1))
 
 
-@given(path=paths, dest=st.one_of(st.none(), paths), session=st.one_of(st.none(), texts), user=texts, size=numbers)
+owners = st.one_of(st.none(), st.integers(min_value=0, max_value=2**32 - 1))
+
+
+@given(
+    path=paths,
+    dest=st.one_of(st.none(), paths),
+    session=st.one_of(st.none(), texts),
+    user=texts,
+    size=numbers,
+    uid=owners,
+    gid=owners,
+    target=st.one_of(st.none(), paths),
+)
 def test_the_doc_s_encoding_rules_are_codi2_s(
-    path: str, dest: str | None, session: str | None, user: str, size: int | None
+    path: str,
+    dest: str | None,
+    session: str | None,
+    user: str,
+    size: int | None,
+    uid: int | None,
+    gid: int | None,
+    target: str | None,
 ) -> None:
     event = make_event(path, dest_path=dest, session_id=session, user_id=user, size=size, mode=size, seq=abs(size or 0))
+    event = event._replace(uid=uid, gid=gid, target=target)
+    assert list(event.to_dict()) == V2  # the doc's keys are codi2's
     assert mp(record(event.to_dict())) == encode_event(event)
+    assert decode_event(encode_event(event)) == event
 
 
 def test_a_verifier_of_one_s_own_checks_what_the_journal_wrote(tmp_path: Path) -> None:
@@ -154,7 +206,10 @@ def test_a_verifier_of_one_s_own_checks_what_the_journal_wrote(tmp_path: Path) -
         journal = Journal(store, store=LocalStore(), key=sealer)
         for n in range(3):
             with journal.transaction():
-                journal.append([make_event(os.fsdecode(b"f-\xff" * 40) + str(n), size=2**40) for _ in range(20)])
+                name = os.fsdecode(b"f-\xff" * 40) + str(n)
+                v1 = [make_event(name, size=2**40) for _ in range(10)]  # no owner: version 1 records
+                v2 = [make_event(name, uid=1000, gid=2**32 - 2, target=os.fsdecode(b"\xfe")) for _ in range(10)]
+                journal.append([e for pair in zip(v1, v2, strict=True) for e in pair])
         streams.append(journal.stream_id)
         journal._db.execute("DELETE FROM meta")  # as if the state dir were new: the next journal starts a stream
         journal.close()

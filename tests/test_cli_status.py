@@ -79,7 +79,7 @@ def test_a_mistyped_command_gets_the_closest_one_and_the_list(word: str, guess: 
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
         f"codi2: error: unknown command {word!r} (did you mean {guess!r}?); commands: run, events, verify, status, "
-        "test, provision, config, completion (codi2 --help)\n"
+        "archive, prune, delete-tenant, test, provision, config, completion (codi2 --help)\n"
     )
 
 

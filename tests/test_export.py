@@ -28,6 +28,8 @@ EVENTS = {
     "moved": make_event("a/x.py", action="moved", dest_path="b/y.py"),
     "moved_dir": make_event("a", action="moved", dest_path="b", type="dir", sha256=None),
     "symlink": make_event("link", type="symlink", sha256=None),
+    "chown": make_event("src/main.py", action="updated", uid=1234, gid=4321),
+    "retarget": make_event("link", action="updated", type="symlink", sha256=None, uid=0, gid=0, target=NON_UTF8),
     "gap": make_event("", action="gap", dest_path="inotify_overflow", type="dir", size=7, mode=None, sha256=None),
     "gap_uncounted": make_event("", action="gap", dest_path="spool_full", type="dir", size=None, sha256=None),
     "non_utf8": make_event(NON_UTF8, action="moved", dest_path=NON_UTF8 + "\n2"),
@@ -199,3 +201,18 @@ def test_ecs_mapping() -> None:
     )
     assert "size" not in gap["file"]
     assert "mtime" not in to_ecs(EVENTS["far_mtime"])["file"]
+
+
+def test_the_owner_and_a_symlink_s_target_in_both_formats() -> None:
+    """Numbers, never names (a sidecar cannot resolve them): OCSF's owner is a User with a uid (`file.uid` is
+    the file's own id), the group an extended attribute; ECS has file.uid/gid and a symlink's target_path."""
+    ocsf = to_ocsf(EVENTS["chown"])
+    assert (ocsf["file"]["owner"], ocsf["file"]["xattributes"]) == ({"uid": "1234"}, {"primary_group": "4321"})
+    assert "uid" not in ocsf["file"]
+    ecs = to_ecs(EVENTS["chown"])["file"]
+    assert (ecs["uid"], ecs["gid"]) == ("1234", "4321")
+    assert not {"owner", "group", "target_path"} & ecs.keys()
+    link = to_ecs(EVENTS["retarget"])["file"]
+    assert (link["target_path"], link["uid"], link["gid"]) == ("caf\\xe9 \\xff.txt", "0", "0")
+    assert to_ocsf(EVENTS["retarget"])["unmapped"]["target"] == "caf\\xe9 \\xff.txt"
+    assert not {"owner", "xattributes"} & to_ocsf(EVENTS["gap"])["file"].keys()

@@ -19,8 +19,10 @@ from conftest import WAIT_S, read_events, wait_for
 from sink_contract import make_event
 
 from codi2.config import BatchingSettings, MonitoringSettings, SpoolSettings
+from codi2.disk.fs import Facts
 from codi2.disk.ignore import IgnoreRules
 from codi2.journal.index import key_of
+from codi2.journal.journal import SCHEMA as JOURNAL_SCHEMA
 from codi2.journal.journal import Journal, JournalCorrupt, JournalUnavailable, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.metrics import Metrics
@@ -88,6 +90,9 @@ class Outage:
         if self.down:
             raise StoreError("store unreachable", code="unreachable")
         self.sink.write_batch(batch)
+
+    def draining_backlog(self, draining: bool) -> None:
+        self.sink.draining_backlog(draining)
 
     def ping(self) -> None:
         self.sink.ping()
@@ -268,7 +273,8 @@ def test_a_journal_of_the_release_before_is_carried_over(v0: Path) -> None:
         stream, head = (dict(db.execute("SELECT key, value FROM meta"))[k] for k in ("stream_id", "chain_head"))
     assert _user_version(path) == 0
     journal = Journal(path)
-    assert _user_version(path) == 1
+    assert _user_version(path) == JOURNAL_SCHEMA.latest == 2
+    assert journal.get("/ws", b"a") is not None and journal.get("/ws", b"a").uid is None  # never known, not 0
     assert (journal.stream_id, journal.chain.batches, journal.chain.link.hex()) == (stream, 2, head)
     assert (journal.outbox_batches, journal.outbox_events) == (2, 3)
     assert journal.initialized and not journal.needs_rebuild
@@ -279,6 +285,26 @@ def test_a_journal_of_the_release_before_is_carried_over(v0: Path) -> None:
     assert batch is not None and batch.header is not None and batch.header.number == 3
     shipped = OutboxReader(path).next_batches(0, 10)
     assert [[e.path for e in b.events] for b in shipped if isinstance(b, OutboxBatch)] == [["a", "d/b"], ["d/c"], ["e"]]
+    journal.close()
+
+
+def test_a_journal_of_version_1_gets_the_owner_columns_by_its_numbered_step(tmp_path: Path) -> None:
+    """Step 2 adds uid, gid and target to the index; its rows keep what they had, the new facts unknown."""
+    path = tmp_path / "journal.db"
+    journal = Journal(path)
+    with journal.transaction():
+        journal.put("/ws", b"a", Facts("file", 1, 0o644, 10, 10, 7, 1, 1, "s"))
+    journal.close()
+    with closing(sqlite3.connect(path)) as db, db:
+        for column in ("uid", "gid", "target"):
+            db.execute(f"ALTER TABLE files DROP COLUMN {column}")
+        db.execute("PRAGMA user_version = 1")
+    journal = Journal(path)
+    assert _user_version(path) == 2
+    assert journal.get("/ws", b"a") == Facts("file", 1, 0o644, 10, 10, 7, 1, 1, "s", None, None, None)
+    with journal.transaction():
+        journal.put("/ws", b"l", Facts("symlink", 1, 0o777, 10, 10, 8, 1, 1, None, 1000, 2**32 - 2, b"\xff"))
+    assert journal.get("/ws", b"l") == Facts("symlink", 1, 0o777, 10, 10, 8, 1, 1, None, 1000, 2**32 - 2, b"\xff")
     journal.close()
 
 
@@ -298,7 +324,7 @@ def test_a_journal_before_chaining_gets_its_header_column(v0: Path) -> None:
 def test_a_sqlite_store_with_its_journal_of_the_release_before_is_carried_over(v0: Path) -> None:
     path = v0 / "audit.db"
     journal = Journal(path, store=LocalStore())
-    assert _user_version(path) == 1 | STORE_SCHEMA.latest << 16  # the journal's half and the store's
+    assert _user_version(path) == JOURNAL_SCHEMA.latest | STORE_SCHEMA.latest << 16  # the journal's half, the store's
     assert journal.chain.batches == 2 and journal.count() == 4
     with journal.transaction():
         journal.append([make_event("e")])
@@ -321,14 +347,16 @@ def test_a_schema_newer_than_this_release_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "journal.db"
     Journal(path).close()
     with closing(sqlite3.connect(path)) as db:
-        db.execute("PRAGMA user_version = 2")  # the journal's half, one step ahead
-    with pytest.raises(JournalCorrupt, match="journal schema 2 is newer than this release reads"):
+        db.execute("PRAGMA user_version = 3")  # the journal's half, one step ahead
+    with pytest.raises(JournalCorrupt, match="journal schema 3 is newer than this release reads"):
         Journal(path)
     store = tmp_path / "audit.db"
     Journal(store, store=LocalStore()).close()
     with closing(sqlite3.connect(store)) as db:
         ahead = STORE_SCHEMA.latest + 1
-        db.execute(f"PRAGMA user_version = {1 | ahead << 16}")  # the store's half ahead: the trail is kept as it is
+        db.execute(
+            f"PRAGMA user_version = {JOURNAL_SCHEMA.latest | ahead << 16}"
+        )  # the store's half ahead: the trail is kept as it is
     with pytest.raises(JournalUnavailable, match=f"store schema {ahead}"):
         Journal(store, store=LocalStore())
     with pytest.raises(StoreError, match=f"store schema {ahead}"):

@@ -74,7 +74,7 @@ def sha(data: bytes | str) -> str:
 
 
 def _facts(e: Event) -> tuple[object, ...]:
-    return (e.type, e.size, e.mode, e.mtime, e.sha256)
+    return (e.type, e.size, e.mode, e.mtime, e.sha256, e.uid, e.gid, e.target)
 
 
 def trail_defects(events: Iterable[Event]) -> list[str]:
@@ -105,7 +105,7 @@ def trail_defects(events: Iterable[Event]) -> list[str]:
             if known is None:
                 say(e, "the trail does not have it")
             elif _facts(known) == _facts(e):
-                say(e, f"restates #{known.seq} {known.action} (same type, size, mode, mtime, sha256)")
+                say(e, f"restates #{known.seq} {known.action} (same type, size, mode, mtime, sha256, owner, target)")
         elif e.action == "deleted":
             if known is None:
                 say(e, "the trail does not have it")

@@ -11,6 +11,7 @@ import re
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
@@ -44,10 +45,16 @@ def register(sub: Subparsers) -> None:
     events.add_argument("--action", choices=ACTIONS, help="only events with this action")
     events.add_argument("--origin", choices=get_args(Origin), help="only events of this origin")
     events.add_argument("--user", metavar="USER_ID", help="only events of this user")
+    events.add_argument("--session", metavar="S", help="only events of this IDE session")
     events.add_argument(
         "--since",
         metavar="TIME",
         help="only events at or after this time: ISO 8601 (UTC if no zone), or that long ago (30s, 15m, 1h, 2d, 1w)",
+    )
+    events.add_argument(
+        "--until",
+        metavar="TIME",
+        help="only events at or before this time: ISO 8601 (UTC if no zone), or that long ago (30s, 15m, 1h, 2d, 1w)",
     )
     events.add_argument(
         "--after-seq", type=int, metavar="N", help="only events whose seq (the journal's sequence) is above N"
@@ -89,7 +96,15 @@ def command(args: argparse.Namespace) -> int:
     wanted = _filter(args)
     # The store applies its own filters and the limit; the limit moves here when this command filters too.
     limit = args.limit if wanted is None else None
-    query = EventQuery(settings.tenant_id, args.path, args.action, since(args), limit)
+    query = EventQuery(
+        settings.tenant_id,
+        args.path,
+        args.action,
+        since(args),
+        limit,
+        until=_time(args.until, "--until"),
+        session_id=args.session,
+    )
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
     if fmt == "table":  # a name no encoding of the terminal can show is escaped, never a crash
         _reconfigure(sys.stdout)
@@ -145,15 +160,19 @@ def _cursor_file(path: Path | None, settings: Settings, tenant_id: str, sink: Tr
 
 def since(args: argparse.Namespace) -> datetime | None:
     """`--since` as a time (`events` and `verify` take it alike): ISO 8601, or a span back from now."""
-    if not args.since:
+    return _time(args.since, "--since")
+
+
+def _time(text: str | None, flag: str) -> datetime | None:
+    if not text:
         return None
-    if relative := RELATIVE.fullmatch(args.since.strip()):
+    if relative := RELATIVE.fullmatch(text.strip()):
         amount, unit = relative.groups()
         return datetime.now(UTC) - timedelta(**{UNITS[unit]: int(amount)})
     try:
-        return parse_time(args.since)
+        return parse_time(text)
     except ValueError:
-        raise UsageError(f"--since: neither an ISO 8601 time nor a span such as 30m, 1h, 2d: {args.since!r}") from None
+        raise UsageError(f"{flag}: neither an ISO 8601 time nor a span such as 30m, 1h, 2d: {text!r}") from None
 
 
 def _filter(args: argparse.Namespace) -> Callable[[Event], bool] | None:
@@ -189,7 +208,7 @@ def _replay(events: Iterator[Event], fmt: str, tenant: str) -> int:
         print(REPLAY_TABLE.format(type="TYPE", sha256="SHA256", root="ROOT", path="PATH"))
     for (root, path), entry in sorted(state.items()):
         if fmt == "jsonl":
-            line = {"root": root, "path": path, "type": entry.type, "sha256": entry.sha256}
+            line = {"root": root, "path": path, **asdict(entry)}
             print(json.dumps(line, separators=(",", ":")))
         else:
             fields = {"type": entry.type, "sha256": entry.sha256 or "-", "root": printable(root)}
@@ -203,7 +222,7 @@ def _table_row(e: dict[str, Any], *, header: bool) -> str:
     path = printable(e["path"])
     if e["dest_path"] is not None:
         path += f" -> {printable(e['dest_path'])}"
-    uid, gid = e.get("uid"), e.get("gid")  # an event's owner, once events carry it
+    uid, gid = e["uid"], e["gid"]
     row = TABLE.format(
         ts=e["ts"],
         action=e["action"],

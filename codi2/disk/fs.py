@@ -38,7 +38,8 @@ RACY_NS = 2_000_000_000
 @dataclass(slots=True)
 class Facts:
     """What an entry is on disk. `sha256` is None for anything but a readable regular file within the
-    hashing limit; `None` stat fields mean "not known" (for example after an index rebuild)."""
+    hashing limit, `target` for anything but a symlink; `None` stat fields mean "not known" (for example
+    after an index rebuild from a trail written before events carried the owner)."""
 
     type: EntryType
     size: int | None
@@ -49,6 +50,9 @@ class Facts:
     dev: int | None
     nlink: int | None
     sha256: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    target: bytes | None = None  # a symlink's target, exactly as readlink gives it
 
     def same_stat(self, other: Facts) -> bool:
         """True when nothing a content change touches differs (ctime moves with every write, chmod and
@@ -84,6 +88,9 @@ def facts_of(st: os.stat_result) -> Facts:
         st.st_ino,
         st.st_dev,
         st.st_nlink,
+        None,
+        st.st_uid,
+        st.st_gid,
     )
 
 
@@ -205,7 +212,11 @@ def read_facts(
     A write racing the read has its own inotify event, read after this window, so it is looked at again;
     and a hash taken within RACY_NS of the file's ctime never lets the next look skip hashing, for a
     write in the same timestamp tick would leave the stat unchanged. A file of more than one chunk is
-    reported to `progress` while it is read."""
+    reported to `progress` while it is read.
+
+    A symlink's facts carry its target: `ln -sfn` retargets a link, and a fold rebuilds the tree from it."""
+    if stat.S_ISLNK(st.st_mode):
+        return _link_facts(dir_fd, name, st, known, hash_max, progress)
     if not stat.S_ISREG(st.st_mode):
         return facts_of(st)
     try:
@@ -257,6 +268,30 @@ def read_facts(
         os.close(fd)
         if progress is not None:
             progress.current = None
+
+
+def _link_facts(
+    dir_fd: int, name: bytes, st: os.stat_result, known: Facts | None, hash_max: int, progress: HashProgress | None
+) -> Facts | None:
+    facts = facts_of(st)
+    try:
+        facts.target = os.readlink(name, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in ABSENT_ERRNOS:
+            return None
+        if exc.errno == errno.EACCES:
+            raise Unreadable(name) from None
+        if exc.errno != errno.EINVAL:
+            raise
+        # No longer a symlink since the lstat: what is there now, read afresh.
+        try:
+            fresh = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except OSError as again:
+            if again.errno in ABSENT_ERRNOS:
+                return None
+            raise
+        return read_facts(dir_fd, name, fresh, known, hash_max, progress)
+    return facts
 
 
 def list_dir(fd: int) -> list[tuple[bytes, bool | None, int]]:

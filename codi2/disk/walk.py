@@ -138,7 +138,7 @@ def _seen(entry: DiskEntry, hash_max: int) -> Seen | None:
         return Seen(entry.rel, None, "could not be examined")
     if entry.unlistable:
         return Seen(entry.rel, facts, "its entries could not be listed")
-    if facts.type != "file":
+    if facts.type == "dir":
         return Seen(entry.rel, facts)
     try:
         hashed = read_facts(entry.dir_fd, entry.name, st, None, hash_max)

@@ -16,7 +16,7 @@ from typing import Any
 from codi2.disk.fs import Facts
 
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
-FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256"
+FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256, uid, gid, target"
 
 
 def key_of(rel: bytes) -> bytes:
@@ -59,7 +59,7 @@ def _facts(row: tuple[Any, ...]) -> Facts:
 
 
 def _values(f: Facts) -> tuple[Any, ...]:
-    return (f.type, f.size, f.mode, f.mtime_ns, f.ctime_ns, f.ino, f.dev, f.nlink, f.sha256)
+    return (f.type, f.size, f.mode, f.mtime_ns, f.ctime_ns, f.ino, f.dev, f.nlink, f.sha256, f.uid, f.gid, f.target)
 
 
 def _wide_values(f: Facts) -> tuple[Any, ...]:
@@ -127,12 +127,12 @@ class Index:
 
     def put(self, root: str, key: bytes, facts: Facts) -> None:
         self._db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (self._root(root, create=True), key, *_wide_values(facts)),
         )
 
     def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
-        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         try:
             self._db.executemany(sql, [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows])
         except OverflowError:  # a value past 64 bits: again, those rows as BLOBs (a replace, so repeatable)

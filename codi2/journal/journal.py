@@ -88,7 +88,20 @@ def _adopt(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE outbox ADD COLUMN header BLOB")
 
 
-SCHEMA = Schema("journal", 0, [_adopt])
+def _owner(db: sqlite3.Connection) -> None:
+    """Version 2: the index keeps each entry's owner and a symlink's target, so `chown` and `ln -sfn` are
+    changes. Rows indexed before have them null, which no comparison counts as a change."""
+    execute_script(
+        db,
+        """
+        ALTER TABLE files ADD COLUMN uid INTEGER;
+        ALTER TABLE files ADD COLUMN gid INTEGER;
+        ALTER TABLE files ADD COLUMN target BLOB;
+        """,
+    )
+
+
+SCHEMA = Schema("journal", 0, [_adopt, _owner])
 
 
 class LocalStore(Protocol):

@@ -174,6 +174,7 @@ class Flusher:
     def flush(self) -> None:
         """Commit every hint of the window, setting aside none but one that fails alone with a bug."""
         hints = self.window.take()
+        self._events.refresh_session()  # a batch cut: the session the events from now on carry
         segments = [hints]  # a stack: the next to try is the last, and each comes before those below it
         while segments:
             segment = segments.pop()

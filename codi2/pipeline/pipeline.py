@@ -37,7 +37,7 @@ from codi2.journal.journal import Journal, JournalCorrupt, LocalStore, is_corrup
 from codi2.journal.outbox import OutboxBatch
 from codi2.journal.recovery import move_aside, salvage_outbox
 from codi2.metrics import Metrics
-from codi2.pipeline.factory import EventFactory
+from codi2.pipeline.factory import EventFactory, SessionFile
 from codi2.pipeline.flusher import Flusher, JournalHealth
 from codi2.pipeline.lifecycle import Mark, start_mark, stop_mark
 from codi2.pipeline.rebuild import IndexRebuild
@@ -115,7 +115,9 @@ class Pipeline:
         self.root_names = [str(r) for r in roots]
         self._file = journal_file
         self._rules = rules
-        self._events = EventFactory(identity, self.root_names, self._take_seq)
+        session_file = monitoring.session_file
+        sessions = None if session_file is None else SessionFile(session_file, identity.session_id)
+        self._events = EventFactory(identity, self.root_names, self._take_seq, sessions)
         self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
         # The shipper's: a journal recovered into a new file (each committed batch: `on_committed`).
         self.on_new_journal: Callable[[Journal], None] = lambda journal: None

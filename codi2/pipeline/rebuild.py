@@ -21,7 +21,7 @@ from codi2.journal.journal import Journal, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.pipeline.flusher import Flusher
 from codi2.stores.base import TrailReader
-from codi2.trail.events import Event, EventQuery, Identity, Origin
+from codi2.trail.events import Event, Identity, Origin
 from codi2.trail.replay import fold_events
 
 log = structlog.get_logger("codi2.pipeline.rebuild")
@@ -86,15 +86,18 @@ class IndexRebuild:
         stored: set[str] = set()
 
         def stored_trail() -> Iterator[Event]:
-            for _, e in trail.read(EventQuery(ident.tenant_id)):
-                if e.user_id == ident.user_id and e.root in roots:
-                    stored.add(e.id)
-                    yield e
+            for e in trail.user_trail(ident.tenant_id, ident.user_id, roots):
+                stored.add(e.id)
+                yield e
 
         state = fold_events(stored_trail())
         # Only what the store does not have yet, in order: a rename folded twice would drop its target.
         state = fold_events((e for e in pending if e.id not in stored), state)
-        return [
-            (root, key_of(os.fsencode(path)), Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256))
-            for (root, path), e in state.items()
-        ]
+        return [(root, key_of(os.fsencode(path)), _facts(e)) for (root, path), e in state.items()]
+
+
+def _facts(e: Event) -> Facts:
+    """What the trail says of an entry: no stat identity, and no owner from a record written before events
+    carried one."""
+    target = None if e.target is None else os.fsencode(e.target)
+    return Facts(e.type, e.size, e.mode, None, None, None, None, None, e.sha256, e.uid, e.gid, target)

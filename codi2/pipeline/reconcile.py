@@ -55,9 +55,12 @@ DiskState = Facts | None | _Unknown
 
 
 def content_changed(known: Facts, disk: Facts) -> bool:
-    """What an `updated` event reports: size, mode, mtime or hash (not the inode or ctime alone); for a
-    directory only its mode (its size and mtime move with every entry). A fact the index does not know
-    (an index rebuilt from the trail, 0.1's index) is not a change."""
+    """What an `updated` event reports: size, mode, owner, mtime, hash or a symlink's target (not the inode
+    or ctime alone); for a directory only its mode and owner (its size and mtime move with every entry). A
+    fact the index does not know (an index rebuilt from the trail, 0.1's index, a row from before the
+    owner was kept) is not a change."""
+    if owner_changed(known, disk):
+        return True
     if disk.type == "dir":
         return known.mode is not None and known.mode != disk.mode
     return (
@@ -65,6 +68,26 @@ def content_changed(known: Facts, disk: Facts) -> bool:
         or (known.mode is not None and known.mode != disk.mode)
         or (known.mtime_ns is not None and known.mtime_ns != disk.mtime_ns)
         or (disk.type == "file" and known.sha256 is not None and known.sha256 != disk.sha256)
+        or (disk.type == "symlink" and known.target is not None and known.target != disk.target)
+    )
+
+
+def owner_changed(known: Facts, disk: Facts) -> bool:
+    """`chown`: the event's uid and gid are the new owner; the old one is the path's previous state."""
+    return (known.uid is not None and known.uid != disk.uid) or (known.gid is not None and known.gid != disk.gid)
+
+
+def _restat(known: Facts, disk: Facts) -> bool:
+    """Same content, new stat (or facts the index lacks): remembered, so it is not hashed again and a
+    later change of what was unknown is seen."""
+    return (known.ino, known.ctime_ns, known.nlink, known.dev, known.uid, known.gid, known.target) != (
+        disk.ino,
+        disk.ctime_ns,
+        disk.nlink,
+        disk.dev,
+        disk.uid,
+        disk.gid,
+        disk.target,
     )
 
 
@@ -436,8 +459,8 @@ class Reconciler:
         if changed:
             self._put(name, key, disk)
             yield from self._emit("updated", root, rel, None, disk, origin)
-        elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
-            self._put(name, key, disk)  # same content, new stat: remember it so it is not hashed again
+        elif _restat(known, disk):
+            self._put(name, key, disk)
         # Another directory at this name, or new permissions (what it held while we could not read it
         # was never seen): look at everything below it.
         if disk.type == "dir" and descend and (changed or appeared or not same_entity(known, disk)):
@@ -453,8 +476,8 @@ class Reconciler:
         elif content_changed(known, disk):
             self._put(self._names[root], key, disk)
             self._record("updated", root, rel, None, disk, origin)
-        elif (known.ino, known.ctime_ns, known.nlink, known.dev) != (disk.ino, disk.ctime_ns, disk.nlink, disk.dev):
-            self._put(self._names[root], key, disk)  # same content, new stat: remember it so it is not hashed again
+        elif _restat(known, disk):
+            self._put(self._names[root], key, disk)
 
     def _delete(self, root: int, rel: bytes, key: bytes, known: Facts, origin: Origin) -> Iterator[None]:
         """`deleted` for everything the index holds below `rel` (deepest first), then for `rel` itself."""
@@ -541,7 +564,7 @@ class Reconciler:
         """The entry's facts with its hash (reused from the index when the stat says nothing changed)."""
         facts, st = entry.facts, entry.st
         assert facts is not None and st is not None
-        if facts.type != "file":
+        if facts.type == "dir":
             return facts
         if known is not None and known.sha256 is not None and facts.same_stat(known):
             facts.sha256 = known.sha256

@@ -30,6 +30,7 @@ log = structlog.get_logger("codi2.ship.shipper")
 RETRY_MAX_S = 5.0
 SHIP_CHUNK = 16
 HANDOFF_MAX = 32  # batches kept in memory for the shipper
+BACKLOG_BATCHES = SHIP_CHUNK  # read back from the outbox at once: the shipper is at least this far behind
 # With nothing to ship the thread sleeps until woken (a committed batch, a new journal, a stop): this
 # bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
@@ -117,6 +118,7 @@ class Shipper:
         self._on_batch_lost = on_batch_lost  # a batch that no longer checks out: its events are gone
         self._on_outbox_corrupt = on_outbox_corrupt  # the journal thread recovers the file (it may be idle)
         self._read_failing = False
+        self._backlog = False  # replaying the outbox at the store's batch priority
         self._wake = threading.Condition()
         self._handoff: deque[OutboxBatch] = deque()
         self._renewed: Journal | None = None  # set (under _wake) once a recovered journal is committed
@@ -188,7 +190,12 @@ class Shipper:
                     reader, after = OutboxReader(journal.path), 0
                 failed = False
                 try:
-                    batches = self._from_handoff(after) or reader.next_batches(after, SHIP_CHUNK)
+                    batches: list[OutboxBatch | tuple[int, str]] = list(self._from_handoff(after))
+                    if not batches:
+                        batches = reader.next_batches(after, SHIP_CHUNK)
+                        self._draining(len(batches) >= BACKLOG_BATCHES)
+                    else:
+                        self._draining(False)
                 except Exception as exc:
                     if not self._read_failing:  # once per streak: retried each second, possibly for long
                         log.warning("outbox_read_failed", error=str(exc))
@@ -232,6 +239,14 @@ class Shipper:
             log.exception("shipper_failed")
         finally:
             reader.close()
+
+    def _draining(self, backlog: bool) -> None:
+        """Tell the store when shipping turns into a backlog replay (a full chunk read back from the outbox:
+        the in-memory handoff fell behind) and back, so a shared store can serve it after live traffic."""
+        if backlog != self._backlog:
+            self._backlog = backlog
+            log.info("store_backlog", draining=backlog)
+            self._sink.draining_backlog(backlog)
 
     def _deliver(self, item: OutboxBatch) -> str:
         """Retry until the store takes the batch ("done"). "stopped" when stopping past the deadline with

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
@@ -20,6 +20,19 @@ class StoredBatch:
 
     header: BatchHeader
     where: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """A stream's registry entry: whose it is, and the head (stream, number, link) of the stream it succeeds,
+    that user's and pod's previous one as the store found it when this one began (None: it succeeds none, or
+    was stored before the registry was). `verify` reports a predecessor that is gone as `missing_stream`."""
+
+    stream_id: str
+    user_id: str
+    pod: str
+    first_ts: str
+    predecessor: tuple[str, int, bytes] | None
 
 
 class StoreError(Exception):
@@ -43,6 +56,10 @@ class BatchWriter(Protocol):
         much of it an earlier attempt committed, and its header (if any) with it, once, where `batches` and
         `batch_events` find both. StoreError(retryable=False): the batch can never commit."""
 
+    def draining_backlog(self, draining: bool) -> None:
+        """The shipper is replaying a backlog (`True`) or keeping up again (`False`): a shared store may serve
+        the backlog's writes after interactive traffic."""
+
     def ping(self) -> None:
         """Raise StoreError unless a write could be committed now."""
 
@@ -59,6 +76,15 @@ class TrailReader(Protocol):
 
     def streams(self, tenant_id: str) -> list[str]:
         """The ids of the tenant's streams: those with at least one chained batch stored."""
+        ...
+
+    def registry(self, tenant_id: str) -> list[StreamEntry]:
+        """The tenant's streams registry, oldest entry first where the store knows the order."""
+        ...
+
+    def user_trail(self, tenant_id: str, user_id: str, roots: Collection[str]) -> Iterator[Event]:
+        """One user's events under these watch roots, in commit order (the daemon's index rebuild): read
+        through that user's streams where the store can, not the tenant's whole trail."""
         ...
 
     def batches(self, tenant_id: str, stream_id: str) -> Iterator[StoredBatch]:

@@ -19,7 +19,7 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import closing
 from datetime import datetime
 from itertools import takewhile
@@ -29,7 +29,8 @@ from typing import Any
 import structlog
 
 from codi2.schema import Schema, SchemaTooNew, execute_script
-from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError
+from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
+from codi2.trail.chain import ZERO
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
 
 
@@ -85,8 +86,60 @@ def _add_horizons(db: sqlite3.Connection) -> None:
     )
 
 
+BACKFILL_ROWS = 10_000  # rows decoded per statement by the one-time backfills
+
+
+def _session_column(db: sqlite3.Connection) -> None:
+    """Version 3: each event's session as a column with an index, for `events --session`; the record body
+    keeps it too (and stays what is read), so the column only finds rows. Old rows are filled in once here."""
+    db.execute("ALTER TABLE events ADD COLUMN session_id TEXT")
+    db.execute("CREATE INDEX events_tenant_session ON events (tenant_id, session_id, pos)")
+    after = 0
+    while rows := db.execute(
+        "SELECT pos, body FROM events WHERE pos > ? ORDER BY pos LIMIT ?", (after, BACKFILL_ROWS)
+    ).fetchall():
+        db.executemany(
+            "UPDATE events SET session_id = ? WHERE pos = ?", [(_decode(body).session_id, pos) for pos, body in rows]
+        )
+        after = rows[-1][0]
+
+
+def _streams_table(db: sqlite3.Connection) -> None:
+    """Version 4: the streams registry (docs/trail-format.md): whose each stream is, and the head of the stream
+    it follows (its user's and pod's previous one, as found when its first batch was stored), so a stream lost
+    whole is seen by `verify`. Streams stored before it are registered from their first batch, with no
+    predecessor (none was recorded)."""
+    db.execute(
+        """
+        CREATE TABLE streams (
+            tenant_id   TEXT NOT NULL,
+            stream_id   TEXT NOT NULL,
+            user_id     TEXT NOT NULL,
+            pod         TEXT NOT NULL,
+            first_ts    TEXT NOT NULL,
+            pred_stream TEXT,
+            pred_number INTEGER,
+            pred_link   BLOB,
+            UNIQUE (tenant_id, stream_id)
+        )
+        """
+    )
+    db.execute("CREATE INDEX streams_owner ON streams (tenant_id, user_id, pod)")
+    firsts = db.execute(
+        "SELECT b.tenant_id, b.stream_id, b.ts, e.body FROM batches AS b JOIN events AS e ON e.pos = b.first_pos"
+        " WHERE b.number = (SELECT min(number) FROM batches WHERE tenant_id = b.tenant_id AND stream_id = b.stream_id)"
+        " ORDER BY b.first_pos"
+    ).fetchall()
+    for tenant, stream, ts, body in firsts:
+        e = _decode(body)
+        db.execute(
+            "INSERT OR IGNORE INTO streams (tenant_id, stream_id, user_id, pod, first_ts) VALUES (?, ?, ?, ?, ?)",
+            (tenant, stream, e.user_id, e.pod, ts),
+        )
+
+
 # The high half of user_version: the low half is the journal's, which shares this file in the daemon.
-SCHEMA = Schema("store", 16, [_adopt, _add_horizons])
+SCHEMA = Schema("store", 16, [_adopt, _add_horizons, _session_column, _streams_table])
 BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.stores.sqlite")
@@ -105,18 +158,46 @@ def insert(db: sqlite3.Connection, batch: Batch, bodies: list[bytes] | None = No
     h = batch.header
     first = _last_pos(db) + 1 if h is not None else 0
     db.executemany(
-        "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body, session_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         [
-            (e.id, batch.batch_id, e.tenant_id, e.ts, e.action, os.fsencode(e.path), body)
+            (e.id, batch.batch_id, e.tenant_id, e.ts, e.action, os.fsencode(e.path), body, e.session_id)
             for e, body in zip(batch.events, bodies, strict=True)
         ],
     )
     if h is not None:
         tenant, last = batch.events[0].tenant_id, _last_pos(db)
+        _register(db, tenant, batch.events[0], h)
         db.execute(
             "INSERT OR IGNORE INTO batches VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (tenant, h.stream_id, h.number, h.ts, h.prev, h.link, h.key_id, h.events, first, last),
         )
+
+
+def _register(db: sqlite3.Connection, tenant: str, first: Event, h: BatchHeader) -> None:
+    """With a stream's first batch stored, its registry entry: whose it is, and the head of the stream of the
+    same user and pod registered before it (the stream it succeeds; its horizon when pruned whole), so that
+    stream cannot vanish unseen."""
+    if db.execute("SELECT 1 FROM streams WHERE tenant_id = ? AND stream_id = ?", (tenant, h.stream_id)).fetchone():
+        return
+    head: tuple[Any, ...] = (None, None, None)
+    row = db.execute(
+        "SELECT stream_id FROM streams WHERE tenant_id = ? AND user_id = ? AND pod = ? ORDER BY rowid DESC LIMIT 1",
+        (tenant, first.user_id, first.pod),
+    ).fetchone()
+    if row is not None:
+        last = db.execute(
+            "SELECT number, link FROM batches WHERE tenant_id = ? AND stream_id = ? ORDER BY number DESC LIMIT 1",
+            (tenant, row[0]),
+        ).fetchone()
+        if last is None:  # pruned whole: its horizon is its head
+            sql = "SELECT number, link FROM horizons WHERE tenant_id = ? AND stream_id = ?"
+            last = db.execute(sql, (tenant, row[0])).fetchone()
+        head = (row[0], *(last or (0, ZERO)))
+    db.execute(
+        "INSERT INTO streams VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (tenant, h.stream_id, first.user_id, first.pod, h.ts, *head),
+    )
 
 
 class LocalStore:
@@ -141,9 +222,9 @@ class LocalStore:
             rows = old.execute("SELECT pos, id, batch_id, tenant_id, ts, action, path, body FROM events ORDER BY pos")
             for pos, *row in rows:
                 cursor = db.execute(
-                    "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    row,
+                    "INSERT OR IGNORE INTO events (id, batch_id, tenant_id, ts, action, path, body, session_id)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (*row, _session_of(row[-1])),
                 )
                 if cursor.rowcount and cursor.lastrowid is not None:
                     moved[pos] = cursor.lastrowid
@@ -167,6 +248,11 @@ class LocalStore:
                 )
         except sqlite3.Error as exc:
             log.error("store_salvage_stopped", table="horizons", error=str(exc))
+        try:
+            for row in old.execute("SELECT * FROM streams ORDER BY rowid").fetchall():
+                db.execute("INSERT OR IGNORE INTO streams VALUES (?, ?, ?, ?, ?, ?, ?, ?)", row)
+        except sqlite3.Error as exc:  # a file from before the registry has none: the streams go unregistered
+            log.error("store_salvage_stopped", table="streams", error=str(exc))
         finally:
             old.close()
         return kept
@@ -174,6 +260,14 @@ class LocalStore:
 
 def _decode(body: str | bytes) -> Event:
     return Event.from_json(body) if isinstance(body, str) else decode_event(body)
+
+
+def _session_of(body: str | bytes) -> str | None:
+    """The session of a salvaged row, for its column; a record that no longer decodes keeps none."""
+    try:
+        return _decode(body).session_id
+    except (ValueError, TypeError):
+        return None
 
 
 def _error(exc: sqlite3.Error) -> StoreError:
@@ -234,14 +328,27 @@ class SqliteSink:
                 raise _error(exc) from exc
 
     def read(self, query: EventQuery, after: Cursor | None = None) -> Iterator[tuple[Cursor, Event]]:
-        sql = "SELECT pos, body FROM events WHERE tenant_id = ? AND pos > ?"
-        args: list[object] = [query.tenant_id, int(after or 0)]
         # `action` is left to `matches`, on the record itself: no index serves it, and a row whose column was
-        # edited must not drop out of a filtered read. `tenant_id` and `ts` are indexed: `codi2 verify`
-        # finds a row hidden by editing them (every event of a batch must be in the trail read).
+        # edited must not drop out of a filtered read. `tenant_id`, `ts` and `session_id` are indexed:
+        # `codi2 verify` finds a row hidden by editing the first two (every event of a batch must be in the
+        # trail read; it reads no session). A first read `--since` goes by the time index (the planner,
+        # without statistics, would take the commit order's and read the tenant); a session by its own.
+        index = ""
+        if query.session_id is not None:
+            index = " INDEXED BY events_tenant_session"
+        elif query.since is not None and not after:
+            index = " INDEXED BY events_tenant_ts"
+        sql = f"SELECT pos, body FROM events{index} WHERE tenant_id = ? AND pos > ?"
+        args: list[object] = [query.tenant_id, int(after or 0)]
+        if query.session_id is not None:
+            sql += " AND session_id = ?"
+            args.append(query.session_id)
         if query.since is not None:
             sql += " AND ts >= ?"
             args.append(rfc3339(query.since.timestamp()))
+        if query.until is not None:
+            sql += " AND ts <= ?"
+            args.append(rfc3339(query.until.timestamp()))
         sql += " ORDER BY pos"
         yield from query.select((pos, _decode(body)) for pos, body in self._query(sql, args))
 
@@ -252,6 +359,20 @@ class SqliteSink:
                 yield from reader.execute(sql, args)
         except sqlite3.Error as exc:
             raise _error(exc) from exc
+
+    def registry(self, tenant_id: str) -> list[StreamEntry]:
+        sql = "SELECT * FROM streams WHERE tenant_id = ? ORDER BY rowid"
+        return [
+            StreamEntry(stream, user, pod, first_ts, None if pred is None else (pred, number, link))
+            for _, stream, user, pod, first_ts, pred, number, link in self._query(sql, [tenant_id])
+        ]
+
+    def user_trail(self, tenant_id: str, user_id: str, roots: Collection[str]) -> Iterator[Event]:
+        """The tenant's rows, filtered: the file is local, and rows of batches without a header (0.1's) belong
+        to no registered stream."""
+        for _, e in self.read(EventQuery(tenant_id)):
+            if e.user_id == user_id and e.root in roots:
+                yield e
 
     def streams(self, tenant_id: str) -> list[str]:
         sql = "SELECT DISTINCT stream_id FROM batches WHERE tenant_id = ? ORDER BY stream_id"
@@ -265,6 +386,9 @@ class SqliteSink:
     def batch_events(self, tenant_id: str, batch: StoredBatch) -> list[tuple[Cursor, Event]]:
         sql = "SELECT pos, body FROM events WHERE pos BETWEEN ? AND ? ORDER BY pos"
         return [(pos, _decode(body)) for pos, body in self._query(sql, list(batch.where))]
+
+    def draining_backlog(self, draining: bool) -> None:
+        """Nothing to do: a SQLite file has no other tenant's traffic to yield to."""
 
     def ping(self) -> None:
         with self._lock:
@@ -446,6 +570,7 @@ def delete_tenant(db: sqlite3.Connection, tenant_id: str) -> None:
     with _write(db):
         db.execute("DELETE FROM batches WHERE tenant_id = ?", (tenant_id,))
         db.execute("DELETE FROM horizons WHERE tenant_id = ?", (tenant_id,))
+        db.execute("DELETE FROM streams WHERE tenant_id = ?", (tenant_id,))
 
 
 def prune_file(path: Path, tenant_id: str, before: datetime) -> RetentionPlan:

@@ -143,6 +143,9 @@ class Event(NamedTuple):
     mtime: str | None
     sha256: str | None
     origin: Origin = "live"
+    uid: int | None = None  # the owner, as numbers: a sidecar cannot resolve names
+    gid: int | None = None
+    target: str | None = None  # a symlink's target (readlink), a path like `path`
 
     def to_dict(self) -> dict[str, Any]:
         return dict(zip(EVENT_KEYS, self, strict=True))
@@ -167,22 +170,30 @@ class Event(NamedTuple):
 
 EVENT_KEYS: tuple[str, ...] = Event._fields
 _FIELDS = frozenset(EVENT_KEYS)
-_OPTIONAL = ("session_id", "dest_path", "size", "mode", "mtime", "sha256")
+_OPTIONAL = ("session_id", "dest_path", "size", "mode", "mtime", "sha256", "uid", "gid", "target")
 
 # The compact record: one per event, the same bytes in the journal and in the SQLite store. A msgpack
-# array whose first element is its version; version 1's fields are these, in this order, with the paths
-# as their raw bytes (a name that is not UTF-8 survives exactly). A later version adds fields at the end,
-# so every release can read every earlier record.
-RECORD_V1 = EVENT_KEYS
-_PATHS = (EVENT_KEYS.index("path"), EVENT_KEYS.index("dest_path"), EVENT_KEYS.index("root"))
+# array whose first element is its version; each version's fields are these, in this order, with the
+# paths as their raw bytes (a name that is not UTF-8 survives exactly). A later version adds fields at
+# the end, so every release can read every earlier record. An event is written in the shortest version
+# that holds it (version 1 when it has no owner and no target), so decoding and encoding a stored record
+# gives back its exact bytes: what its batch's link covers, whichever release wrote it.
+RECORD_V1 = EVENT_KEYS[: EVENT_KEYS.index("uid")]
+RECORD_V2 = EVENT_KEYS
+RECORD_FIELDS = {1: RECORD_V1, 2: RECORD_V2}
+_PATHS = tuple(EVENT_KEYS.index(k) for k in ("path", "dest_path", "root", "target"))
+_V2_ONLY = len(RECORD_V1)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder()
 
 
 def event_record(e: Event) -> list[Any]:
-    record: list[Any] = [1, *e]
+    if e.uid is None and e.gid is None and e.target is None:
+        record: list[Any] = [1, *e[:_V2_ONLY]]
+    else:
+        record = [2, *e]
     for i in _PATHS:
-        if record[i + 1] is not None:
+        if i < len(record) - 1 and record[i + 1] is not None:
             record[i + 1] = os.fsencode(record[i + 1])
     return record
 
@@ -196,11 +207,12 @@ def encode_events(events: Iterable[Event]) -> bytes:
 
 
 def _from_record(row: list[Any]) -> Event:
-    if not row or row[0] != 1:
+    fields = RECORD_FIELDS.get(row[0]) if row and isinstance(row[0], int) else None
+    if fields is None:
         raise ValueError(f"unknown event record version {row[0] if row else None!r}")
-    values = row[1 : 1 + len(RECORD_V1)]
+    values = row[1 : 1 + len(fields)]
     for i in _PATHS:
-        if isinstance(values[i], bytes):
+        if i < len(values) and isinstance(values[i], bytes):
             values[i] = os.fsdecode(values[i])
     return Event(*values)
 
@@ -247,13 +259,19 @@ class EventQuery:
     action: Action | None = None
     since: datetime | None = None
     limit: int | None = None
+    until: datetime | None = None  # at or before: a filter (a batch delayed by an outage commits late)
+    session_id: str | None = None
 
     def matches(self, event: Event) -> bool:
         if event.tenant_id != self.tenant_id:
             return False
         if self.action is not None and event.action != self.action:
             return False
+        if self.session_id is not None and event.session_id != self.session_id:
+            return False
         if self.since is not None and parse_time(event.ts) < self.since:
+            return False
+        if self.until is not None and parse_time(event.ts) > self.until:
             return False
         if self.path_glob is not None:
             paths = (event.path,) if event.dest_path is None else (event.path, event.dest_path)

@@ -95,12 +95,19 @@ def _ocsf_file(e: Event, path: str) -> dict[str, Any]:
         record["hashes"] = [{"algorithm_id": OCSF_SHA256, "algorithm": "SHA-256", "value": e.sha256}]
     if (mtime := _mtime_ms(e)) is not None:
         record["modified_time"] = mtime
+    if e.uid is not None:
+        record["owner"] = {"uid": str(e.uid)}
+    if e.gid is not None:
+        record["xattributes"] = {"primary_group": str(e.gid)}
     return record
 
 
 def to_ocsf(e: Event) -> dict[str, Any]:
     """OCSF 1.5.0 File System Activity. A rename's source is `file` and its destination `file_result`; a
-    gap is activity 99 Other, severity Medium, status Failure, with the cause in `status_detail`."""
+    gap is activity 99 Other, severity Medium, status Failure, with the cause in `status_detail`. The owner
+    is `file.owner.uid` (a number: no name is resolvable in a sidecar; `file.uid` is the file's own id) and
+    its group `file.xattributes.primary_group`, as OCSF's extended attributes name it; a symlink's target
+    has no OCSF attribute and is `unmapped.target`."""
     gap = e.action == "gap"
     activity_id, activity = OCSF_ACTIVITY[e.action]
     activity_name = "Gap" if gap else activity
@@ -134,6 +141,8 @@ def to_ocsf(e: Event) -> dict[str, Any]:
         record["actor"]["session"] = {"uid": e.session_id}
     if e.mode is not None:
         record["unmapped"]["mode"] = f"{e.mode:04o}"
+    if e.target is not None:
+        record["unmapped"]["target"] = _shown(e.target)
     if gap:
         record["status_detail"] = e.dest_path
         record["message"] = _gap_message(e)
@@ -160,13 +169,21 @@ def _ecs_file(e: Event, path: str) -> dict[str, Any]:
         record["mtime"] = e.mtime
     if e.sha256 is not None:
         record["hash"] = {"sha256": e.sha256}
+    if e.uid is not None:
+        record["uid"] = str(e.uid)
+    if e.gid is not None:
+        record["gid"] = str(e.gid)
+    if e.target is not None:
+        record["target_path"] = _shown(e.target)
     return record
 
 
 def to_ecs(e: Event) -> dict[str, Any]:
     """ECS 9.4.0. A rename describes the file at its new place (`file.*`), as Elastic's own agents do, with
-    the old path in `codi2.original_path`: ECS's `file.target_path` means a symlink's target, not this. A
-    gap is `event.type: [info]`, `event.outcome: failure`, with the cause in `event.reason`."""
+    the old path in `codi2.original_path`: ECS's `file.target_path` means a symlink's target, and is that.
+    The owner is `file.uid` and `file.gid`; `file.owner` and `file.group` are names, which a sidecar cannot
+    resolve, so they are left out rather than filled with numbers. A gap is `event.type: [info]`,
+    `event.outcome: failure`, with the cause in `event.reason`."""
     gap = e.action == "gap"
     dest = e.dest_path if e.action == "moved" else None
     event: dict[str, Any] = {

@@ -2,7 +2,8 @@
 
 created/updated set a path's entry, deleted removes it, moved renames it; deleting or moving a
 directory takes everything below it along. Folding a complete trail in commit order reproduces every
-non-ignored entry of the workspace with its sha256.
+non-ignored entry of the workspace with its sha256, its owner and a symlink's target. An owner change is
+an `updated` carrying the new owner: the old one is the entry's state before it, the previous event.
 """
 
 from __future__ import annotations
@@ -19,8 +20,28 @@ from codi2.trail.events import Event
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """An entry as the trail implies it: enough to rebuild the tree (a symlink's `target`) and to say who
+    owns it. The owner and target are None in a trail written before events carried them."""
+
     type: str
     sha256: str | None
+    uid: int | None = None
+    gid: int | None = None
+    target: str | None = None
+
+    def matches(self, disk: Entry) -> bool:
+        """Whether the disk holds what the trail says, where the trail knows it: an owner or target the trail
+        never recorded (a record of version 1) is not a difference."""
+        if self == disk:
+            return True
+        known = Entry(
+            self.type,
+            self.sha256,
+            disk.uid if self.uid is None else self.uid,
+            disk.gid if self.gid is None else self.gid,
+            disk.target if self.target is None else self.target,
+        )
+        return known == disk
 
 
 State = dict[tuple[str, str], Entry]
@@ -29,6 +50,16 @@ State = dict[tuple[str, str], Entry]
 def _subtree(state: dict[tuple[str, str], Event], root: str, path: str) -> list[tuple[str, str]]:
     prefix = path + "/"
     return [key for key in state if key[0] == root and (key[1] == path or key[1].startswith(prefix))]
+
+
+def _renamed(before: Event, moved: Event) -> Event:
+    """The entry's last event, with the owner and target the rename found (changed in the same window as
+    it, they have no event of their own); what the rename did not know stays as it was."""
+    return before._replace(
+        uid=before.uid if moved.uid is None else moved.uid,
+        gid=before.gid if moved.gid is None else moved.gid,
+        target=before.target if moved.target is None else moved.target,
+    )
 
 
 def fold_events(
@@ -53,13 +84,13 @@ def fold_events(
                 del state[k]
             for (root, path), event in moved.items():
                 state[(root, e.dest_path + path[len(e.path) :])] = event
-            state[(e.root, e.dest_path)] = e if e.sha256 or key not in moved else moved[key]
+            state[(e.root, e.dest_path)] = e if e.sha256 or key not in moved else _renamed(moved[key], e)
     return state
 
 
 def fold(events: Iterable[Event]) -> State:
-    """Apply events in order and return each entry's type and sha256."""
-    return {key: Entry(e.type, e.sha256) for key, e in fold_events(events).items()}
+    """Apply events in order and return each entry's type, sha256, owner and symlink target."""
+    return {key: Entry(e.type, e.sha256, e.uid, e.gid, e.target) for key, e in fold_events(events).items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +112,9 @@ def read_disk(path: Path, rules: IgnoreRules, hash_max: int, root: str | None = 
     for seen in walk(path, rules, hash_max):
         rel = os.fsdecode(seen.rel)
         if seen.facts is not None:
-            state[(name, rel)] = Entry(seen.facts.type, seen.facts.sha256)
+            f = seen.facts
+            target = None if f.target is None else os.fsdecode(f.target)
+            state[(name, rel)] = Entry(f.type, f.sha256, f.uid, f.gid, target)
         if seen.problem is not None:
             unknown[rel] = seen.problem
     return Disk(state, unknown)

@@ -13,6 +13,7 @@ head printed here with `/status` `chain.head`.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -22,13 +23,14 @@ from typing import Any
 
 from codi2.config import Settings
 from codi2.disk.ignore import IgnoreRules
-from codi2.stores.base import Cursor, StoredBatch, TrailAdmin, TrailReader
+from codi2.stores.base import Cursor, Horizon, StoredBatch, TrailAdmin, TrailReader
 from codi2.trail.chain import ZERO, ChainKey, expected_link
 from codi2.trail.coverage import Coverage, Range
 from codi2.trail.events import BatchHeader, EventQuery, encode_events, parse_time
 from codi2.trail.replay import fold, read_disk
 
 UNCHAINED_LISTED = 100  # events in no batch named one by one; the rest are counted
+DIGEST_MODULUS = 1 << 256
 UNREADABLE_LISTED = 100  # entries of the disk that could not be read, named one by one; the rest are counted
 
 
@@ -92,20 +94,35 @@ class Report:
 
 
 def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), since: datetime | None = None) -> Report:
-    """Check every stream of the tenant; `keys` are the HMAC keys the trail may be sealed with."""
-    trail = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
-    chained: set[Cursor] = set()
-    unread: dict[Cursor, tuple[StreamReport, int, Any]] = {}  # in a checked batch, not in the trail read
+    """Check every stream of the tenant; `keys` are the HMAC keys the trail may be sealed with.
+
+    Memory is per stream, not per event: the trail read and the checked batches' events are each summed into
+    a `_Digest`, and only when the two differ (an event in no batch, one hidden from reads, or a batch
+    committed while verifying) are both walked again with their cursors kept, to name what differs."""
     keyring = {k.id: k for k in keys}
-    streams = [
-        _stream(sink, tenant_id, stream, keyring, since, chained, trail, unread) for stream in sink.streams(tenant_id)
-    ]
+    horizons = sink.horizons(tenant_id) if isinstance(sink, TrailAdmin) else {}
+    read = _Digest()
+    for cursor, _ in sink.read(EventQuery(tenant_id, since=since)):
+        read.add(cursor)
+    checked = _Digest()
+    streams = [_stream(sink, tenant_id, s, horizons.get(s), keyring, since, checked) for s in sink.streams(tenant_id)]
+    streams += _missing_streams(sink, tenant_id, streams, horizons)
+    if read == checked:
+        return Report(tenant_id, streams, read.count, 0, [])
+    trail = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
+    exact = _Exact(trail)
+    for report in streams:
+        if report.batches:
+            stream_id = report.stream_id
+            _stream(sink, tenant_id, stream_id, horizons.get(stream_id), keyring, since, _Digest(), exact)
+    unread = exact.unread
     if unread:  # committed after the first scan, or hidden from reads: a second scan tells them apart
         now = {cursor for cursor, _ in sink.read(EventQuery(tenant_id, since=since))}
         unread = {cursor: where for cursor, where in unread.items() if cursor not in now}
-        hidden: dict[tuple[int, int], tuple[StreamReport, int, list[Any]]] = {}  # per stream and batch
-        for report, number, e in unread.values():
-            hidden.setdefault((id(report), number), (report, number, []))[2].append(e)
+        hidden: dict[tuple[str, int], tuple[StreamReport, int, list[Any]]] = {}  # per stream and batch
+        by_id = {report.stream_id: report for report in streams}
+        for stream_id, number, e in unread.values():
+            hidden.setdefault((stream_id, number), (by_id[stream_id], number, []))[2].append(e)
         for report, number, events in hidden.values():
             e = events[0]
             detail = (
@@ -113,7 +130,7 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
                 f" altered), e.g. event {e.id} ({e.action} {e.path!r} at {e.ts})"
             )
             report.breaks.append(Break("event_removed", number, detail))
-    unchained = trail - chained
+    unchained = trail - exact.chained
     listed: list[Break] = []
     if unchained:
         for cursor, e in sink.read(EventQuery(tenant_id, since=since)):
@@ -123,48 +140,133 @@ def verify(sink: TrailReader, tenant_id: str, keys: Sequence[ChainKey] = (), sin
     return Report(tenant_id, streams, len(trail), len(unchained), listed)
 
 
+@dataclass
+class _Digest:
+    """A set of cursors as a count and a sum of their SHA-256 (modulo 2**256): two equal digests are two equal
+    sets, but for a collision nobody can aim at without choosing the store's own positions and versionstamps."""
+
+    count: int = 0
+    total: int = 0
+
+    def add(self, cursor: Cursor) -> None:
+        raw = cursor if isinstance(cursor, bytes) else str(cursor).encode()
+        self.count += 1
+        self.total = (self.total + int.from_bytes(hashlib.sha256(raw).digest())) % DIGEST_MODULUS
+
+
+@dataclass
+class _Exact:
+    """The second walk, when the digests differ: every cursor kept, to name the events in no batch and those
+    of a checked batch that the trail read does not give."""
+
+    trail: set[Cursor]
+    chained: set[Cursor] = field(default_factory=set)
+    unread: dict[Cursor, tuple[str, int, Any]] = field(default_factory=dict)
+
+
+class _Headers:
+    """A stream's live headers looked up by link, walking the stream again: only when a batch does not follow
+    the one stored before it (a break), so a stream that is intact is walked once and nothing of it is kept."""
+
+    def __init__(self, sink: TrailReader, tenant_id: str, stream_id: str, horizon: Horizon | None) -> None:
+        self._sink, self._tenant, self._stream, self._horizon = sink, tenant_id, stream_id, horizon
+
+    def live(self) -> Iterator[StoredBatch]:
+        return _after_horizon(self._sink.batches(self._tenant, self._stream), self._horizon)
+
+    def _walk(self) -> Iterator[tuple[int, StoredBatch]]:
+        return enumerate(self.live())
+
+    def position(self, link: bytes) -> int | None:
+        """Where the live batch with this link is (the last one, if forged twice); -1 for what the first live
+        batch follows (ZERO, or the horizon's link)."""
+        found = -1 if link == _start_link(self._horizon) else None
+        for i, batch in self._walk():
+            if batch.header.link == link:
+                found = i
+        return found
+
+    def followed(self, link: bytes) -> bool:
+        return any(batch.header.prev == link for _, batch in self._walk())
+
+    def at(self, position: int) -> StoredBatch:
+        return next(batch for i, batch in self._walk() if i == position)
+
+    def checked(self, position: int, since: datetime | None) -> bool:
+        """Whether the batch at `position` is at or after the first journaled at or after `since`."""
+        first = next((i for i, b in self._walk() if since is None or parse_time(b.header.ts) >= since), None)
+        return first is not None and first <= position
+
+    def end(self, batch: StoredBatch) -> Any:
+        """Where a batch's events end in commit order (None: it has none)."""
+        return max((cursor for cursor, _ in self._sink.batch_events(self._tenant, batch)), default=None)
+
+
+def _with_next(batches: Iterator[StoredBatch]) -> Iterator[tuple[int, StoredBatch, StoredBatch | None]]:
+    """Each batch with its position and the batch stored after it."""
+    current = next(batches, None)
+    i = 0
+    while current is not None:
+        following = next(batches, None)
+        yield i, current, following
+        current, i = following, i + 1
+
+
 def _stream(
     sink: TrailReader,
     tenant_id: str,
     stream_id: str,
+    horizon: Horizon | None,
     keyring: dict[str, ChainKey],
     since: datetime | None,
-    chained: set[Cursor],
-    trail: set[Cursor],
-    unread: dict[Cursor, tuple[StreamReport, int, Any]],
+    checked: _Digest,
+    exact: _Exact | None = None,
 ) -> StreamReport:
+    """Walk one stream's live batches (after its horizon, if pruned) in batch order, keeping the batch before
+    and the one after: its structure from the headers, and the content of every batch from the first
+    journaled at or after `since` on."""
     report = StreamReport(stream_id)
-    stored, start_link = _after_horizon(sink, tenant_id, report, list(sink.batches(tenant_id, stream_id)))
-    report.batches = len(stored)
-    if stored:
-        report.head_batch, report.head_link = stored[-1].header.number, stored[-1].header.link.hex()
-    index = {start_link: -1} | {b.header.link: i for i, b in enumerate(stored)}  # what the first batch follows
-    followed = {b.header.prev for b in stored}
-    start = next((i for i, b in enumerate(stored) if since is None or parse_time(b.header.ts) >= since), len(stored))
+    report.pruned_through = horizon.number if horizon is not None else 0
+    headers = _Headers(sink, tenant_id, stream_id, horizon)
     unchecked: dict[str | None, list[int]] = {}  # batches by the key id no given key has (None: unkeyed)
-    last_cursor: dict[int, Any] = {}  # by index in `stored`: where the batch's events end in commit order
+    prev: StoredBatch | None = None
+    prev_end: Any = None  # where the batch before ends in commit order, when it was read and held events
+    started = False
     coverage = Coverage()
-    for i, batch in enumerate(stored):
-        report.breaks += _structure(stored, i, index, followed)
-        if i < start:
+    for i, batch, following in _with_next(headers.live()):
+        h = batch.header
+        report.batches += 1
+        report.head_batch, report.head_link = h.number, h.link.hex()
+        follows = i - 1 if _follows(h, prev, horizon) else headers.position(h.prev)
+        report.breaks += _structure(i, h, follows, prev, following, headers)
+        before, before_end = prev, prev_end
+        prev, prev_end = batch, None
+        started = started or since is None or parse_time(h.ts) >= since
+        if not started:
             continue
         rows = sink.batch_events(tenant_id, batch)
-        chained.update(cursor for cursor, _ in rows)
-        for _, e in rows:
+        for cursor, e in rows:
             coverage.feed(e)
-        content = _content(batch.header, rows, keyring, unchecked, report)
+            if since is None or parse_time(e.ts) >= since:
+                checked.add(cursor)
+        content = _content(h, rows, keyring, unchecked, report)
         report.breaks += content
-        for cursor, e in [] if content else rows:  # each event of an intact batch must be in the trail read
-            if cursor not in trail and (since is None or parse_time(e.ts) >= since):
-                unread[cursor] = (report, batch.header.number, e)
-        cursors: list[Any] = [cursor for cursor, _ in rows]
-        follows = index.get(batch.header.prev, -1)
-        if cursors and follows in last_cursor and min(cursors) < last_cursor[follows]:
-            before = stored[follows].header.number
-            detail = f"its events were committed before those of batch {before}, which it follows"
-            report.breaks.append(Break("reordered", batch.header.number, detail))
-        if cursors:
-            last_cursor[i] = max(cursors)
+        if exact is not None:
+            exact.chained.update(cursor for cursor, _ in rows)
+            for cursor, e in [] if content else rows:  # each event of an intact batch must be in the trail read
+                if cursor not in exact.trail and (since is None or parse_time(e.ts) >= since):
+                    exact.unread[cursor] = (stream_id, h.number, e)
+        if not rows:
+            continue
+        prev_end = max(cursor for cursor, _ in rows)
+        if follows is not None and 0 <= follows < i - 1:  # it follows an earlier batch than the one before it
+            before = headers.at(follows)
+            before_end = headers.end(before) if headers.checked(follows, since) else None
+        elif follows != i - 1:
+            before = None
+        if before is not None and before_end is not None and min(cursor for cursor, _ in rows) < before_end:
+            detail = f"its events were committed before those of batch {before.header.number}, which it follows"
+            report.breaks.append(Break("reordered", h.number, detail))
     for key_id, numbers in unchecked.items():
         what = _span(numbers[0], numbers[-1]) + (f" ({len(numbers)} batches)" if len(numbers) > 1 else "")
         if key_id is None:
@@ -177,39 +279,98 @@ def _stream(
     return report
 
 
-def _after_horizon(
-    sink: TrailReader, tenant_id: str, report: StreamReport, stored: list[StoredBatch]
-) -> tuple[list[StoredBatch], bytes]:
-    """A pruned stream's live batches and the link its first must follow: its horizon's, as batch 1 follows
-    ZERO. So a prune shows, and cannot hide a deletion: a batch after the horizon gone is still missing.
-    Batches at or below the horizon are what an interrupted prune has not cleared yet."""
-    horizon = sink.horizons(tenant_id).get(report.stream_id) if isinstance(sink, TrailAdmin) else None
-    if horizon is None:
-        return stored, ZERO
-    report.pruned_through = horizon.number
-    return [b for b in stored if b.header.number > horizon.number], horizon.link
+def _after_horizon(batches: Iterator[StoredBatch], horizon: Horizon | None) -> Iterator[StoredBatch]:
+    """A pruned stream's live batches: those after its horizon, the first of which must follow the horizon's
+    link (`_starts_stream`). So a prune shows, and cannot hide a deletion: a batch after the horizon gone is
+    still missing. Batches at or below the horizon are what an interrupted prune has not cleared yet."""
+    through = horizon.number if horizon is not None else 0
+    return (batch for batch in batches if batch.header.number > through)
 
 
-def _structure(stored: list[StoredBatch], i: int, index: dict[bytes, int], followed: set[bytes]) -> Iterator[Break]:
-    """What the headers alone say about batch `i`: whom it follows, and whether anyone follows it."""
-    h = stored[i].header
-    follows = index.get(h.prev)
+def _follows(h: BatchHeader, prev: StoredBatch | None, horizon: Horizon | None) -> bool:
+    """Whether a batch follows the live batch stored before it, or is its stream's start (the usual case)."""
+    return _starts_stream(h, horizon) if prev is None else h.prev == prev.header.link
+
+
+def _starts_stream(h: BatchHeader, horizon: Horizon | None) -> bool:
+    """Whether a stream's first live batch is where its chain begins: batch 1, following no one, or, in a
+    pruned stream, the batch after its horizon, following the last batch pruned."""
+    return h.prev == _start_link(horizon)
+
+
+def _start_link(horizon: Horizon | None) -> bytes:
+    """What a stream's first live batch follows: ZERO, or its horizon's link."""
+    return ZERO if horizon is None else horizon.link
+
+
+def _structure(
+    i: int,
+    h: BatchHeader,
+    follows: int | None,
+    prev: StoredBatch | None,
+    following: StoredBatch | None,
+    headers: _Headers,
+) -> list[Break]:
+    """What the headers alone say about live batch `i`: whom it follows (`follows`, its position), and whether
+    anyone follows it."""
+    breaks = []
     if follows is not None and follows > i:
-        after = stored[follows].header.number
-        yield Break("reordered", h.number, f"it follows batch {after}, which is stored after it")
-    elif follows is None and i == 0:
+        after = headers.at(follows).header.number
+        breaks.append(Break("reordered", h.number, f"it follows batch {after}, which is stored after it"))
+    elif follows is None and prev is None:
         detail = f"batch {h.number} follows a link no stored batch has: the batches before it are not in the store"
-        yield Break("starts_mid_chain", h.number, detail)
-    elif follows is None:
-        p = stored[i - 1].header.number
+        breaks.append(Break("starts_mid_chain", h.number, detail))
+    elif follows is None and prev is not None:
+        p = prev.header.number
         gone = _span(p + 1, h.number - 1) if h.number > p + 1 else "the batch it follows"
-        yield Break("missing_batch", h.number, f"{gone}: not in the store (it follows link {h.prev.hex()[:16]}…)")
-    if follows is not None and follows < i and i + 1 < len(stored) and h.link not in followed:
-        skipped_to = index.get(stored[i + 1].header.prev)
+        detail = f"{gone}: not in the store (it follows link {h.prev.hex()[:16]}…)"
+        breaks.append(Break("missing_batch", h.number, detail))
+    if (
+        follows is not None
+        and follows < i
+        and following is not None
+        and following.header.prev != h.link
+        and not headers.followed(h.link)
+    ):
+        skipped_to = headers.position(following.header.prev)
         if skipped_to is not None and skipped_to < i:
-            what = _span(stored[skipped_to + 1].header.number, h.number)
-            detail = f"no batch follows it: batch {stored[i + 1].header.number} skips {what}, inserted afterwards"
-            yield Break("inserted_batch", h.number, detail)
+            what = _span(headers.at(skipped_to + 1).header.number, h.number)
+            detail = f"no batch follows it: batch {following.header.number} skips {what}, inserted afterwards"
+            breaks.append(Break("inserted_batch", h.number, detail))
+    return breaks
+
+
+def _missing_streams(
+    sink: TrailReader, tenant_id: str, found: list[StreamReport], horizons: dict[str, Horizon]
+) -> list[StreamReport]:
+    """Streams the registry knows of that have no batches: registered with none stored, or named as the
+    stream a later one succeeds and gone (or cut before the head it had then). A stream lost whole leaves no
+    break in any chain; its successor's registry entry is what shows it. A prune is no loss: a stream's
+    horizon holds its head as far as it was pruned."""
+    heads = {stream_id: h.number for stream_id, h in horizons.items()}
+    heads |= {report.stream_id: report.head_batch for report in found if report.batches}
+    missing: dict[str, StreamReport] = {}
+
+    def report_of(stream_id: str) -> StreamReport:
+        return next((r for r in found if r.stream_id == stream_id), None) or missing.setdefault(
+            stream_id, StreamReport(stream_id)
+        )
+
+    for entry in sink.registry(tenant_id):
+        if entry.stream_id not in heads:
+            detail = f"registered for user {entry.user_id} on {entry.pod} at {entry.first_ts}, with no batch stored"
+            report_of(entry.stream_id).breaks.append(Break("missing_stream", None, detail))
+        if entry.predecessor is None:
+            continue
+        stream_id, number, _ = entry.predecessor
+        if heads.get(stream_id, 0) < number:
+            had = f"ends at batch {heads[stream_id]}" if stream_id in heads else "is not in the store"
+            detail = (
+                f"stream {stream_id} {had}, but stream {entry.stream_id} (user {entry.user_id}, {entry.pod}), begun"
+                f" at {entry.first_ts}, found its head at batch {number}"
+            )
+            report_of(stream_id).breaks.append(Break("missing_stream", number, detail))
+    return list(missing.values())
 
 
 def _span(first: int, last: int) -> str:
@@ -296,7 +457,7 @@ def compare_disk(sink: TrailReader, settings: Settings, path: Path) -> DiskRepor
     differences = []
     for p in sorted(trail.keys() | have.keys()):
         want, got = trail.get(p), have.get(p)
-        if want == got or (want and got and p in disk.unknown and want.type == got.type):
+        if (want and got and want.matches(got)) or (want and got and p in disk.unknown and want.type == got.type):
             continue  # a file whose contents could not be read is compared by type
         kind = "not_on_disk" if got is None else "not_in_trail" if want is None else "differs"
         differences.append({"kind": kind, "path": p, "trail": want and asdict(want), "disk": got and asdict(got)})

@@ -20,7 +20,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from functools import partial
@@ -32,10 +32,11 @@ import fdb
 import fdb.tuple as fdbtuple
 
 from codi2.config import Settings
-from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError
+from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
 from codi2.stores.fdb import codec
 from codi2.stores.fdb.client import load_fdb, resolve_cluster_file, set_network_options, store_error
 from codi2.stores.fdb.codec import VS_LEN, Keys
+from codi2.trail.chain import ZERO
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, rfc3339
 
 PAGE_ROWS = 1000  # v1 audit rows per read transaction
@@ -246,15 +247,45 @@ class FdbSink:
             done = len(events)  # committed by codi2 0.2 (layout v1), replayed after the upgrade
         if done >= len(events):
             return _Written(True, registered, v1_head)
+        # Read before anything is written: a key this transaction versionstamps is unreadable in it.
+        first = events[0]
+        predecessor = None if registered else self._head_before(tr.snapshot, tenant, stream, first.user_id, first.pod)
         written = self._put_pieces(tr, tenant, stream, number, events, done, cut)
         runs.append((None, 0, written.pieces))
         tr.set_versionstamped_value(c_key, codec.encode_progress(header, done + written.events, runs))
         self._put_indexes(tr, tenant, events[done : done + written.events])
         if not registered:
-            first = events[0]
-            value = codec.encode_stream(first.user_id, first.pod, header.ts, None)
+            value = codec.encode_stream(first.user_id, first.pod, header.ts, predecessor)
             tr.set(keys.stream(tenant, stream), value)
         return _Written(done + written.events >= len(events), True, v1_head)
+
+    def _head_before(self, snap: Any, tenant: str, stream: str, user: str, pod: str) -> tuple[str, int, bytes] | None:
+        """The head (stream, number, link) of the stream this user's pod wrote before `stream`: the latest
+        registered one, and its last batch in either layout (its horizon when pruned whole). Snapshot reads,
+        in the transaction that registers `stream` (once per stream): registering never conflicts with another
+        pod registering its own."""
+        keys = self._keys
+        previous: tuple[str, str] | None = None  # (first_ts, stream)
+        for kv in snap.get_range(*keys.namespace_range(tenant, "streams")):
+            other: str = keys.unpack(kv.key)[2]
+            owner, on, first_ts, _ = codec.decode_stream(kv.value)
+            if (owner, on) == (user, pod) and other != stream and (previous is None or first_ts >= previous[0]):
+                previous = (first_ts, other)
+        if previous is None:
+            return None
+        last_stream = previous[1]
+        c = snap.get_range(*keys.namespace_range(tenant, "c", last_stream), limit=1, reverse=True)
+        v1 = snap.get_range(*keys.namespace_range(tenant, "chain", last_stream), limit=1, reverse=True)
+        found = [codec.decode_progress(last_stream, keys.unpack(kv.key)[3], kv.value).header for kv in c]
+        found += [codec.decode_v1_header(last_stream, keys.unpack(kv.key)[3], kv.value)[0] for kv in v1]
+        last = max(found, key=lambda h: h.number, default=None)
+        if last is not None:
+            return (last_stream, last.number, last.link)
+        pruned = snap.get(keys.horizon(tenant, last_stream)).value  # pruned whole: its horizon is its head
+        if pruned is None:
+            return (last_stream, 0, ZERO)
+        number, link, _ = codec.decode_horizon(pruned)
+        return (last_stream, number, link)
 
     def _unchained_tx(self, tenant: str, events: list[Event], cut: _Cut, tr: Any) -> _Written:
         """One transaction of a batch without a header (`events`: a window of it, as many as FoundationDB lets
@@ -357,12 +388,34 @@ class FdbSink:
                 log_begin, skip = keys.log(tenant, vs, p), (keys.log(tenant, vs, p), index + 1)
             elif after >= v1_begin:
                 v1_begin = after + b"\x00"
+        session_begin = b""
         if query.since is not None and (since := self._since_version(tenant, query.since)) is not None:
             stamp = fdbtuple.Versionstamp(since)
             v1_begin = max(v1_begin, keys.key(tenant, "audit", stamp) + b"\xff")
             log_begin = max(log_begin, keys.key(tenant, "log", stamp) + b"\xff")
+            if query.session_id is not None:
+                session_begin = keys.key(tenant, "s", query.session_id, stamp) + b"\xff"
         v1 = ((key, codec.decode_v1_event(tenant, value)) for key, value in self._v1_rows(tenant, v1_begin, v1_end))
-        yield from query.select(chain(v1, self._log_events(tenant, log_begin, log_end, skip)))
+        if query.session_id is None:
+            yield from query.select(chain(v1, self._log_events(tenant, log_begin, log_end, skip)))
+            return
+        # v1 kept no session index: its (older) range is read and filtered; the log through the `s` index.
+        v2 = self._session_events(tenant, query.session_id, session_begin, log_begin, skip)
+        yield from query.select(chain(v1, v2))
+
+    def _session_events(
+        self, tenant: str, session: str, begin: bytes, log_begin: bytes, skip: tuple[bytes, int] | None
+    ) -> Iterator[tuple[bytes, Event]]:
+        """The log's pieces of the transactions that wrote events of `session`, from its `s` keys at or after
+        `begin` (and pieces at or after `log_begin`): only those transactions are read. A transaction may hold
+        events of other sessions too; the query filters them."""
+        keys = self._keys
+        s_begin, s_end = keys.namespace_range(tenant, "s", session)
+        for key, _ in self._scan(tenant, max(s_begin, begin), s_end, PAGE_ROWS):
+            lo, hi = keys.namespace_range(tenant, "log", keys.unpack(key)[3])
+            if hi <= log_begin:
+                continue
+            yield from self._log_events(tenant, max(lo, log_begin), hi, skip)
 
     def _since_version(self, tenant: str, since: datetime) -> bytes | None:
         """The versionstamp of the last transaction committed (by its pod's clock) at least CLOCK_SKEW_S before
@@ -421,6 +474,42 @@ class FdbSink:
                 value = b"".join(v for _, v in self._scan(tenant, prefix + b"\x00", prefix + b"\xff", PAGE_ROWS))
             yield key, value
 
+    def registry(self, tenant_id: str) -> list[StreamEntry]:
+        """The `streams` registry, oldest first (by the time each stream began)."""
+        begin, end = self._keys.namespace_range(tenant_id, "streams")
+        entries = [
+            StreamEntry(self._keys.unpack(key)[2], *codec.decode_stream(value))
+            for key, value in self._scan(tenant_id, begin, end, PAGE_ROWS)
+        ]
+        return sorted(entries, key=lambda entry: entry.first_ts)
+
+    def user_trail(self, tenant_id: str, user_id: str, roots: Collection[str]) -> Iterator[Event]:
+        """The user's streams from the registry (one range), then each stream's `c` range and the pieces its
+        batches name, merged into commit order by cursor: none of another user's batches is read. What has no
+        registered stream is read as before, filtered, only where it exists: layout v1's events, and batches
+        without a header (their `ids` keys say so)."""
+        keys = self._keys
+
+        def stream(stream_id: str) -> Iterator[tuple[Cursor, Event]]:
+            for batch in self.batches(tenant_id, stream_id, layouts=("c",)):
+                yield from self.batch_events(tenant_id, batch)
+
+        def present(namespace: str) -> bool:
+            return (
+                self._run(partial(self._first_key, *keys.namespace_range(tenant_id, namespace)), tenant_id) is not None
+            )
+
+        mine = [entry.stream_id for entry in self.registry(tenant_id) if entry.user_id == user_id]
+        sources: list[Iterator[tuple[Cursor, Event]]] = [stream(stream_id) for stream_id in mine]
+        if present("ids"):  # a batch without a header is in no stream: the log is read whole
+            sources = [((c, e) for c, e in self._log_events(tenant_id, *keys.namespace_range(tenant_id, "log")))]
+        if present("audit"):
+            v1 = self._v1_rows(tenant_id, *keys.namespace_range(tenant_id, "audit"))
+            sources.insert(0, ((key, codec.decode_v1_event(tenant_id, value)) for key, value in v1))
+        for _, e in merge(*sources, key=lambda row: row[0]):
+            if e.user_id == user_id and e.root in roots:
+                yield e
+
     def streams(self, tenant_id: str) -> list[str]:
         """One read per stream and layout: from each stream's first key to the next stream's."""
         found: set[str] = set()
@@ -435,8 +524,9 @@ class FdbSink:
     def _first_key(self, begin: bytes, end: bytes, tr: Any) -> bytes | None:
         return next((kv.key for kv in tr.get_range(begin, end, limit=1)), None)
 
-    def batches(self, tenant_id: str, stream_id: str) -> Iterator[StoredBatch]:
-        """v1's headers and v2's complete batches, in number order (a stream begun in v1 goes on in v2)."""
+    def batches(self, tenant_id: str, stream_id: str, layouts: Sequence[str] = ("chain", "c")) -> Iterator[StoredBatch]:
+        """v1's headers and v2's complete batches, in number order (a stream begun in v1 goes on in v2);
+        `layouts` leaves one out (`chain`: v1's, `c`: v2's)."""
         keys = self._keys
 
         def v1() -> Iterator[StoredBatch]:
@@ -450,7 +540,8 @@ class FdbSink:
                 if progress.complete:  # a batch still being written is not stored yet (its events in no batch)
                     yield StoredBatch(progress.header, ("v2", progress.runs))
 
-        yield from merge(v1(), v2(), key=lambda b: b.header.number)
+        both = [v1() if "chain" in layouts else iter(()), v2() if "c" in layouts else iter(())]
+        yield from merge(*both, key=lambda b: b.header.number)
 
     def batch_events(self, tenant_id: str, batch: StoredBatch) -> list[tuple[Cursor, Event]]:
         layout, runs = batch.where
