@@ -116,7 +116,8 @@ def test_an_unnamed_error_code_is_shown_and_the_batch_kept_across_a_kill(
     wait_for(lambda: daemon.status()["initial_scan"] == "done")
     for i in range(5):
         (workspace / f"f{i}.txt").write_text("f")
-    wait_for(lambda: "codi2_spool_events 7.0" in daemon.get("/metrics")[1])  # and the run's two `start` records
+    # The five (a file's write may be seen apart from its creation: `updated` too) and the run's two `start`s.
+    wait_for(lambda: (s := daemon.status())["spool"]["events"] >= 7 and s["pipeline"]["pending_changes"] == 0)
 
     def failed() -> dict | None:  # the shipper's first try may come after the journal's commit is seen
         status, body = daemon.get("/status")

@@ -48,7 +48,7 @@ async def test_a_start_up_failing_at_its_last_step_stops_everything_that_had_sta
     # It fails as it does when the user has used up fs.inotify.max_user_instances (a limit shared with
     # every process of the user, too racy to exhaust for real in a test).
     monkeypatch.setattr("codi2.watch.inotify.inotify_init", lambda: -1)
-    daemon = Daemon(build(settings, Identity("t1", "u1", None, None)))
+    daemon = Daemon(build(settings, Identity("t1", "u1", None, "pod-test")))
     daemon_fds_from = _open_fds()
 
     with pytest.raises(StartupError) as failed:
@@ -80,7 +80,7 @@ async def test_a_thread_that_dies_is_named_in_status_and_fails_liveness(
 ) -> None:
     request.getfixturevalue("fdb_api")
     config = write_fdb_config(tmp_path / "codi2.toml", workspace, tmp_path / "fdb.cluster")
-    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None)))
+    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, "pod-test")))
     serving = asyncio.create_task(daemon.serve())
     try:
         # Ready, and past the first start's index rebuild (degraded while it waits for the store to be readable).
@@ -108,7 +108,7 @@ async def test_a_flush_still_running_at_the_shutdown_deadline_is_reported_not_jo
     the log say changes were not journaled, and the journal and roots stay open under the working thread."""
     monkeypatch.setenv("CODI2_SERVER__SHUTDOWN_TIMEOUT_S", "0.01")
     config = write_config(tmp_path / "codi2.toml", workspace, tmp_path / "audit.db")
-    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, None)))
+    daemon = Daemon(build(load_settings(config, tenant_id="t1", user_id="u1"), Identity("t1", "u1", None, "pod-test")))
     serving = asyncio.create_task(daemon.serve())
     pipeline = daemon.pipeline
     await eventually(lambda: daemon.status()["ready"] and daemon.status()["initial_scan"] == "done")
