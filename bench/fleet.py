@@ -557,18 +557,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run(base: Path, fdb: FakeFdb, args: argparse.Namespace) -> dict[str, Any]:
-    """Every variant asked for, each on a fresh cluster, one after the other."""
+def selected(args: argparse.Namespace) -> list[Variant]:
+    """The variants `--fleet-variants` names, their refs resolved: called before anything runs, so that a
+    wrong name or ref fails at once rather than after the other scenarios."""
     wanted = [key.strip() for key in args.fleet_variants.split(",")]
     known = {v.key: v for v in variants(args.fleet_v1_ref)}
     if unknown := [key for key in wanted if key not in known]:
         sys.exit(f"bench: unknown fleet variants {unknown}; known: {', '.join(known)}")
+    return [known[key] for key in wanted]
+
+
+def run(base: Path, fdb: FakeFdb, args: argparse.Namespace) -> dict[str, Any]:
+    """Every variant asked for, each on a fresh cluster, one after the other."""
     return {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
         "load_before": os.getloadavg()[0],
         "params": {k: v for k, v in vars(args).items() if k.startswith("fleet_") and isinstance(v, int | float | str)},
-        "variants": {known[key].name: run_variant(base, fdb, known[key], args) for key in wanted},
+        "variants": {v.name: run_variant(base, fdb, v, args) for v in selected(args)},
     }
 
 
@@ -747,6 +753,7 @@ def main() -> int:
     add_arguments(parser)
     parser.add_argument("--json", type=Path, help="write the figures here too (make bench: bench/results/fleet.json)")
     args = parser.parse_args()
+    selected(args)
     with tempfile.TemporaryDirectory(prefix="codi2-fleet-") as tmp:
         base = Path(tmp)
         results = run(base, FakeFdb(base), args)

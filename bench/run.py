@@ -606,6 +606,8 @@ def main() -> int:
     only = set(args.only.split(","))
     if only - set(SCENARIOS):
         parser.error(f"unknown scenarios {sorted(only - set(SCENARIOS))}; known: {', '.join(SCENARIOS)}")
+    if "fleet" in only:
+        fleet.selected(args)
     reps, burst_reps = args.reps or 3, args.reps or 5
     binaries = {"inotifywait": ensure_tool("inotifywait", "inotify-tools")}
     binary = binaries["inotifywait"]
