@@ -450,7 +450,9 @@ def read_once(cluster: Cluster, config: Path, tenant: str, args: list[str], out:
     counters = cluster.counters()
     with open(out, "rb") as f:
         events = sum(1 for _ in f)
-    counted = {n: counters.get(n, 0) - counters0.get(n, 0) for n in ("reads_point", "reads_range", "keys_read")}
+    counted = {
+        n: counters.get(n, 0) - counters0.get(n, 0) for n in ("reads_point", "reads_range", "keys_read", "bytes_read")
+    }
     return {"wall_s": wall, "cpu_s": rusage.ru_utime + rusage.ru_stime, "events": events, **counted}
 
 
@@ -469,7 +471,7 @@ def read_test(cluster: Cluster, config: Path, tenant: str, reps: int) -> dict[st
         for name, args in queries.items():
             runs[name].append(read_once(cluster, config, tenant, args, out))
     result: dict[str, Any] = {"since": since, "runs": runs}
-    full_keys = runs["full"][0]["keys_read"]
+    full = runs["full"][0]
     for name, done in runs.items():
         result[name] = {
             "wall_s": statistics.median(r["wall_s"] for r in done),
@@ -478,7 +480,9 @@ def read_test(cluster: Cluster, config: Path, tenant: str, reps: int) -> dict[st
             "reads_point": done[0]["reads_point"],
             "reads_range": done[0]["reads_range"],
             "keys_read": done[0]["keys_read"],
-            "keys_read_pct_of_full": 100 * ratio(done[0]["keys_read"], full_keys),
+            "keys_read_pct_of_full": 100 * ratio(done[0]["keys_read"], full["keys_read"]),
+            "bytes_read": done[0]["bytes_read"],
+            "bytes_read_pct_of_full": 100 * ratio(done[0]["bytes_read"], full["bytes_read"]),
         }
         print(f"  read {name}: {result[name]}", flush=True)
     # The target's time: what `--since` takes beyond `--limit 1` (start-up, the store opened, a first page)
@@ -714,6 +718,11 @@ def _read_rows() -> list[Row]:
             lambda v: float(v["read"]["since"]["keys_read_pct_of_full"]),
             "≤ 5%",
             lambda new, _: new["read"]["since"]["keys_read_pct_of_full"] <= 5,
+        ),
+        Row(
+            "read: --since bytes read, % of a full read's",
+            lambda v: f"{v['read']['since']['bytes_read_pct_of_full']:.1f}%",
+            lambda v: float(v["read"]["since"]["bytes_read_pct_of_full"]),
         ),
         Row(
             "read: --since time beyond --limit 1, % of a full read's",
