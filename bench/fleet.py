@@ -737,7 +737,12 @@ def _read_rows() -> list[Row]:
 
 def report(results: Results) -> str:
     """One row per figure, one column per variant; with both layouts, v2/v1 and whether v2 meets the target."""
-    rows = [*_phase_rows("steady"), *_phase_rows("burst"), *_batch_rows(), *_read_rows()]
+    store = Row(
+        "store: the fake's data file at the end, MB",
+        lambda v: f"{v['store_file_mb']:.1f}",
+        lambda v: float(v["store_file_mb"]),
+    )
+    rows = [*_phase_rows("steady"), *_phase_rows("burst"), *_batch_rows(), *_read_rows(), store]
     variants = results["variants"]
     by_key = {v["key"]: v for v in variants.values()}
     old, new = by_key.get("v1"), by_key.get("v2")
