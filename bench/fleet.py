@@ -35,6 +35,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from contextlib import closing, nullcontext
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -465,12 +466,14 @@ def read_test(cluster: Cluster, config: Path, tenant: str, reps: int) -> dict[st
     with open(out) as f:
         times = [json.loads(line)["ts"] for line in f]
     since = times[len(times) - max(1, len(times) // 100)]
+    # what `--since` must print: every event of the full read at or after that time, wherever it sorts
+    expected = sum(1 for t in times if datetime.fromisoformat(t) >= datetime.fromisoformat(since))
     queries = {"full": [], "since": ["--since", since], "limit_1": ["--limit", "1"], "limit_0": ["--limit", "0"]}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in queries}
     for _ in range(reps):
         for name, args in queries.items():
             runs[name].append(read_once(cluster, config, tenant, args, out))
-    result: dict[str, Any] = {"since": since, "runs": runs}
+    result: dict[str, Any] = {"since": since, "since_expected_events": expected, "runs": runs}
     full = runs["full"][0]
     for name, done in runs.items():
         result[name] = {
@@ -485,6 +488,8 @@ def read_test(cluster: Cluster, config: Path, tenant: str, reps: int) -> dict[st
             "bytes_read_pct_of_full": 100 * ratio(done[0]["bytes_read"], full["bytes_read"]),
         }
         print(f"  read {name}: {result[name]}", flush=True)
+    if result["since"]["events"] != expected:
+        print(f"  read since: printed {result['since']['events']} events, expected {expected}", flush=True)
     # The target's time: what `--since` takes beyond `--limit 1` (start-up, the store opened, a first page)
     # against what a full read takes beyond it.
     beyond = result["limit_1"]["wall_s"]
@@ -712,6 +717,12 @@ def _read_rows() -> list[Row]:
 
         rows.append(Row(f"read: {label}: wall, CPU, events, keys read (% of full)", cell, wall))
     rows += [
+        Row(
+            "read: --since events printed / expected (a full read's at or after)",
+            lambda v: f"{v['read']['since']['events']:,} / {v['read']['since_expected_events']:,}",
+            target="all",
+            met=lambda new, _: new["read"]["since"]["events"] == new["read"]["since_expected_events"],
+        ),
         Row(
             "read: --since keys read, % of a full read's",
             lambda v: f"{v['read']['since']['keys_read_pct_of_full']:.1f}%",
