@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: codi2 (on SQLite, or on FoundationDB over the fake libfdb_c),
-inotifywait and watchman as measured subprocesses, the import floor, /proc readings."""
+inotifywait and watchman as measured subprocesses, the import floor, /proc readings, and another
+revision's code (a previous release) checked out to run beside this tree's."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,56 @@ FAKELIBFDB_SOURCE_ENV = "CODI2_FAKELIBFDB_SRC"
 # under codi2's start-up and memory, measured with the same interpreter in the same run.
 CREATED_JSONL = ("--action", "created", "--format", "jsonl")
 IMPORT_FLOOR = "import aiohttp.web, pydantic_settings"
+
+
+@dataclass(frozen=True)
+class Code:
+    """Which codi2 a child process runs: the package under `root` (this tree, or a checkout of another
+    revision), with the same interpreter and venv, found first through the child's cwd and PYTHONPATH (the
+    venv's editable install of this tree is a meta-path finder, consulted after them)."""
+
+    root: Path = REPO
+    revision: str = "this tree"
+
+    def env(self) -> dict[str, str]:
+        return {"PYTHONPATH": os.pathsep.join(filter(None, [str(self.root), os.environ.get("PYTHONPATH")]))}
+
+    def module_file(self, env: dict[str, str]) -> Path:
+        """`codi2.__file__` as a child with `env` and this cwd imports it: exits unless it is under `root`,
+        so a figure is never put under the wrong code's name."""
+        result = subprocess.run(
+            [sys.executable, "-c", "import codi2; print(codi2.__file__)"],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=env,
+            cwd=self.root,
+        )
+        found = Path(result.stdout.strip())
+        if not found.is_relative_to(self.root):
+            sys.exit(f"bench: {self.revision}: a child imports codi2 from {found}, not from {self.root}")
+        return found
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.exit(f"bench: git {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+@contextmanager
+def checkout(ref: str, base: Path) -> Iterator[Code]:
+    """The tree at `ref` in a detached worktree of this repository under `base`, its modules compiled as
+    `make bench` compiles this tree's (so neither pays for compiling at start-up); removed at the end."""
+    sha = git("rev-parse", "--verify", f"{ref}^{{commit}}")
+    root = base / f"codi2-{sha[:12]}"
+    git("worktree", "add", "--detach", str(root), sha)
+    try:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "codi2")], check=True)
+        yield Code(root, f"{ref} ({sha[:12]})")
+    finally:
+        git("worktree", "remove", "--force", str(root))
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,11 +1,12 @@
 """codi2 benchmarks: burst capture (on SQLite, and on FoundationDB over the fake libfdb_c), commit
 latency, start-up, idle cost and a mixed editor load, each run REPS times (5 for the bursts, 3 for the
-rest), interleaved with its baselines; and the fleet (bench/fleet.py: N daemons on one FoundationDB
-cluster, run once, into bench/results/fleet.json). The targets count codi2's own cost above floors measured
-in the same run, which move with the machine: the Python floor of the burst (bench/floor.py) and the import
-floor of start-up (`python -c "import aiohttp.web, pydantic_settings"`). Prints a table, each target beside its
-figure, and writes bench/results/bench.json. Figures are ratios and medians; these machines are shared
-and noisy.
+rest), interleaved with its baselines; and the fleet (bench/fleet.py, its `--fleet-*` options: N daemons
+on one FoundationDB cluster, layout v1 (the previous release's code, checked out for the run) against v2
+(this tree), run once, into bench/results/fleet.json). The targets count codi2's own cost above floors
+measured in the same run, which move with the machine: the Python floor of the burst (bench/floor.py) and
+the import floor of start-up (`python -c "import aiohttp.web, pydantic_settings"`). Prints a table, each
+target beside its figure, and writes bench/results/bench.json. Figures are ratios and medians; these
+machines are shared and noisy.
 
     python bench/run.py [--reps N] [--only burst,burst-fdb,latency,startup,idle,mixed,fleet] [--burst-files 100000]
 """
@@ -605,6 +606,8 @@ def main() -> int:
     only = set(args.only.split(","))
     if only - set(SCENARIOS):
         parser.error(f"unknown scenarios {sorted(only - set(SCENARIOS))}; known: {', '.join(SCENARIOS)}")
+    if "fleet" in only:
+        fleet.selected(args)
     reps, burst_reps = args.reps or 3, args.reps or 5
     binaries = {"inotifywait": ensure_tool("inotifywait", "inotify-tools")}
     binary = binaries["inotifywait"]
