@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[4])
 from sink_contract import batch_of, make_event
 from codi2.config import load_settings
-from codi2.stores.base import open_sink
+from codi2.stores.open import open_sink
 
 config, total, tenant = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 sink = open_sink(load_settings(Path(config), tenant_id=tenant))

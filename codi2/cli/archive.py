@@ -89,7 +89,7 @@ def chain_keys(args: argparse.Namespace, settings: Settings) -> list[ChainKey]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from codi2.stores.base import open_sink
+    from codi2.stores.open import open_sink
     from codi2.trail import archive
 
     settings = load(args, tenant_id=args.tenant_id)

@@ -25,9 +25,7 @@ def register(sub: Subparsers) -> None:
 def command(args: argparse.Namespace) -> int:
     import shtab  # only here: every other command starts faster without it
 
-    from codi2.cli.main import build_parser  # the whole parser, which registers this module
-
-    parser = build_parser()
+    parser: argparse.ArgumentParser = args.root_parser  # the whole parser (set by cli.main, which imports us)
     kinds = {FILE: shtab.FILE, DIRECTORY: shtab.DIRECTORY}
     parsers = [parser]
     while parsers:

@@ -27,7 +27,7 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from codi2.stores.base import open_sink
+    from codi2.stores.open import open_sink
 
     settings = load(args, tenant_id=args.tenant_id)
     tenant_id = tenant(settings)

@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for command in COMMANDS:
         command.register(sub)
+    parser.set_defaults(root_parser=parser)  # `codi2 completion` walks the whole parser
     return parser
 
 

@@ -66,7 +66,7 @@ def store_lock(settings: Settings) -> Iterator[None]:
 
 
 def command(args: argparse.Namespace) -> int:
-    from codi2.stores.base import open_sink
+    from codi2.stores.open import open_sink
     from codi2.trail import archive
 
     settings = load(args, tenant_id=args.tenant_id)

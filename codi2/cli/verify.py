@@ -73,7 +73,7 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from codi2.stores.base import open_sink
+    from codi2.stores.open import open_sink
     from codi2.trail import verify
     from codi2.trail.chain import load_key
 

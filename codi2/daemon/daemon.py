@@ -25,7 +25,7 @@ from codi2.daemon.health import Checks
 from codi2.journal.journal import JournalUnavailable
 from codi2.pipeline.lifecycle import config_digest
 from codi2.ship.shipper import Shipper
-from codi2.stores.base import open_sink
+from codi2.stores.open import open_sink
 from codi2.trail.events import rfc3339
 from codi2.watch.watcher import check_root
 

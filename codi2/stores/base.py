@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from codi2.config import Settings
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery
 
 Cursor = int | bytes
@@ -163,15 +162,4 @@ class TrailAdmin(Protocol):
 
 
 class Sink(BatchWriter, TrailReader, TrailAdmin, Protocol):
-    """A backend: both faces (one module or package per backend under `codi2/stores/`, chosen by `open_sink`)."""
-
-
-def open_sink(settings: Settings, *, create: bool = True) -> Sink:
-    """Open the configured backend. `create=False` is for readers: a missing store is an error."""
-    if settings.backend == "sqlite":
-        from codi2.stores.sqlite import SqliteSink
-
-        return SqliteSink(settings.sqlite_file, create=create)
-    from codi2.stores.fdb.sink import open_fdb_sink
-
-    return open_fdb_sink(settings, writer=create)
+    """A backend: both faces (a module or package per backend under `codi2/stores/`, chosen by `stores.open`)."""
