@@ -24,9 +24,11 @@ from tls_certs import DAY, NOW, TlsFiles, issue
 
 from codi2 import __version__
 from codi2.config import load_settings
+from codi2.provisioning import spec as spec_module
 from codi2.provisioning.apply import ClusterError, Provisioner
 from codi2.provisioning.render import render, render_rbac
-from codi2.provisioning.spec import DNS_LABEL, MAX_ID, WorkspaceSpec
+from codi2.provisioning.spec import DNS_LABEL, MAX_ID, WorkspaceSpec, read_key_file
+from codi2.trail.chain import KEY_MAX_BYTES, KEY_MIN_BYTES, load_key
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = (REPO / "config" / "codi2.toml").read_text()
@@ -521,3 +523,111 @@ def test_render_works_anywhere_with_defaults_and_pins_the_images_to_this_release
         "codi2: no FDB cluster string: give --fdb-cluster-string, or a --config that sets [foundationdb] "
         "cluster_string\n"
     )
+
+
+def test_integrity_key_is_a_secret_of_its_own_mounted_read_only_into_codi2_alone(tmp_path: Path) -> None:
+    """The trail's HMAC key: its own Secret (rotating it leaves the store's alone), whose content is the key
+    file byte for byte, mounted read-only into codi2 and no other container, where codi2's env points."""
+    key_file = tmp_path / "key"
+    key_file.write_bytes(os.urandom(48) + b"\n")
+    plain = render(spec())
+    manifests = render(spec(integrity_key=key_file.read_bytes()))
+    validate(manifests)
+    assert [m["metadata"]["name"] for m in manifests if m["kind"] == "Secret"] == ["codi2-fdb", "codi2-integrity"]
+    assert [m for m in manifests if m["kind"] != "Pod" and m["metadata"]["name"] != "codi2-integrity"] == plain[:-1]
+    secret = next(m for m in manifests if m["metadata"]["name"] == "codi2-integrity")
+    assert _secret_files(secret) == {"key": key_file.read_bytes()}
+
+    pod = manifests[-1]
+    codi2 = _container(pod, "codi2")
+    volumes = [v for v in pod["spec"]["volumes"] if v.get("secret", {}).get("secretName") == "codi2-integrity"]
+    assert [v["secret"]["defaultMode"] for v in volumes] == [0o440]  # as the store's Secret
+    (volume,) = (v["name"] for v in volumes)
+    for container in _containers(pod):
+        mounts = [m for m in container.get("volumeMounts", []) if m["name"] == volume]
+        assert mounts == (
+            [{"name": volume, "mountPath": "/etc/codi2-integrity", "readOnly": True}] if container is codi2 else []
+        )
+    env = {e["name"]: e["value"] for e in codi2["env"]}
+    assert env["CODI2_INTEGRITY__KEY_FILE"] == "/etc/codi2-integrity/key"
+    assert _volume_of(codi2, env["CODI2_INTEGRITY__KEY_FILE"]) == volume
+    # What the daemon reads from the mounted file is the key the operator gave (same id, same secret).
+    mounted = tmp_path / "mounted"
+    mounted.write_bytes(_secret_files(secret)["key"])
+    assert load_key(mounted) == load_key(key_file)
+    assert "integrity_key" not in repr(spec(integrity_key=key_file.read_bytes()))
+    with pytest.raises(ValidationError) as refused:
+        spec(integrity_key=b"short key, never echoed")
+    assert "never echoed" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "content", [b"k" * 31, b"k" * 31 + b"\r\n", b"k" * 32, b"k" * 32 + b"\n", b"k" * 4096, b"k" * 4097]
+)
+def test_the_provisioner_refuses_exactly_the_keys_the_daemon_refuses(tmp_path: Path, content: bytes) -> None:
+    assert (spec_module.KEY_MIN_BYTES, spec_module.KEY_MAX_BYTES) == (KEY_MIN_BYTES, KEY_MAX_BYTES)
+    path = tmp_path / "key"
+    path.write_bytes(content)
+    try:
+        load_key(path)
+        daemon_accepts = True
+    except ValueError:
+        daemon_accepts = False
+    try:
+        spec(integrity_key=read_key_file(path))
+        provisioner_accepts = True
+    except ValidationError:
+        provisioner_accepts = False
+    assert provisioner_accepts == daemon_accepts
+
+
+def test_cli_integrity_key_is_checked_in_one_line_and_never_printed(tmp_path: Path) -> None:
+    ids = ("--user-id", "carol", "--tenant-id", "acme")
+    good = tmp_path / "key"
+    good.write_bytes(os.urandom(32))
+    rendered = _cli("render", *ids, "--integrity-key-file", str(good))
+    assert rendered.returncode == 0, rendered.stderr
+    docs = list(yaml.safe_load_all(rendered.stdout))
+    validate(docs)
+    assert _secret_files(next(d for d in docs if d["metadata"]["name"] == "codi2-integrity")) == {
+        "key": good.read_bytes()
+    }
+    short, long, fifo = tmp_path / "short", tmp_path / "long", tmp_path / "fifo"
+    short.write_bytes(b"s" * 31 + b"\n")
+    long.write_bytes(b"l" * 4097)
+    os.mkfifo(fifo)  # opened without blocking, refused by type: a FIFO must not hang the provisioner
+    for path, reason in (
+        (short, "holds 31 bytes; a key needs at least 32"),
+        (long, "holds more than 4096 bytes"),
+        (fifo, "not a regular file"),
+        (tmp_path, "not a regular file"),
+        (tmp_path / "missing", "cannot read it: No such file or directory"),
+    ):
+        bad = _cli("render", *ids, "--integrity-key-file", str(path))
+        assert bad.returncode == 2, (path, bad.stderr)
+        assert bad.stderr.startswith(f"codi2: --integrity-key-file {path}: {reason}"), bad.stderr
+        assert bad.stderr.count("\n") == 1 and not bad.stdout
+        assert b"s" * 31 not in bad.stderr.encode() and b"l" * 32 not in bad.stderr.encode()
+    local = _cli("render", *ids, "--layout", "entrypoint", "--integrity-key-file", str(good))
+    assert local.returncode == 2
+    assert local.stderr.startswith(f"codi2: --integrity-key-file {good}: the entrypoint layout has no container")
+    assert local.stderr.count("\n") == 1
+
+
+def test_a_config_naming_a_key_file_needs_the_key(tmp_path: Path) -> None:
+    """Else the pod's daemon would fail to start on a file that is not there: said in one line instead."""
+    config = tmp_path / "codi2.toml"
+    config.write_text(CONFIG + '\n[integrity]\nkey_file = "/etc/codi2-integrity/key"\n')
+    with pytest.raises(ValueError, match=r"\[integrity\] key_file is '/etc/codi2-integrity/key', but no key"):
+        render(spec(codi2_config=config.read_text()))
+    bad = _cli("render", "--user-id", "carol", "--tenant-id", "acme", "--config", str(config))
+    assert bad.returncode == 2
+    assert bad.stderr.startswith(f"codi2: --config {config}: [integrity] key_file is '/etc/codi2-integrity/key'")
+    assert bad.stderr.count("\n") == 1
+    key = tmp_path / "key"
+    key.write_bytes(os.urandom(32))
+    good = _cli(
+        "render", "--user-id", "carol", "--tenant-id", "acme", "--config", str(config), "--integrity-key-file", str(key)
+    )
+    assert good.returncode == 0, good.stderr
+    validate(list(yaml.safe_load_all(good.stdout)))

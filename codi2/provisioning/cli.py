@@ -82,6 +82,14 @@ def register(sub: Subparsers) -> None:
         p.add_argument("--fdb-tls-cert", type=Path, metavar="PATH", help="codi2's client certificate (PEM) for TLS")
         p.add_argument("--fdb-tls-key", type=Path, metavar="PATH", help="its private key (PEM, no passphrase)")
         p.add_argument("--fdb-tls-ca", type=Path, metavar="PATH", help="the CA bundle that signed the cluster (PEM)")
+        key = p.add_argument(
+            "--integrity-key-file",
+            type=Path,
+            metavar="PATH",
+            help="the trail's HMAC key ([integrity] key_file: 32 to 4096 bytes, e.g. head -c 32 /dev/urandom) for "
+            "the codi2-integrity Secret, mounted only into codi2 (sidecar layout); never printed",
+        )
+        completes(key, FILE)
         p.add_argument("--label", action="append", default=[], metavar="KEY=VALUE", help="extra label (repeatable)")
         p.add_argument(
             "--platform-namespace",
@@ -144,7 +152,7 @@ def command(args: argparse.Namespace) -> int:
 def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
     from pydantic import ValidationError
 
-    from codi2.provisioning.spec import WorkspaceSpec
+    from codi2.provisioning.spec import WorkspaceSpec, read_key_file
 
     try:
         config_text = DEFAULT_CONFIG if args.config is None else args.config.read_text()
@@ -170,6 +178,11 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
         "labels": labels,
         **tls_files,
     }
+    if args.integrity_key_file is not None:
+        try:
+            fields["integrity_key"] = read_key_file(args.integrity_key_file)
+        except ValueError as exc:
+            raise UsageError(f"--integrity-key-file {args.integrity_key_file}: {exc}") from None
     optional = {
         "registry": args.registry,
         "image_tag": args.tag,
@@ -187,10 +200,12 @@ def _workspace_spec(args: argparse.Namespace) -> WorkspaceSpec:
         "labels": "--label",
         "platform_namespaces": "--platform-namespace",
         "monitoring_namespaces": "--monitoring-namespace",
+        "integrity_key": f"--integrity-key-file {args.integrity_key_file}",
     }
     try:
         spec = WorkspaceSpec(**fields)
         spec.cluster_string()
+        spec.check_integrity()
     except ValidationError as exc:
         error = exc.errors()[0]
         field = str(error["loc"][0]) if error["loc"] else "registry"  # the one check of several fields

@@ -26,6 +26,10 @@ FDB_DIR = "/etc/foundationdb"
 STATE_DIR = "/var/lib/codi2"
 CONFIG_MAP = "codi2-config"
 FDB_SECRET = "codi2-fdb"
+# The trail's HMAC key: a Secret of its own, so rotating it touches neither the store's Secret nor its mount.
+INTEGRITY_SECRET = "codi2-integrity"
+INTEGRITY_DIR = "/etc/codi2-integrity"
+INTEGRITY_FILE = "key"
 STATE_CLAIM = "codi2-state"
 NETWORK_POLICY = "codi2-health"
 # Long enough for the start-up walk of a big workspace (readiness waits for it): 60 x 5 s.
@@ -67,9 +71,20 @@ def _meta(name: str, spec: WorkspaceSpec, namespace: str | None = None) -> dict[
     return meta
 
 
+def _secret(spec: WorkspaceSpec, name: str, files: dict[str, bytes]) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(name, spec, spec.namespace),
+        "type": "Opaque",
+        "data": {file: base64.b64encode(content).decode() for file, content in files.items()},
+    }
+
+
 def render(spec: WorkspaceSpec) -> list[Manifest]:
-    """Namespace, volume claims, config map, store Secret, network policy and the workspace pod, in the
-    order to apply them."""
+    """Namespace, volume claims, config map, store Secret (and, with a key, the integrity Secret), network
+    policy and the workspace pod, in the order to apply them."""
+    spec.check_integrity()
     ns = spec.namespace
     claims = [_claim(spec, spec.claim_name, spec.storage_size)]
     if spec.layout == "sidecar":
@@ -85,13 +100,8 @@ def render(spec: WorkspaceSpec) -> list[Manifest]:
             "metadata": _meta(CONFIG_MAP, spec, ns),
             "data": {"codi2.toml": spec.codi2_config},
         },
-        {
-            "apiVersion": "v1",
-            "kind": "Secret",
-            "metadata": _meta(FDB_SECRET, spec, ns),
-            "type": "Opaque",
-            "data": {name: base64.b64encode(text.encode()).decode() for name, text in store_files.items()},
-        },
+        _secret(spec, FDB_SECRET, {name: text.encode() for name, text in store_files.items()}),
+        *([_secret(spec, INTEGRITY_SECRET, {INTEGRITY_FILE: spec.integrity_key})] if spec.integrity_key else []),
         _network_policy(spec),
         _pod(spec),
     ]
@@ -182,6 +192,9 @@ def _codi2(
     if spec.session_id:
         env.insert(2, {"name": "SESSION_ID", "value": spec.session_id})
     env += [{"name": var, "value": f"{FDB_DIR}/{file}"} for field, file, var in TLS_FILES if getattr(spec, field)]
+    if spec.integrity_key:
+        # Env, not the config map: the path is the pod's layout, like the TLS files', and env outranks codi2.toml.
+        env.append({"name": "CODI2_INTEGRITY__KEY_FILE", "value": f"{INTEGRITY_DIR}/{INTEGRITY_FILE}"})
     container: dict[str, Any] = {"name": name, "image": image}
     if sidecar:
         container["restartPolicy"] = "Always"  # a native sidecar: up before the user's container, stops after it
@@ -236,18 +249,24 @@ def _pod(spec: WorkspaceSpec) -> Manifest:
     else:
         state = {"name": STATE_CLAIM, "persistentVolumeClaim": {"claimName": STATE_CLAIM}}
         volumes = [workspace, state, config, store]
+        mounts = [
+            _mount("workspace", WORKSPACE_DIR, read_only=True),
+            _mount(STATE_CLAIM, STATE_DIR),
+            config_mount,
+            store_mount,
+        ]
+        if spec.integrity_key:  # codi2's alone, like the store's Secret: the user's container never mounts it
+            volumes.append(
+                {"name": INTEGRITY_SECRET, "secret": {"secretName": INTEGRITY_SECRET, "defaultMode": SECRET_MODE}}
+            )
+            mounts.append(_mount(INTEGRITY_SECRET, INTEGRITY_DIR, read_only=True))
         codi2 = _codi2(
             spec,
             name="codi2",
             image=spec.sidecar_image,
             resources=spec.codi2_resources,
             security={**NO_PRIVILEGE, "runAsUser": CODI2_UID, "runAsGroup": CODI2_UID, "readOnlyRootFilesystem": True},
-            mounts=[
-                _mount("workspace", WORKSPACE_DIR, read_only=True),
-                _mount(STATE_CLAIM, STATE_DIR),
-                config_mount,
-                store_mount,
-            ],
+            mounts=mounts,
             sidecar=True,
         )
         user = {

@@ -12,11 +12,14 @@ map to one namespace.
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from codi2 import __version__
 
@@ -26,6 +29,27 @@ QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti|P|Pi|E|Ei)?$")
 LABEL_KEY = re.compile(r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$")
 LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 MAX_ID = 63 - len(NAMESPACE_PREFIX)
+# The trail's HMAC key, bounded as the daemon's `codi2.trail.chain.load_key` bounds it (provisioning does not
+# import the trail; tests/test_provisioning.py ties the two), so a key the pod's daemon would refuse is refused here.
+KEY_MIN_BYTES, KEY_MAX_BYTES = 32, 4096
+
+
+def read_key_file(path: Path) -> bytes:
+    """A key file's bytes, read as the daemon reads it: a regular file (a FIFO must not hang the provisioner,
+    /dev/zero must not fill its memory), at most one byte past the bound. Raises ValueError with one line
+    that never holds the key."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"not a regular file (a key is {KEY_MIN_BYTES} to {KEY_MAX_BYTES} bytes)")
+        return os.read(fd, KEY_MAX_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
 def check_id(value: str) -> str:
@@ -82,7 +106,8 @@ CODI2_RESOURCES = Resources(cpu_request="100m", memory_request="128Mi", cpu_limi
 class WorkspaceSpec(BaseModel):
     """Everything `render` needs; `session_id` is optional, like `SESSION_ID` for the daemon."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Errors never echo their input: the TLS key and the integrity key are inputs.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     user_id: Id
     tenant_id: Id
@@ -108,6 +133,8 @@ class WorkspaceSpec(BaseModel):
     fdb_tls_cert: str | None = None
     fdb_tls_key: str | None = None
     fdb_tls_ca: str | None = None
+    # The trail's HMAC key file's bytes, for the codi2-integrity Secret (mounted only into codi2).
+    integrity_key: bytes | None = Field(default=None, repr=False)
     labels: Annotated[dict[str, str], AfterValidator(check_labels)] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -118,6 +145,25 @@ class WorkspaceSpec(BaseModel):
                 + (" (--image and --codi2-image)" if self.layout == "sidecar" else " (--image)")
             )
         return self
+
+    @field_validator("integrity_key")
+    @classmethod
+    def _key_fits(cls, value: bytes | None, info: ValidationInfo) -> bytes | None:
+        if value is None:
+            return value
+        if info.data.get("layout") == "entrypoint":
+            raise ValueError(
+                "the entrypoint layout has no container the user's code cannot read, so the key would protect "
+                "nothing: use the sidecar layout"
+            )
+        if len(value) > KEY_MAX_BYTES:
+            raise ValueError(f"holds more than {KEY_MAX_BYTES} bytes; a key is {KEY_MIN_BYTES} to {KEY_MAX_BYTES}")
+        size = len(value.rstrip(b"\r\n"))  # the daemon's key: the file without trailing CR and LF
+        if size < KEY_MIN_BYTES:
+            raise ValueError(
+                f"holds {size} bytes; a key needs at least {KEY_MIN_BYTES} (head -c 32 /dev/urandom > FILE)"
+            )
+        return value
 
     @property
     def workspace_image(self) -> str:
@@ -146,3 +192,13 @@ class WorkspaceSpec(BaseModel):
         if not value:
             raise ValueError("no FDB cluster string: give one, or set [foundationdb] cluster_string in the config")
         return str(value)
+
+    def check_integrity(self) -> None:
+        """A codi2.toml naming `[integrity] key_file` needs the key given here: without it the pod's daemon
+        would refuse to start on a file that is not there."""
+        named = tomllib.loads(self.codi2_config).get("integrity", {}).get("key_file")
+        if named and self.integrity_key is None:
+            raise ValueError(
+                f"[integrity] key_file is {named!r}, but no key was given to mount there: give the key file "
+                "(--integrity-key-file), or remove key_file"
+            )
