@@ -584,7 +584,7 @@ def test_the_provisioner_refuses_exactly_the_keys_the_daemon_refuses(tmp_path: P
 def test_cli_integrity_key_is_checked_in_one_line_and_never_printed(tmp_path: Path) -> None:
     ids = ("--user-id", "carol", "--tenant-id", "acme")
     good = tmp_path / "key"
-    good.write_bytes(os.urandom(32))
+    good.write_bytes(os.urandom(31) + b"="  # never ending in CR or LF, which a key reader strips)
     rendered = _cli("render", *ids, "--integrity-key-file", str(good))
     assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
@@ -625,7 +625,7 @@ def test_a_config_naming_a_key_file_needs_the_key(tmp_path: Path) -> None:
     assert bad.stderr.startswith(f"codi2: --config {config}: [integrity] key_file is '/etc/codi2-integrity/key'")
     assert bad.stderr.count("\n") == 1
     key = tmp_path / "key"
-    key.write_bytes(os.urandom(32))
+    key.write_bytes(os.urandom(31) + b"=")
     good = _cli(
         "render", "--user-id", "carol", "--tenant-id", "acme", "--config", str(config), "--integrity-key-file", str(key)
     )

@@ -25,7 +25,7 @@ from codi2.ship.shipper import Shipper, StoreMonitor
 from codi2.stores.base import Sink
 from codi2.stores.fdb.sink import FdbSink
 from codi2.stores.sqlite import SCHEMA, SqliteSink, _add_horizons, _adopt
-from codi2.trail.events import Batch, Event, EventQuery, encode_event, parse_time
+from codi2.trail.events import LIFECYCLE, Batch, Event, EventQuery, encode_event, parse_time
 from codi2.trail.verify import verify
 
 START = 1_700_000_000
@@ -402,4 +402,6 @@ def test_each_event_carries_the_session_current_when_it_was_recorded(
     assert sessions["before.txt"] == "ses-old" and sessions["after.txt"] == "ses-new"
     result = run_codi2("events", "--config", str(daemon.config), "--tenant-id", "t1", "--session", "ses-new")
     assert result.returncode == 0, result.stderr
-    assert [json.loads(line)["path"] for line in result.stdout.splitlines()] == ["after.txt"]
+    found = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [e["path"] for e in found if e["action"] not in LIFECYCLE] == ["after.txt"]  # and the daemon's stop record
+    assert {e["session_id"] for e in found} == {"ses-new"}
