@@ -584,7 +584,7 @@ def test_the_provisioner_refuses_exactly_the_keys_the_daemon_refuses(tmp_path: P
 def test_cli_integrity_key_is_checked_in_one_line_and_never_printed(tmp_path: Path) -> None:
     ids = ("--user-id", "carol", "--tenant-id", "acme")
     good = tmp_path / "key"
-    good.write_bytes(os.urandom(31) + b"="  # never ending in CR or LF, which a key reader strips)
+    good.write_bytes(os.urandom(31) + b"=")  # never ending in CR or LF, which a key reader strips
     rendered = _cli("render", *ids, "--integrity-key-file", str(good))
     assert rendered.returncode == 0, rendered.stderr
     docs = list(yaml.safe_load_all(rendered.stdout))
