@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,3 +93,46 @@ def test_keep_alive_clients_still_get_answers(workspace: Path, daemon_factory: S
                 assert chunk, reply
                 reply += chunk
             assert reply.startswith(b"HTTP/1.1 200")
+
+
+@pytest.mark.skipif(PRLIMIT is None, reason="prlimit (util-linux) is not installed")
+def test_a_flood_never_starves_a_daemon_with_few_descriptors(workspace: Path, daemon_factory: Start) -> None:
+    """With 48 descriptors (about 20 in use at rest), a local process re-opening half-sent requests as fast as
+    they are closed took every free descriptor with the 32 the port allowed (and more in each accept burst):
+    the watcher, the journal and the store failed with EMFILE and a gap was recorded. The port's share now
+    follows the limit, so nested directories and files written during the flood reach the trail, gap-free."""
+    ws = workspace
+    daemon = daemon_factory(wrapper=(str(PRLIMIT), "--nofile=48:48", "--"))
+    port = daemon.port
+    assert port is not None
+    stop = threading.Event()
+
+    def flood() -> None:
+        held: list[socket.socket] = []
+        while not stop.is_set():
+            try:
+                held.append(_half_sent(port))
+            except OSError:
+                stop.wait(0.01)
+            if len(held) > 100:
+                held.pop(0).close()
+        for conn in held:
+            conn.close()
+
+    flooders = [threading.Thread(target=flood) for _ in range(2)]
+    for thread in flooders:
+        thread.start()
+    try:
+        for i in range(20):
+            deep = ws.joinpath(f"t{i}", *[f"d{k}" for k in range(8)])
+            deep.mkdir(parents=True)
+            for j in range(5):
+                (deep / f"f{j}").write_text(f"{i} {j}\n")
+        wait_for(lambda: sum(1 for e in daemon.events() if e.path.endswith("/f4")) == 20)
+    finally:
+        stop.set()
+        for thread in flooders:
+            thread.join()
+    events = final_check(daemon, ws)
+    assert not [e for e in events if e.action == "gap"]
+    assert not [line for line in daemon.logs if "Too many open files" in str(line)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import resource
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -57,13 +58,20 @@ HEADER_TIMEOUT_S = 5.0
 MAX_CONNECTIONS = 32
 
 
+def connection_cap() -> int:
+    """`MAX_CONNECTIONS`, or a sixteenth of the descriptors the process may hold when that is fewer: under a
+    low nofile limit 32 connections (and as many again accepted in one burst) took every descriptor the
+    watcher, the journal and the store had left."""
+    return max(2, min(MAX_CONNECTIONS, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 16))
+
+
 class _Guard:
     """Bounds the health port's connections, which aiohttp does not: a local process holding hundreds of idle
     or half-sent requests would otherwise take the descriptors the journal, the store and the watcher need.
 
     Every connection must complete a request within `HEADER_TIMEOUT_S` of opening or of its last response
     (one timer per connection, none when there is none: an idle daemon never wakes), and past
-    `MAX_CONNECTIONS` a new connection evicts the oldest one not inside a handler, so a probe still gets in."""
+    its cap (`connection_cap`) a new connection evicts the oldest one not inside a handler, so a probe still gets in."""
 
     def __init__(self, inner: Callable[[], asyncio.Protocol], limit: int, timeout: float) -> None:
         self._inner = inner
@@ -170,8 +178,11 @@ class HealthServer:
         await self._runner.setup()
         inner = self._runner.server
         assert inner is not None
-        self._guard = _Guard(inner, MAX_CONNECTIONS, HEADER_TIMEOUT_S)
-        self._server = await asyncio.get_running_loop().create_server(self._guard, self._host, self._port)
+        cap = connection_cap()
+        self._guard = _Guard(inner, cap, HEADER_TIMEOUT_S)
+        # The backlog is also how many connections asyncio accepts in one turn, before the guard sees any.
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._guard, self._host, self._port, backlog=cap)
         self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
 
     @property
