@@ -169,6 +169,27 @@ class FoundationDBSettings(Section):
         return self
 
 
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # not there (yet): nothing to compare
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _same_or_inside(inner: Path, outer: Path) -> str | None:
+    """How resolved `inner` overlaps resolved `outer` when realpath cannot tell: a bind mount shows one
+    directory at two paths, and inotify gives both the same watch, so a change reaches one root's trail only.
+    None when they are apart (or either is missing)."""
+    outer_id = _identity(outer)
+    if outer_id is None:
+        return None
+    if _identity(inner) == outer_id:
+        return f"{inner} and {outer} are the same directory"
+    above = next((p for p in inner.parents if _identity(p) == outer_id), None)
+    return None if above is None else f"{inner} lies inside {outer} (as {above})"
+
+
 class MonitoringSettings(Section):
     watch_paths: list[FilePath] = Field(default_factory=lambda: [Path("/workspace")], min_length=1)
     """Directories watched recursively; every change below them becomes an audit event."""
@@ -197,7 +218,8 @@ class MonitoringSettings(Section):
     @field_validator("watch_paths")
     @classmethod
     def _disjoint(cls, paths: list[Path]) -> list[Path]:
-        """Roots may not overlap (after resolving symlinks): the watcher gives each directory one watch, so a
+        """Roots may not overlap (after resolving symlinks, and by device and inode through bind mounts): the
+        watcher gives each directory one watch, so a
         change inside the overlap would reach only one root's trail, and each root must be complete."""
         resolved = [(p, Path(os.path.realpath(p))) for p in paths]
         for i, (a, ra) in enumerate(resolved):
@@ -209,6 +231,10 @@ class MonitoringSettings(Section):
                     raise ValueError(
                         f"{inner} lies inside {outer} (after resolving symlinks): overlapping roots are refused:"
                         f" keep only {outer}, which covers it"
+                    )
+                if (same := _same_or_inside(rb, ra)) is not None or (same := _same_or_inside(ra, rb)) is not None:
+                    raise ValueError(
+                        f"{same} (a bind mount shows one directory at two paths): overlapping roots are refused"
                     )
         return paths
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_codi2
+from test_mounts import mounted
 
 
 @pytest.fixture(autouse=True)
@@ -71,6 +72,22 @@ def test_overlapping_roots_are_refused_after_resolving_symlinks(tmp_path: Path, 
     path.write_text("[monitoring]\nwatch_paths = [" + ", ".join(f'"{r}"' for r in roots) + "]\n")
     line = _one_line_exit_2(run_codi2("config", "check", "--config", str(path)), "monitoring.watch_paths")
     assert "inside" in line or "same directory" in line
+
+
+@pytest.mark.parametrize("shape", ["same", "nested", "nested the other way"])
+def test_roots_overlapping_through_a_bind_mount_are_refused(tmp_path: Path, shape: str) -> None:
+    """realpath keeps a bind mount's two paths apart, so [a, alias] and [a, alias/b] passed, and inotify gave
+    the overlap one watch: a file written in it reached one root's trail only (the other's verify --disk
+    named it missing). The roots' device and inode numbers tell."""
+    a, alias = tmp_path / "a", tmp_path / "alias"
+    (a / "b").mkdir(parents=True)
+    alias.mkdir()
+    roots = {"same": [a, alias], "nested": [a, alias / "b"], "nested the other way": [a / "b", alias]}[shape]
+    path = tmp_path / "codi2.toml"
+    path.write_text("[monitoring]\nwatch_paths = [" + ", ".join(f'"{r}"' for r in roots) + "]\n")
+    with mounted("--bind", str(a), target=alias):
+        line = _one_line_exit_2(run_codi2("config", "check", "--config", str(path)), "monitoring.watch_paths")
+    assert "bind mount" in line and ("inside" in line or "same directory" in line)
 
 
 def test_disjoint_roots_and_siblings_with_a_common_prefix_are_accepted(tmp_path: Path) -> None:
