@@ -219,8 +219,8 @@ class MonitoringSettings(Section):
     @classmethod
     def _disjoint(cls, paths: list[Path]) -> list[Path]:
         """Roots may not overlap (after resolving symlinks, and by device and inode through bind mounts): the
-        watcher gives each directory one watch, so a
-        change inside the overlap would reach only one root's trail, and each root must be complete."""
+        watcher gives each directory one watch, so a change inside the overlap would reach only one root's
+        trail, and each root must be complete."""
         resolved = [(p, Path(os.path.realpath(p))) for p in paths]
         for i, (a, ra) in enumerate(resolved):
             for b, rb in resolved[i + 1 :]:
