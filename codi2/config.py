@@ -213,7 +213,8 @@ class MonitoringSettings(Section):
     session_file: FilePath | None = None
     """A file the IDE keeps the current session id in (e.g. `/workspace/.theia/session`): read again when it
     changes (a stat at each batch cut), and each event carries the session current when it was recorded.
-    Unset, missing or empty: the fixed `session_id` (`--session-id`, `$SESSION_ID`)."""
+    Unset, missing, empty, not a regular file or reached through a symlink inside a watch root (where the user
+    may plant one): the fixed `session_id` (`--session-id`, `$SESSION_ID`)."""
 
     @field_validator("watch_paths")
     @classmethod

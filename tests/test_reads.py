@@ -5,6 +5,7 @@ shipper's backlog at batch priority, and sessions from the IDE's session file.""
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import tracemalloc
 from collections.abc import Iterator
@@ -405,3 +406,38 @@ def test_each_event_carries_the_session_current_when_it_was_recorded(
     found = [json.loads(line) for line in result.stdout.splitlines()]
     assert [e["path"] for e in found if e["action"] not in LIFECYCLE] == ["after.txt"]  # and the daemon's stop record
     assert {e["session_id"] for e in found} == {"ses-new"}
+
+
+@pytest.mark.parametrize("planted", ["fifo", "symlink to a file", "symlinked directory"])
+def test_a_session_file_the_user_replaces_never_stalls_or_leaks(
+    workspace: Path, tmp_path: Path, daemon_factory: Any, planted: str
+) -> None:
+    """The session file lives in the workspace, so the user may replace it. A FIFO there blocked the journal
+    thread in open() for good (nothing recorded any more, /status still ok), and a symlink (to the file, or to
+    its directory) made codi2 read any file it may read (a Secret's cluster file, a TLS key) into every
+    event's session_id. Now it is opened without following a symlink below the root and without blocking,
+    and anything but a regular file reads as no session."""
+    theia = workspace / ".theia"
+    theia.mkdir()
+    session = theia / "session"
+    session.write_text("ses-1\n")
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    (secret / "session").write_text("cluster:SECRET@10.0.0.1:4500\n")
+    daemon = daemon_factory(env={"CODI2_MONITORING__SESSION_FILE": str(session), "SESSION_ID": "fixed"})
+    (workspace / "before.txt").write_text("x")
+    wait_for(lambda: "before.txt" in {e.path for e in daemon.events()})
+    session.unlink()
+    if planted == "fifo":
+        os.mkfifo(session)
+    elif planted == "symlink to a file":
+        session.symlink_to(secret / "session")
+    else:
+        theia.rename(workspace / ".theia-old")
+        theia.symlink_to(secret)
+    (workspace / "after.txt").write_text("x")
+    wait_for(lambda: "after.txt" in {e.path for e in daemon.events()})
+    assert daemon.terminate() == 0
+    sessions = {e.path: e.session_id for e in daemon.events()}
+    assert sessions["before.txt"] == "ses-1" and sessions["after.txt"] == "fixed"
+    assert not [e for e in daemon.events() if "SECRET" in str(e.session_id)]

@@ -5,12 +5,13 @@ pipeline's own `gap` events cannot disagree on any of it."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
-from codi2.disk.fs import Facts
+from codi2.disk.fs import O_FILE, Facts, open_dir, split
 from codi2.trail.events import Action, Event, Identity, Origin, now_rfc3339, rfc3339_ns, uuid7
 
 log = structlog.get_logger("codi2.pipeline.factory")
@@ -21,32 +22,64 @@ SESSION_MAX_BYTES = 1024  # what is read of a session file: an id, not a documen
 
 class SessionFile:
     """The IDE's current session id, in a file it rewrites: read again only when its stat changes (inode,
-    size, mtime, ctime), so checking it at every batch cut costs one stat. Missing, unreadable or empty:
-    `fallback`, the daemon's fixed session."""
+    size, mtime, ctime), so checking it at every batch cut costs one stat. Missing, unreadable, empty or not
+    a regular file: `fallback`, the daemon's fixed session.
 
-    def __init__(self, path: Path, fallback: str | None) -> None:
-        self._path = path
+    The file is usually in the workspace, where the user may replace it: below a watch root it is reached
+    through directory descriptors that follow no symlink (a link to the Secret's cluster file would put it
+    in every event), and opened without blocking (a FIFO would hold the journal thread in open())."""
+
+    def __init__(self, path: Path, fallback: str | None, roots: Sequence[Path] = ()) -> None:
+        self._path = Path(os.path.abspath(path))
         self._fallback = fallback
         self._seen: tuple[int, int, int, int] | None = None
         self._current = fallback
+        root = next((r for r in roots if self._path.is_relative_to(r) and self._path != r), None)
+        self._beneath = None if root is None else (root, os.fsencode(self._path.relative_to(root)))
 
     def current(self) -> str | None:
         try:
-            st = os.stat(self._path)
+            st = os.stat(self._path, follow_symlinks=False)
         except OSError:
             self._seen, self._current = None, self._fallback
             return self._current
         seen = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if seen != self._seen:
-            try:
-                with open(self._path, "rb") as f:
-                    text = f.read(SESSION_MAX_BYTES).decode(errors="replace").strip()
-            except OSError:
-                text = ""
+            text = self._read()
             if text != (self._current or ""):
                 log.info("session_changed", session_id=text or self._fallback)
             self._seen, self._current = seen, text or self._fallback
         return self._current
+
+    def _read(self) -> str:
+        """The file's first bytes as text, or "" when it is not a regular file reached without a symlink."""
+        try:
+            fd = self._open()
+        except OSError:
+            return ""
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return ""
+            return os.read(fd, SESSION_MAX_BYTES).decode(errors="replace").strip()
+        except OSError:
+            return ""
+        finally:
+            os.close(fd)
+
+    def _open(self) -> int:
+        if self._beneath is None:
+            return os.open(self._path, O_FILE)
+        root, rel = self._beneath
+        parent, name = split(rel)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            dir_fd = open_dir(root_fd, parent)
+        finally:
+            os.close(root_fd)
+        try:
+            return os.open(name, O_FILE, dir_fd=dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 class EventFactory:

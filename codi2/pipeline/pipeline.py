@@ -116,7 +116,7 @@ class Pipeline:
         self._file = journal_file
         self._rules = rules
         session_file = monitoring.session_file
-        sessions = None if session_file is None else SessionFile(session_file, identity.session_id)
+        sessions = None if session_file is None else SessionFile(session_file, identity.session_id, roots)
         self._events = EventFactory(identity, self.root_names, self._take_seq, sessions)
         self.trail: TrailReader | None = None  # set once opened (with SQLite, after the journal: its file)
         # The shipper's: a journal recovered into a new file (each committed batch: `on_committed`).
