@@ -48,6 +48,27 @@ def test_each_difference_says_what_the_trail_and_the_disk_say_and_comes_with_a_h
     ]
 
 
+def test_a_retargeted_link_and_a_new_owner_are_named_in_the_difference(workspace: Path, daemon_factory: Start) -> None:
+    """verify --disk compares targets and owners, but said "the trail says symlink, the disk says symlink" (and
+    the same of a file given to another owner): the one fact that differs was not in the line."""
+    (workspace / "link").symlink_to("old\ntarget")
+    (workspace / "owned.txt").write_text("same")
+    daemon = daemon_factory()
+    assert daemon.terminate() == 0
+    (workspace / "link").unlink()
+    (workspace / "link").symlink_to("new-target")
+    os.chown(workspace / "owned.txt", 4242, 4343)
+    result = run_codi2("verify", "--config", str(daemon.config), "--tenant-id", "t1", "--disk", str(workspace))
+    assert result.returncode == 1 and result.stderr == "", result.stderr
+    uid, gid = os.getuid(), os.getgid()
+    assert result.stdout.splitlines()[5:] == [
+        "  link: the trail says symlink to 'old\\ntarget', the disk says symlink to 'new-target'",
+        f"  owned.txt: the trail says file sha256 {_sha('same')} owned by {uid}:{gid}, the disk says file sha256"
+        f" {_sha('same')} owned by 4242:4343",
+        HINT,
+    ]
+
+
 def test_a_disk_that_cannot_be_compared_still_gets_the_chain_report(workspace: Path, daemon_factory: Start) -> None:
     (workspace / "a.txt").write_text("a")
     daemon = daemon_factory()

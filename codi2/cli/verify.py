@@ -128,7 +128,8 @@ def render(report: Report) -> str:
     unread = f"; {d.unreadable} could not be read (not compared)" if d.unreadable else ""
     lines.append(f"disk {d.path} (watch root {d.root}, user {d.user_id or '-'}): {d.entries} entries, {differ}{unread}")
     for x in d.differences:
-        lines.append(f"  {printable(x['path'])}: the trail {_says(x['trail'])}, the disk {_says(x['disk'])}")
+        trail, disk = _says(x["trail"], x["disk"]), _says(x["disk"], x["trail"])
+        lines.append(f"  {printable(x['path'])}: the trail {trail}, the disk {disk}")
     lines += [f"  unreadable: {printable(x['path'])}: {x['problem']}" for x in d.unreadable_listed]
     if d.unreadable > len(d.unreadable_listed):
         lines.append(f"  … and {d.unreadable - len(d.unreadable_listed)} more unreadable")
@@ -137,8 +138,16 @@ def render(report: Report) -> str:
     return "\n".join(lines)
 
 
-def _says(entry: dict[str, Any] | None) -> str:
+def _says(entry: dict[str, Any] | None, other: dict[str, Any] | None) -> str:
+    """One side of a difference: the type and hash, a symlink's target, and the owner when the two sides
+    know different ones (a chown, or a retargeted link, differs in nothing else)."""
     if entry is None:
         return "has nothing there"
     digest = entry.get("sha256")
-    return f"says {entry['type']}" + (f" sha256 {digest[:12]}…" if digest else "")
+    said = f"says {entry['type']}" + (f" sha256 {digest[:12]}…" if digest else "")
+    if entry.get("target") is not None:
+        said += f" to '{printable(entry['target'])}'"
+    owner, theirs = (entry.get("uid"), entry.get("gid")), other and (other.get("uid"), other.get("gid"))
+    if None not in owner and theirs and None not in theirs and owner != theirs:
+        said += f" owned by {owner[0]}:{owner[1]}"
+    return said
