@@ -129,3 +129,25 @@ def test_a_root_that_is_a_mount_point_lazily_unmounted(
     events = converge(daemon, ws)
     assert "on-tmpfs.txt" in ever_named(events)
     final_check(daemon, ws)
+
+
+def test_files_whose_read_fails_cost_no_other_change_its_record(workspace: Path, daemon_factory: Start) -> None:
+    """A process's /proc directory bind-mounted into a root: some of its files fail read() (pagemap with
+    EINVAL, mem with EIO). That error failed the whole flush as a journal error, retried for ever: nothing
+    else was recorded (a file written beside it neither) and /status blamed the journal. Now such a file is
+    recorded with its stat and no hash, as a file past hash_max_bytes is."""
+    ws = workspace
+    (ws / "proc").mkdir()
+    daemon = daemon_factory()
+    sleeper = subprocess.Popen(["sleep", "600"])
+    try:
+        with mounted("--bind", f"/proc/{sleeper.pid}", target=ws / "proc"):
+            (ws / "beside.txt").write_text("written beside the mount\n")
+            wait_for(lambda: {"beside.txt", "proc/pagemap"} <= {e.path for e in daemon.events()})
+            facts = {e.path: e for e in daemon.events() if e.action == "created"}
+            assert facts["proc/pagemap"].type == "file" and facts["proc/pagemap"].sha256 is None
+            assert not [r for r in daemon.status()["degraded_reasons"] if "journal" in r]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    final_check(daemon, ws)

@@ -222,15 +222,16 @@ def read_facts(
     try:
         fd = os.open(name, O_FILE, dir_fd=dir_fd)
     except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM, errno.EWOULDBLOCK):
-            # replaced since the lstat (O_NOFOLLOW), or a file we may not open: its stat is still known
-            facts = lstat_at(dir_fd, name)
-            if facts is not None and facts.type == "file" and known is not None and facts.same_stat(known):
-                facts.sha256 = known.sha256
-            return facts
-        if exc.errno in ABSENT_ERRNOS:
+        if exc.errno in ABSENT_ERRNOS and exc.errno != errno.ELOOP:
             return None
-        raise
+        if exc.errno in RESOURCE_ERRNOS:
+            raise
+        # replaced since the lstat (O_NOFOLLOW), or a file we may not open (EACCES, EIO, ...): its stat is
+        # still known, and one file's error must not fail the batch every other change waits on
+        facts = lstat_at(dir_fd, name)
+        if facts is not None and facts.type == "file" and known is not None and facts.same_stat(known):
+            facts.sha256 = known.sha256
+        return facts
     try:
         st = os.fstat(fd)
         facts = facts_of(st)
@@ -263,7 +264,9 @@ def read_facts(
     except OSError as exc:
         if exc.errno == errno.EACCES:
             raise Unreadable(name) from None
-        raise
+        if exc.errno in RESOURCE_ERRNOS:
+            raise
+        return facts_of(st)  # its contents refused (EIO, a pseudo-file's EINVAL): the stat is still known
     finally:
         os.close(fd)
         if progress is not None:
