@@ -291,12 +291,19 @@ DURATION = re.compile(r"(?P<count>[0-9]+)(?P<unit>[smhdw])")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 
 
+# A cutoff this far back is still a date (year 1 is the first one); unset keeps a trail for ever.
+MAX_DURATION_S = 100 * 365 * 86_400
+
+
 def duration_s(text: str) -> int:
-    """A duration such as "90d", "12h", "30m", "45s", "2w" in seconds; ValueError otherwise."""
+    """A duration such as "90d", "12h", "30m", "45s", "2w" in seconds, at most 100 years; ValueError otherwise."""
     m = DURATION.fullmatch(text.strip())
     if m is None or int(m["count"]) == 0:
         raise ValueError(f"expected a duration such as 90d, 12h, 30m or 2w, got {text!r}")
-    return int(m["count"]) * DURATION_UNITS[m["unit"]]
+    seconds = int(m["count"]) * DURATION_UNITS[m["unit"]]
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"a duration is at most 100 years (36500d), got {text!r}")
+    return seconds
 
 
 def _check_duration(value: str) -> str:
@@ -306,10 +313,10 @@ def _check_duration(value: str) -> str:
 
 class RetentionSettings(Section):
     max_age: Annotated[str, AfterValidator(_check_duration)] | None = None
-    """How long the trail is kept (a duration: `90d`, `12h`, `2w`); unset keeps it for ever. With SQLite
-    the daemon prunes what is older itself, at start and then daily; with FoundationDB a pod never
-    deletes trail data: the retention CronJob (`codi2 archive` then `codi2 prune`, which take their cutoff
-    from it) does (docs/retention.md)."""
+    """How long the trail is kept (a duration: `90d`, `12h`, `2w`; at most 100 years); unset keeps it for
+    ever. With SQLite the daemon prunes what is older itself, at start and then daily; with FoundationDB a
+    pod never deletes trail data: the retention CronJob (`codi2 archive` then `codi2 prune`, which take
+    their cutoff from it) does (docs/retention.md)."""
 
     @property
     def max_age_s(self) -> int | None:

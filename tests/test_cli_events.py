@@ -139,3 +139,6 @@ def test_filters_by_origin_user_relative_time_and_seq(tmp_path: Path) -> None:
     assert paths("--origin", "rescan", "--replay") == ["now.txt"]
     bad = run_codi2("events", "--config", str(config), "--tenant-id", "t1", "--since", "yesterday")
     assert bad.returncode == 2 and "neither an ISO 8601 time nor a span such as 30m" in bad.stderr
+    for span in ("99999999999d", "3000000d"):  # past year 1: an OverflowError, then a ValueError, not one line
+        far = run_codi2("events", "--config", str(config), "--tenant-id", "t1", "--since", span)
+        assert far.returncode == 2 and far.stderr.startswith("codi2: --since:") and "back" in far.stderr, far.stderr

@@ -329,3 +329,12 @@ def test_a_salvaged_store_keeps_its_horizons(tmp_path: Path) -> None:
         db.execute("COMMIT")
     salvaged = SqliteSink(new, create=False)
     assert salvaged.horizons("t1")["stream-1"].number == 45 and verify(salvaged, "t1").ok
+
+
+def test_a_max_age_past_what_a_date_can_reach_back_is_refused() -> None:
+    """A max_age of 99999999999d passed config check, then its cutoff (before year 1) stopped the SQLite
+    daemon's journal thread at start (nothing recorded) and made `codi2 archive` and `prune` fail with an
+    OverflowError."""
+    result = run_codi2("config", "check", env={"CODI2_RETENTION__MAX_AGE": "99999999999d"})
+    assert result.returncode == 2 and "retention.max_age" in result.stderr and "100 years" in result.stderr
+    assert run_codi2("config", "check", env={"CODI2_RETENTION__MAX_AGE": "5200w"}).returncode == 0

@@ -168,7 +168,10 @@ def _time(text: str | None, flag: str) -> datetime | None:
         return None
     if relative := RELATIVE.fullmatch(text.strip()):
         amount, unit = relative.groups()
-        return datetime.now(UTC) - timedelta(**{UNITS[unit]: int(amount)})
+        try:
+            return datetime.now(UTC) - timedelta(**{UNITS[unit]: int(amount)})
+        except (OverflowError, ValueError):  # timedelta's bound, or a time before year 1
+            raise UsageError(f"{flag}: {text!r} reaches back before any date") from None
     try:
         return parse_time(text)
     except ValueError:
