@@ -27,6 +27,7 @@ from tamper import FdbTamper, SqliteTamper, Tamper
 from codi2.cli.main import main
 from codi2.config import load_settings
 from codi2.daemon.daemon import StateLock
+from codi2.daemon.retention import prune_once
 from codi2.stores.base import Sink
 from codi2.stores.fdb.sink import FdbSink
 from codi2.stores.sqlite import LocalStore, SqliteSink
@@ -338,3 +339,9 @@ def test_a_max_age_past_what_a_date_can_reach_back_is_refused() -> None:
     result = run_codi2("config", "check", env={"CODI2_RETENTION__MAX_AGE": "99999999999d"})
     assert result.returncode == 2 and "retention.max_age" in result.stderr and "100 years" in result.stderr
     assert run_codi2("config", "check", env={"CODI2_RETENTION__MAX_AGE": "5200w"}).returncode == 0
+
+
+def test_a_retention_task_never_stops_the_journal_thread(tmp_path: Path) -> None:
+    """A task posted to the journal thread handles its own errors: a cutoff no date can hold raised out of
+    prune_once and stopped the thread (journal_thread_failed), so nothing more was recorded."""
+    prune_once(tmp_path / "audit.db", "t1", 10**12)

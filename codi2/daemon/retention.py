@@ -22,8 +22,8 @@ def prune_once(path: Path, tenant_id: str, max_age_s: int) -> None:
     """Journal thread: prune what is older than `max_age_s`; a failure is logged and tried again next time."""
     from codi2.stores.sqlite import prune_file
 
-    before = datetime.fromtimestamp(time.time() - max_age_s, UTC)
     try:
+        before = datetime.fromtimestamp(time.time() - max_age_s, UTC)  # a cutoff before year 1 fails here
         plan = prune_file(path, tenant_id, before)
     except Exception as exc:
         log.warning("retention_failed", error=str(exc), note="tried again in a day")
