@@ -114,7 +114,7 @@ class ServerSettings(Section):
     bind_addr: BindAddr = "0.0.0.0:8765"
     """Where the health server listens (`/livez`, `/readyz`, `/status`, `/metrics`): HOST:PORT or
     [V6]:PORT; port 0 picks a free one."""
-    shutdown_timeout_s: float = Field(default=20.0, gt=0, allow_inf_nan=False)
+    shutdown_timeout_s: float = Field(default=20.0, gt=0, le=86_400, allow_inf_nan=False)
     """How long a shutdown (SIGTERM, SIGINT) may take, in seconds: reading what the kernel queued,
     journaling it and shipping the outbox. What is left then stays in the journal for the next start; a
     second signal stops at once. Kubernetes' `terminationGracePeriodSeconds` must exceed it, else SIGKILL

@@ -105,6 +105,11 @@ def test_logging_level_is_case_insensitive(config_dir: Path) -> None:
         ("[server]\nshutdown_timeout_s = -5\n", "server.shutdown_timeout_s: Input should be greater than 0"),
         ("[server]\nshutdown_timeout_s = inf\n", "server.shutdown_timeout_s: Input should be a finite number"),
         ("[server]\nshutdown_timeout_s = nan\n", "server.shutdown_timeout_s: Input should be a finite number"),
+        # finite but past what a clock can add: the daemon's shutdown failed with an OverflowError
+        (
+            "[server]\nshutdown_timeout_s = 1e300\n",
+            "server.shutdown_timeout_s: Input should be less than or equal to 86400",
+        ),
         ("[server\n", "invalid TOML"),
         (
             "[foundationdb]\napi_version = 800\n",
