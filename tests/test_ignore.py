@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
+from conftest import WAIT_S
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -47,3 +49,21 @@ def test_private_paths_and_everything_below_them_are_ignored(tmp_path: Path) -> 
 
 def test_a_path_deeper_than_the_recursion_limit_is_fine() -> None:
     assert not IgnoreRules([".git"]).ignored(0, b"/".join([b"d"] * 5000), False)
+
+
+def test_a_path_thousands_of_directories_deep_is_judged_in_one_pass() -> None:
+    """A user's `mkdir` chain 4,400 deep (255-byte names) held the watcher thread for good: each entry's
+    verdict sliced and hashed every ancestor's path afresh, so walking the tree cost its depth cubed and
+    nothing was recorded meanwhile. One pass over the path now: this 8 MB one is judged at once."""
+    rules = IgnoreRules([".git", "node_modules"], roots=[Path("/ws")], private=[Path("/ws/.codi2")])
+    rel = b"/".join([b"d" * 200] * 40_000) + b"/f"
+    verdict: list[bool] = []
+    done = threading.Event()
+
+    def judge() -> None:
+        verdict.append(rules.ignored(0, rel, False))
+        verdict.append(rules.ignored(0, b".codi2/" + rel, False))
+        done.set()
+
+    threading.Thread(target=judge, daemon=True).start()
+    assert done.wait(WAIT_S) and verdict == [False, True]
