@@ -138,24 +138,6 @@ class EventFactory:
     def gap(self, reason: str, count: int | None, root: int = 0) -> Event:
         """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history,
         `root` the watch root it concerns (the first when it concerns them all)."""
-        ident = self._identity
         log.warning("gap_recorded", reason=reason, changes=count)
-        return Event(
-            uuid7(),
-            self._next_seq(),
-            now_rfc3339(),
-            ident.tenant_id,
-            ident.user_id,
-            self._session,
-            ident.pod,
-            "gap",
-            "",
-            reason,
-            self._root_names[root],
-            "dir",
-            count,
-            None,
-            None,
-            None,
-            "live",
-        )
+        facts = Facts("dir", count, None, None, None, None, None, None)  # built as every event is, path empty
+        return self.observed("gap", root, b"", os.fsencode(reason), facts, "live")
