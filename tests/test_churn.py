@@ -572,7 +572,9 @@ def test_c08_kill_and_restart_on_a_full_disk_is_no_crash_loop(small_disk: Path, 
 
 
 def _backlog_then_kill(daemon: FdbDaemon, ws: Path, batches: int) -> None:
-    """With the cluster down, `batches` separate batches wait in the journal; then kill -9."""
+    """With the cluster down, `batches` separate batches wait in the journal; then kill -9. The outbox is empty
+    first: an acknowledgement the journal thread has not applied yet would count as one of the waiting batches."""
+    wait_for(lambda: daemon.status()["spool"]["batches"] == 0)
     daemon.down.touch()
     for i in range(batches):
         (ws / f"queued{i}.txt").write_text(f"queued {i}")
