@@ -190,8 +190,15 @@ class HashProgress:
     all, start time) once per chunk, so a reader on another thread sees one consistent tuple."""
 
     def __init__(self) -> None:
-        self.path = ""  # what the next `read_facts` hashes, set by its caller
+        # What the next `read_facts` hashes (its root's path and the entry's relative path), set by its caller
+        # for every file; spelled out as a path only for a file big enough to be reported.
+        self.where: tuple[str, bytes] = ("", b"")
         self.current: tuple[str, int, int, float] | None = None
+
+    @property
+    def path(self) -> str:
+        root, rel = self.where
+        return os.path.join(root, os.fsdecode(rel))
 
 
 def read_facts(
@@ -244,6 +251,7 @@ def read_facts(
         digest, total = hashlib.sha256(), 0
         want = size + 1 if size < HASH_CHUNK else HASH_CHUNK
         report = progress if size >= HASH_CHUNK else None
+        path = "" if report is None else report.path
         started = time.time()
         while chunk := os.read(fd, want):
             total += len(chunk)
@@ -252,7 +260,7 @@ def read_facts(
                 # of what it yields: no hash, as for any file over the limit, and never an endless read.
                 return facts
             if report is not None:
-                report.current = (report.path, total, size, started)
+                report.current = (path, total, size, started)
             digest.update(chunk)
             if total <= size < HASH_CHUNK:
                 break  # a small file in one read: a shorter answer than asked is the end of the file

@@ -41,13 +41,17 @@ class IgnoreRules:
         """Whether `rel` or a directory above it is left out. Linear in the path's length: a user's tree
         thousands of directories deep made a walk of it cubic (each ancestor sliced and hashed afresh), and
         the watcher thread spun on it while nothing was recorded."""
-        if any(r == root and rel.startswith(p) and rel[len(p) : len(p) + 1] in (b"", b"/") for r, p in self._private):
+        if self._private and any(
+            r == root and rel.startswith(p) and rel[len(p) : len(p) + 1] in (b"", b"/") for r, p in self._private
+        ):
             return True
         if not self._by_name:
             return self._match(rel, is_dir)
         # A path is ignored when its own name or a directory above it is, and names repeat endlessly in
         # a burst (`src/x/f1`, `src/x/f2`): each name is matched once.
         names = rel.split(b"/")
+        if self._literal is not None and self._literal.keys().isdisjoint(names):
+            return False  # no name of it is a pattern's: the usual answer, in one set operation
         last = len(names) - 1
         return any(self._match(name, is_dir or i < last) for i, name in enumerate(names))
 

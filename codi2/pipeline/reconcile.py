@@ -570,7 +570,7 @@ class Reconciler:
             facts.sha256 = known.sha256
             return facts
         try:
-            self.hashing.path = self._path_of(root, entry.rel)
+            self.hashing.where = (self._names[root], entry.rel)
             return read_facts(entry.dir_fd, entry.name, st, known, self._hash_max, self.hashing)
         except Unreadable:
             facts.sha256 = known.sha256 if known is not None and facts.same_stat(known) else None
@@ -606,9 +606,6 @@ class Reconciler:
 
     # Helpers -----------------------------------------------------------------------------------------
 
-    def _path_of(self, root: int, rel: bytes) -> str:
-        return os.path.join(self._names[root], os.fsdecode(rel))
-
     def hashing_status(self) -> dict[str, object] | None:
         """Any thread: the file being hashed now (/status `pipeline.hashing`), None between hashes."""
         now = self.hashing.current
@@ -627,7 +624,7 @@ class Reconciler:
             st = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
             if stat.S_ISREG(st.st_mode) and self._rules.private_file(st.st_dev, st.st_ino):
                 return None  # a hard link to the daemon's own file: never opened, out of the trail
-            self.hashing.path = self._path_of(root, rel)
+            self.hashing.where = (self._names[root], rel)
             facts = read_facts(dfd, entry, st, known, self._hash_max, self.hashing)
         except Unreadable:
             return UNKNOWN
