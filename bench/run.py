@@ -113,14 +113,18 @@ def write_burst(tree: Path, files: int) -> float:
     return time.monotonic()
 
 
-def python_floor(base: Path, tree: Path, files: int) -> dict[str, float]:
-    """bench/floor.py over the burst's files once they are written: the least durable work for them."""
+def python_floor(base: Path, tree: Path, files: int, mode: str = "plain") -> dict[str, float]:
+    """bench/floor.py over the burst's files once they are written: the least durable work for them (`plain`),
+    or the least work that writes the rows codi2's trail needs, in its schema (`trail`)."""
     write_burst(tree, files)
     db = base / "floor.db"
     for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
         path.unlink(missing_ok=True)
     out = subprocess.run(
-        [sys.executable, str(FLOOR), str(tree), str(files), "100", str(db)], check=True, capture_output=True, text=True
+        [sys.executable, str(FLOOR), str(tree), str(files), "100", str(db), mode],
+        check=True,
+        capture_output=True,
+        text=True,
     )
     result = json.loads(out.stdout)
     return {"recorded": result["rows"] / files, "cpu_s": result["cpu_s"], "wall_s": result["wall_s"]}
@@ -131,13 +135,13 @@ def burst(base: Path, binaries: dict[str, str], reps: int, files: int) -> dict[s
     it has it all: codi2 every file committed with its sha256, inotifywait every create printed,
     watchman a `since` query returning every file with its sha1 (what codi2 does for its trail). The
     Python floor (bench/floor.py) does the least durable work for the same files, with no watching."""
-    names = ("codi2", "floor", "inotifywait", "watchman")
+    names = ("codi2", "floor", "trail_floor", "inotifywait", "watchman")
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in names}
     for rep in range(reps):
         for name in names:
             tree = burst_tree(base)
-            if name == "floor":
-                run = python_floor(base, tree, files)
+            if name in ("floor", "trail_floor"):
+                run = python_floor(base, tree, files, "plain" if name == "floor" else "trail")
                 runs[name].append(run)
                 print(
                     f"  burst rep {rep + 1} {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True
@@ -168,6 +172,8 @@ def burst(base: Path, binaries: dict[str, str], reps: int, files: int) -> dict[s
         return [ratio(c["cpu_s"], b["cpu_s"]) for c, b in zip(runs["codi2"], runs[baseline], strict=True)]
 
     vs_floor, vs_inotifywait, vs_watchman = ratios("floor"), ratios("inotifywait"), ratios("watchman")
+    vs_trail = ratios("trail_floor")
+    trail_over_floor = [ratio(t["cpu_s"], f["cpu_s"]) for t, f in zip(runs["trail_floor"], runs["floor"], strict=True)]
     return {
         "files": files,
         "reps": reps,
@@ -180,6 +186,10 @@ def burst(base: Path, binaries: dict[str, str], reps: int, files: int) -> dict[s
         "baseline_cpu_s": median([r["cpu_s"] for r in runs["inotifywait"]]),
         "watchman_cpu_s": median([r["cpu_s"] for r in runs["watchman"]]),
         "watchman_recorded": min(r["recorded"] for r in runs["watchman"]),
+        "trail_floor_cpu_s": median([r["cpu_s"] for r in runs["trail_floor"]]),
+        "cpu_ratio_trail_floor": median(vs_trail),
+        "cpu_ratios_trail_floor": vs_trail,
+        "trail_floor_ratio_floor": median(trail_over_floor),
         "cpu_ratio_floor": median(vs_floor),
         "cpu_ratios_floor": vs_floor,
         "cpu_ratio": median(vs_inotifywait),
@@ -491,6 +501,20 @@ def table(results: dict[str, Any]) -> str:
                 f"{b['cpu_ratio_floor']:.2f} ({b['cpu_s']:.2f} / {b['floor_cpu_s']:.2f} s)",
                 "<= 1.5",
                 b["cpu_ratio_floor"] <= 1.5,
+            ),
+            (
+                "burst",
+                "CPU codi2 / trail floor (codi2's rows)",
+                f"{b['cpu_ratio_trail_floor']:.2f} ({b['cpu_s']:.2f} / {b['trail_floor_cpu_s']:.2f} s)",
+                "",
+                None,
+            ),
+            (
+                "burst",
+                "CPU trail floor / Python floor",
+                f"{b['trail_floor_ratio_floor']:.2f}",
+                "",
+                None,
             ),
             (
                 "burst",
