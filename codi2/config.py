@@ -148,9 +148,10 @@ class FoundationDBSettings(Section):
     batch_bytes: int = Field(default=1_000_000, ge=10_000, le=1_000_000)
     """One transaction's size as FoundationDB counts it (mutations and conflict ranges); larger batches are
     split. FoundationDB advises at most 1 MB."""
-    event_id_retention_hours: float = Field(default=168.0, gt=0, le=24 * 365 * 10)
-    """How long event ids are kept so that an event re-sent (after a crash or an unknown commit result)
-    lands once, in hours; it must exceed how long a batch can wait in the spool."""
+    event_id_retention_hours: float | None = Field(default=None, gt=0, le=24 * 365 * 10)
+    """No effect since layout v2 (docs/fdb-layout.md); accepted so that configs written for earlier releases
+    still load, with a warning. A re-sent batch lands once by its stream's progress key, not by per-event id
+    keys kept this long, and the id keys of salvaged batches leave with the trail (`[retention]`)."""
     tls_cert_file: FilePath | None = None
     """codi2's client certificate (PEM) for mutual TLS with the cluster; set with `tls_key_file`. Without TLS
     the connection is neither encrypted nor authenticated (docs/security.md)."""
@@ -428,6 +429,17 @@ class Settings(BaseSettings):
         opened by a walk, under any name (a hard link to one included)."""
         dbs = [self.journal_file, *([self.sqlite_file] if self.backend == "sqlite" else [])]
         return [self.state_dir / "lock", *(p for db in dbs for p in _with_companions(db))]
+
+    def ignored_keys(self) -> list[str]:
+        """Keys set in this config that no longer do anything, each as one line saying so: `run` logs them,
+        `config check` prints them, and neither refuses the config (a fleet's config maps outlive releases)."""
+        ignored = []
+        if self.foundationdb.event_id_retention_hours is not None:
+            ignored.append(
+                "[foundationdb] event_id_retention_hours has no effect since layout v2 (a re-sent batch lands"
+                " once by its stream's progress key; docs/fdb-layout.md): remove it"
+            )
+        return ignored
 
     def effective(self) -> dict[str, Any]:
         """The config as the daemon will use it, derived values filled in (for `config check`)."""

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_codi2
+from conftest import DaemonProcess, run_codi2
 
 from codi2.config import ConfigError, load_settings
 
@@ -250,3 +251,22 @@ def test_cli_config_that_is_not_utf8_is_one_line_and_exit_2(tmp_path: Path) -> N
     result = _cli("--config", str(path), "--user-id", "u", "--tenant-id", "t")
     assert result.returncode == 2
     assert result.stderr == f"codi2: {path}: not UTF-8 text (byte 0): TOML files are UTF-8\n"
+
+
+def test_a_key_without_effect_still_loads_and_is_named_by_config_check_and_run(
+    tmp_path: Path, workspace: Path, daemon_factory: Callable[..., DaemonProcess]
+) -> None:
+    """`[foundationdb] event_id_retention_hours` was layout v1's: a fleet's config map that still sets it
+    loads (exit 0), and both `config check` and the running daemon say, once, that it does nothing."""
+    path = tmp_path / "old.toml"
+    path.write_text("[foundationdb]\nevent_id_retention_hours = 72\n")
+    result = _cli("config", "check", "--config", str(path))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if "event_id_retention_hours" in line]
+    assert len(warned) == 1 and warned[0].startswith("codi2: warning:") and "no effect" in warned[0], result.stderr
+    quiet = tmp_path / "new.toml"
+    quiet.write_text("")
+    assert "warning" not in _cli("config", "check", "--config", str(quiet)).stderr
+    daemon = daemon_factory("[foundationdb]\nevent_id_retention_hours = 72\n")
+    ignored = [line for line in daemon.logs if line.get("event") == "config_key_ignored"]
+    assert len(ignored) == 1 and "event_id_retention_hours" in ignored[0]["detail"], ignored

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import TYPE_CHECKING
 
 from codi2.cli.common import EXIT_OK, Parser, config_arg, load
@@ -32,6 +33,8 @@ def register(sub: Subparsers) -> None:
 
 def check_command(args: argparse.Namespace) -> int:
     settings = load(args)
+    for note in settings.ignored_keys():
+        print(f"codi2: warning: {note}", file=sys.stderr)
     print(json.dumps(settings.effective(), indent=2))
     return EXIT_OK
 

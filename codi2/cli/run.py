@@ -27,6 +27,8 @@ def register(sub: Subparsers) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
+    import structlog
+
     from codi2.daemon.build import build
     from codi2.daemon.daemon import Daemon, StartupError
     from codi2.logs import configure_logging
@@ -42,6 +44,8 @@ def command(args: argparse.Namespace) -> int:
     if identity.session_id is not None:
         bound["session_id"] = identity.session_id
     configure_logging(settings.logging.level, settings.logging.format, bound)
+    for note in settings.ignored_keys():
+        structlog.get_logger("codi2.cli.run").warning("config_key_ignored", detail=note)
     daemon = Daemon(build(settings, identity))
     try:
         return asyncio.run(daemon.serve())
