@@ -1,10 +1,12 @@
 """What each command imports, and the walls between packages, seen in real processes: the daemon's start-up
-time is measured, so `codi2 run` must not load provisioning's machinery (Kubernetes client, YAML) or the
-CLI's tools, `codi2 events` must not load the daemon (aiohttp, inotify), and `--help` loads neither.
+time and memory are measured, so `codi2 run` must not load provisioning's machinery (Kubernetes client, YAML),
+the CLI's tools or the other commands, `codi2 events` must not load the daemon (aiohttp, inotify), and
+`--help` loads neither.
 Provisioning never imports the data path, and a store knows nothing of the CLI, watching or the daemon."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -16,11 +18,13 @@ import pytest
 from conftest import DaemonProcess
 from sink_contract import batch_of, make_event
 
+from codi2.cli.main import COMMANDS, build_parser
 from codi2.stores.sqlite import SqliteSink
 
 DATA_PATH = ("codi2.watch", "codi2.pipeline", "codi2.journal", "codi2.ship", "codi2.stores", "codi2.daemon")
 PROVISIONING = ("lightkube", "yaml", "codi2.provisioning.spec", "codi2.provisioning.render", "codi2.provisioning.apply")
 CLI_TOOLS = ("shtab", "cryptography", "codi2.cli.checks", "codi2.cli.config_reference", "codi2.cli.tls")
+OTHER_COMMANDS = tuple(module for name, module in COMMANDS.items() if name != "run")
 
 MAIN = """
 import json, sys
@@ -64,7 +68,7 @@ def test_help_loads_no_command(tmp_path: Path) -> None:
     assert _under(modules, ("aiohttp", "watchdog", *DATA_PATH, *PROVISIONING, *CLI_TOOLS)) == []
 
 
-def test_the_running_daemon_never_loaded_provisioning_or_the_cli_tools(
+def test_the_running_daemon_never_loaded_provisioning_the_cli_tools_or_other_commands(
     daemon_factory: Callable[..., DaemonProcess],
 ) -> None:
     """The whole of `codi2 run`'s import path, start-up to exit, as Python's import log records it."""
@@ -77,6 +81,17 @@ def test_the_running_daemon_never_loaded_provisioning_or_the_cli_tools(
     }
     assert {"aiohttp", "codi2.daemon.daemon", "codi2.watch.watcher", "codi2.stores.sqlite"} <= imported
     assert _under(imported, (*PROVISIONING, *CLI_TOOLS)) == []
+    assert _under(imported, (*OTHER_COMMANDS, "codi2.provisioning", "codi2.trail.export", "difflib")) == []
+
+
+def test_the_command_table_names_what_each_module_registers() -> None:
+    """`main` imports only the module of the command that runs, found by its name in COMMANDS: each name is
+    the one its module registers, in the order `--help` lists them."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub.choices) == list(COMMANDS)
+    for name in COMMANDS:
+        one = next(a for a in build_parser([name])._actions if isinstance(a, argparse._SubParsersAction))
+        assert list(one.choices) == [name]
 
 
 def test_events_loads_the_store_and_not_the_daemon(tmp_path: Path) -> None:

@@ -25,7 +25,9 @@ def register(sub: Subparsers) -> None:
 def command(args: argparse.Namespace) -> int:
     import shtab  # only here: every other command starts faster without it
 
-    parser: argparse.ArgumentParser = args.root_parser  # the whole parser (set by cli.main, which imports us)
+    from codi2.cli.main import build_parser  # the whole parser: main built only this command's
+
+    parser = build_parser()
     kinds = {FILE: shtab.FILE, DIRECTORY: shtab.DIRECTORY}
     parsers = [parser]
     while parsers:

@@ -2,6 +2,8 @@
 
 The top parser, errors and dispatch; each command is a module that registers its own parser and the
 function it runs (`func`), importing what it needs when it runs, so no command pays for another's imports.
+Only the command that runs has its module imported (`--help` imports them all): the daemon, in every pod,
+holds none of the other commands' code.
 
 `codi2 --config PATH --user-id U --tenant-id T` with no subcommand means `run`: that is how the
 workspace pod template calls it.
@@ -10,33 +12,32 @@ workspace pod template calls it.
 from __future__ import annotations
 
 import argparse
-import difflib
+import importlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from codi2 import __version__
-from codi2.cli import archive, completion, config_cmd, delete_tenant, events, prune, run, status, test_cmd, verify
 from codi2.cli.common import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, Command, Parser, UsageError
 from codi2.config import ConfigError
-from codi2.provisioning import cli as provision
 
-COMMANDS = (
-    run,
-    events,
-    verify,
-    status,
-    archive,
-    prune,
-    delete_tenant,
-    test_cmd,
-    provision,
-    config_cmd,
-    completion,
-)  # in the order --help lists them
+COMMANDS = {
+    "run": "codi2.cli.run",
+    "events": "codi2.cli.events",
+    "verify": "codi2.cli.verify",
+    "status": "codi2.cli.status",
+    "archive": "codi2.cli.archive",
+    "prune": "codi2.cli.prune",
+    "delete-tenant": "codi2.cli.delete_tenant",
+    "test": "codi2.cli.test_cmd",
+    "provision": "codi2.provisioning.cli",
+    "config": "codi2.cli.config_cmd",
+    "completion": "codi2.cli.completion",
+}  # each command and the module that registers it, in the order --help lists them
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(commands: Iterable[str] = COMMANDS) -> argparse.ArgumentParser:
+    """The parser with these commands (all of them by default), importing only their modules."""
     parser = Parser(
         prog="codi2",
         description="Workspace audit daemon: every file change under the watch paths becomes an audit event.",
@@ -44,9 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"codi2 {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for command in COMMANDS:
-        command.register(sub)
-    parser.set_defaults(root_parser=parser)  # `codi2 completion` walks the whole parser
+    for command in commands:
+        importlib.import_module(COMMANDS[command]).register(sub)
     return parser
 
 
@@ -62,26 +62,21 @@ def _normalise(argv: Sequence[str], commands: Sequence[str]) -> list[str]:
 
 
 def _unknown_command(word: str, commands: Sequence[str]) -> str:
+    import difflib  # only for a mistyped command: the daemon never needs it
+
     close = difflib.get_close_matches(word, commands, n=1)
     guess = f" (did you mean {close[0]!r}?)" if close else ""
     return f"unknown command {word!r}{guess}; commands: {', '.join(commands)} (codi2 --help)"
 
 
-def _subcommands(parser: argparse.ArgumentParser) -> list[str]:
-    """The names `_normalise` knows, read from the parser: no list of them to drift from the registrations."""
-    return [
-        name for action in parser._actions if isinstance(action, argparse._SubParsersAction) for name in action.choices
-    ]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     try:
-        words = _normalise(sys.argv[1:] if argv is None else argv, _subcommands(parser))
+        words = _normalise(sys.argv[1:] if argv is None else argv, list(COMMANDS))
     except UsageError as exc:
         print(f"codi2: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    args = parser.parse_args(words)
+    # A command's arguments are parsed by its own parser alone: the others are needed only to list them.
+    args = build_parser(words[:1] if words[0] in COMMANDS else COMMANDS).parse_args(words)
     func: Command = args.func
     try:
         code = func(args)
