@@ -82,6 +82,7 @@ def test_the_running_daemon_never_loaded_provisioning_the_cli_tools_or_other_com
     assert {"aiohttp", "codi2.daemon.daemon", "codi2.watch.watcher", "codi2.stores.sqlite"} <= imported
     assert _under(imported, (*PROVISIONING, *CLI_TOOLS)) == []
     assert _under(imported, (*OTHER_COMMANDS, "codi2.provisioning", "codi2.trail.export", "difflib")) == []
+    assert _under(imported, ("pathspec",)) == []  # the default ignore patterns are plain names
 
 
 def test_the_command_table_names_what_each_module_registers() -> None:

@@ -7,8 +7,10 @@ import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pathspec
+if TYPE_CHECKING:
+    import pathspec
 
 
 class IgnoreRules:
@@ -16,7 +18,6 @@ class IgnoreRules:
 
     def __init__(self, patterns: Iterable[str], roots: Iterable[Path] = (), private: Iterable[Path] = ()) -> None:
         lines = list(patterns)
-        self._spec = pathspec.GitIgnoreSpec.from_lines(lines)
         self._memo: dict[tuple[bytes, bool], bool] = {}
         self._private: set[tuple[int, bytes]] = set()
         # The private directories by identity too: renamed by the user (`mv .codi2 x`) they are still ours,
@@ -36,6 +37,9 @@ class IgnoreRules:
         # Plain names without wildcards (the usual `.git`, `node_modules`, `target`, `dist`): a set lookup
         # instead of pathspec's regexes, for every new name of a burst. None when any pattern is more.
         self._literal = _literal_names(lines) if self._by_name else None
+        # pathspec only for patterns that are more than plain names: the usual ones never import it (some
+        # hundreds of KB of the daemon's memory in every pod, for matching it would not do).
+        self._spec = _compile(lines) if self._literal is None else None
 
     def ignored(self, root: int, rel: bytes, is_dir: bool) -> bool:
         """Whether `rel` or a directory above it is left out. Linear in the path's length: a user's tree
@@ -91,6 +95,7 @@ class IgnoreRules:
         if self._literal is not None:
             dir_only = self._literal.get(text)
             return dir_only is not None and (is_dir or not dir_only)
+        assert self._spec is not None  # compiled whenever the names are not all literal
         key = (text, is_dir)
         found = self._memo.get(key)
         if found is None:
@@ -99,6 +104,12 @@ class IgnoreRules:
             name = os.fsdecode(text)
             found = self._memo[key] = self._spec.match_file(name + "/" if is_dir else name)
         return found
+
+
+def _compile(lines: list[str]) -> pathspec.GitIgnoreSpec:
+    import pathspec
+
+    return pathspec.GitIgnoreSpec.from_lines(lines)
 
 
 def _pattern_body(line: str) -> str:
