@@ -101,9 +101,16 @@ class IgnoreRules:
         if found is None:
             if len(self._memo) >= self.MEMO_SIZE:
                 self._memo.clear()
-            name = os.fsdecode(text)
+            name = os.fsdecode(text).replace("\n", _NEWLINE)
             found = self._memo[key] = self._spec.match_file(name + "/" if is_dir else name)
         return found
+
+
+# pathspec's regexes treat a newline as no other character: `.` does not match it (`a\nb/node_modules` escaped
+# `node_modules`) and `$` matches before it (a file `x.log\n` was left out by `*.log`), where git's wildmatch
+# treats it as any other. A lone surrogate stands in for it: no decoded name (fsdecode escapes only bytes
+# from 0x80) and no TOML string can hold one, and every wildcard matches it as git's match a newline.
+_NEWLINE = "\udc0a"
 
 
 def _compile(lines: list[str]) -> pathspec.GitIgnoreSpec:
