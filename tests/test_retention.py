@@ -103,6 +103,19 @@ def _archive_file(out: Path) -> Path:
     return out / manifest["streams"][0]["files"][0]
 
 
+def _archive(capsys: pytest.CaptureFixture[str], store: Store, out: Path) -> int:
+    """`codi2 archive` of tenant t1 before CUTOFF into `out`; its exit code."""
+    args = ["--config", str(store.config), "--tenant-id", "t1", "--before", CUTOFF.isoformat(), "--out", str(out)]
+    return _cli(capsys, "archive", *args)[0]
+
+
+def _forge_manifest(out: Path, data: Path) -> None:
+    """The manifest's sha256 of `data` made to match the file as it now is (a forger's second step)."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"][data.name]["sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
 def _rewrite(path: Path, edit: Callable[[list[dict[str, Any]]], None]) -> None:
     with gzip.open(path, "rb") as f:
         lines = [json.loads(line) for line in f]
@@ -155,28 +168,12 @@ def test_an_archived_event_deleted_or_altered_is_found(
 ) -> None:
     _fill(store.sink)
     out = tmp_path / "archive"
-    assert (
-        _cli(
-            capsys,
-            "archive",
-            "--config",
-            str(store.config),
-            "--tenant-id",
-            "t1",
-            "--before",
-            CUTOFF.isoformat(),
-            "--out",
-            str(out),
-        )[0]
-        == 0
-    )
+    assert _archive(capsys, store, out) == 0
     data = _archive_file(out)
     _rewrite(data, _drop_one_record)
     code, text = _cli(capsys, "verify", "--archive", str(out), "--json")
     assert code == 1 and {b["kind"] for b in json.loads(text)["breaks"]} == {"bad_sha256", "missing_batch"}
-    manifest = json.loads((out / "manifest.json").read_text())  # the file's sha256 forged too: the chain still says
-    manifest["files"][data.name]["sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    _forge_manifest(out, data)  # the file's sha256 forged too: the chain still says
     code, text = _cli(capsys, "verify", "--archive", str(out), "--json")
     assert code == 1 and {b["kind"] for b in json.loads(text)["breaks"]} == {"event_removed"}
 
@@ -186,26 +183,10 @@ def test_an_archived_event_deleted_or_altered_is_found(
         lines[3]["records"] = base64.b64encode(msgspec.msgpack.encode(records)).decode()
 
     fresh = tmp_path / "again"
-    assert (
-        _cli(
-            capsys,
-            "archive",
-            "--config",
-            str(store.config),
-            "--tenant-id",
-            "t1",
-            "--before",
-            CUTOFF.isoformat(),
-            "--out",
-            str(fresh),
-        )[0]
-        == 0
-    )
+    assert _archive(capsys, store, fresh) == 0
     data = _archive_file(fresh)
     _rewrite(data, alter)
-    manifest = json.loads((fresh / "manifest.json").read_text())
-    manifest["files"][data.name]["sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
-    (fresh / "manifest.json").write_text(json.dumps(manifest))
+    _forge_manifest(fresh, data)
     code, text = _cli(capsys, "verify", "--archive", str(fresh), "--json")
     assert code == 1 and {b["kind"] for b in json.loads(text)["breaks"]} == {"altered"}
 
@@ -224,21 +205,7 @@ def test_a_prune_refuses_an_archive_the_store_no_longer_matches(
 ) -> None:
     _fill(store.sink)
     out = tmp_path / "archive"
-    assert (
-        _cli(
-            capsys,
-            "archive",
-            "--config",
-            str(store.config),
-            "--tenant-id",
-            "t1",
-            "--before",
-            CUTOFF.isoformat(),
-            "--out",
-            str(out),
-        )[0]
-        == 0
-    )
+    assert _archive(capsys, store, out) == 0
     store.sink.prune(store.sink.retention_plan("t1", datetime.fromtimestamp(T0 + 10 * 3600 - 60, UTC)))
     code, text = _cli(capsys, "prune", "--config", str(store.config), "--tenant-id", "t1", "--archive", str(out))
     assert code == 1 and "archive again" in text
