@@ -356,6 +356,31 @@ def test_c06_rename_exchange_of_files_directories_and_a_file_with_a_directory(
     final_check(daemon, ws)
 
 
+@LAG
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "and-back"])
+def test_c06_rename_exchange_of_an_ignored_directory_with_a_watched_one_keeps_the_watched_name_watched(
+    workspace: Path, daemon_factory: Start, lag: bool, times: int
+) -> None:
+    """Found by the fidelity machine: `node_modules` (ignored) exchanged with `b` and back. The kernel gives
+    both halves of an exchange at once; the half read first watched the directory now at `b`, and the other
+    half (a directory moved from `b` into the ignored name) then dropped that new watch: `b` stayed unwatched
+    and nothing written in it was recorded, while the trail still folded to the disk."""
+    ws = workspace
+    (ws / "b").mkdir()
+    (ws / "b" / "f0").write_text("b")
+    (ws / "node_modules").mkdir()
+    (ws / "node_modules" / "x").write_text("nm")
+    daemon = daemon_factory()
+    with _maybe_lagging(daemon, lag):
+        for _ in range(times):
+            exchange(ws / "node_modules", ws / "b")
+        (ws / "marker").write_text("after the exchanges")  # read after them: the watcher has settled them
+    wait_for(lambda: "marker" in {e.path for e in daemon.events()})
+    (ws / "b" / "later").write_text("b is watched")
+    wait_for(lambda: "b/later" in {e.path for e in daemon.events() if e.origin == "live"})
+    final_check(daemon, ws)
+
+
 # 7. An unwatched directory, a frequent rescan and a big burst: no hang, SIGTERM honoured ----------------
 
 WRITER = """

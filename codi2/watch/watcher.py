@@ -357,8 +357,14 @@ class Watcher:
     def _moved_out(self, move: _PendingMove) -> None:
         self._out.append(Touch(move.parent.root, move.path))
         child = move.child
-        if child is not None and move.parent.children.get(move.name) is child:
-            self._healer.drop(child)
+        if child is None or move.parent.children.get(move.name) is not child:
+            return
+        if self._tree.ident_at(move.parent, move.name) == child.ident:
+            # Still at that name: what left it is another directory. A RENAME_EXCHANGE read late gives both
+            # halves at once, and the half read first already watched the newcomer there (the one that left
+            # was displaced then); dropping it would leave the name unwatched.
+            return
+        self._healer.drop(child)
 
     def _child_deleted(self, parent: Node, name: bytes) -> None:
         child = parent.children.get(name)
