@@ -512,14 +512,7 @@ class FdbSink:
 
     def streams(self, tenant_id: str) -> list[str]:
         """One read per stream and layout: from each stream's first key to the next stream's."""
-        found: set[str] = set()
-        for namespace in ("chain", "c"):
-            begin, end = self._keys.namespace_range(tenant_id, namespace)
-            while key := self._run(partial(self._first_key, begin, end), tenant_id):
-                stream: str = self._keys.unpack(key)[2]
-                found.add(stream)
-                begin = self._keys.key(tenant_id, namespace, stream) + b"\xff"
-        return sorted(found)
+        return sorted({stream for namespace in ("chain", "c") for stream in self._first_keys(tenant_id, namespace)})
 
     def _first_key(self, begin: bytes, end: bytes, tr: Any) -> bytes | None:
         return next((kv.key for kv in tr.get_range(begin, end, limit=1)), None)
