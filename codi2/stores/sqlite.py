@@ -513,8 +513,7 @@ def plan(db: sqlite3.Connection, tenant_id: str, before: datetime) -> RetentionP
             pruned[stream] = PrunedStream(
                 horizons.get(stream), Horizon(number, link, ts), len(going), sum(r[4] for r in going)
             )
-    kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
-    return RetentionPlan(tenant_id, before, pruned, bound, kept=kept)
+    return RetentionPlan(tenant_id, before, pruned, bound)
 
 
 def unchained_before(db: sqlite3.Connection, plan: RetentionPlan) -> Iterator[Event]:

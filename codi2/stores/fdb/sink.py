@@ -622,8 +622,7 @@ class FdbSink:
                 pruned[stream] = PrunedStream(
                     previous, Horizon(h.number, h.link, h.ts), len(gone), sum(row[0].events for row in gone)
                 )
-        kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
-        return RetentionPlan(tenant_id, before, pruned, upper, legacy=legacy, kept=kept)
+        return RetentionPlan(tenant_id, before, pruned, upper, legacy=legacy)
 
     def _stream_batches(
         self, tenant: str, stream: str, horizon: Horizon | None
