@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from codi2.schema import Schema, SchemaTooNew, execute_script
+from codi2.schema import BUSY_TIMEOUT_S, Schema, SchemaTooNew, execute_script
 from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
 from codi2.trail.chain import ZERO
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
@@ -140,7 +140,6 @@ def _streams_table(db: sqlite3.Connection) -> None:
 
 # The high half of user_version: the low half is the journal's, which shares this file in the daemon.
 SCHEMA = Schema("store", 16, [_adopt, _add_horizons, _session_column, _streams_table])
-BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.stores.sqlite")
 
