@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 Step = Callable[[sqlite3.Connection], None]
 FIELD_MASK = 0xFFFF
+BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 
 
 class SchemaTooNew(Exception):

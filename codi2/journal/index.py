@@ -17,6 +17,7 @@ from codi2.disk.fs import Facts
 
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
 FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256, uid, gid, target"
+PUT_SQL = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 
 
 def key_of(rel: bytes) -> bytes:
@@ -126,17 +127,14 @@ class Index:
             before = rows[-1][0]
 
     def put(self, root: str, key: bytes, facts: Facts) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (self._root(root, create=True), key, *_wide_values(facts)),
-        )
+        self.put_many([(root, key, facts)])
 
     def put_many(self, rows: list[tuple[str, bytes, Facts]]) -> None:
-        sql = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
         try:
-            self._db.executemany(sql, [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows])
+            self._db.executemany(PUT_SQL, [(self._root(root, create=True), key, *_values(f)) for root, key, f in rows])
         except OverflowError:  # a value past 64 bits: again, those rows as BLOBs (a replace, so repeatable)
-            self._db.executemany(sql, [(self._root(root, create=True), key, *_wide_values(f)) for root, key, f in rows])
+            wide = [(self._root(root, create=True), key, *_wide_values(f)) for root, key, f in rows]
+            self._db.executemany(PUT_SQL, wide)
 
     def drop_tree(self, root: str, key: bytes) -> None:
         low, high = subtree_bounds(key)

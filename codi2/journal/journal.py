@@ -40,13 +40,12 @@ from typing import Protocol
 from codi2.journal import outbox
 from codi2.journal.index import Index
 from codi2.journal.outbox import Ledger, OutboxBatch
-from codi2.schema import Schema, SchemaTooNew, execute_script
+from codi2.schema import BUSY_TIMEOUT_S, Schema, SchemaTooNew, execute_script
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead, ChainKey
 from codi2.trail.events import Batch, BatchHeader, Event, encode_event, now_rfc3339, uuid7
 
 FORMAT_VERSION = 1  # written to `meta` for releases before user_version, which refuse a newer format
-BUSY_TIMEOUT_S = 2.0  # another writer on the file (a tool, a reader's lock): fail, report, retry
 CACHE_KIB = 8192  # SQLite's page cache: a burst's batches touch index pages all over the file
 # SQLite's primary result codes (an extended code carries one in its low byte) that mean the file's
 # contents are damaged, as opposed to a file that cannot be reached (permissions, locks, I/O).

@@ -24,11 +24,11 @@ from urllib.parse import quote
 
 import msgspec
 
+from codi2.schema import BUSY_TIMEOUT_S
 from codi2.trail import chain
 from codi2.trail.chain import ChainHead
 from codi2.trail.events import BatchHeader, Event, decode_events
 
-BUSY_TIMEOUT_S = 2.0
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     n        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -131,10 +131,14 @@ class Ledger:
 # Reader (the shipper) --------------------------------------------------------------------------------
 
 
-def connect_readonly(path: Path, *, timeout: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+def connect_readonly(path: Path) -> sqlite3.Connection:
     """A connection that cannot write the file: opened read-only (`mode=ro`), and `query_only` besides."""
     db = sqlite3.connect(
-        f"file:{quote(str(path))}?mode=ro", uri=True, timeout=timeout, isolation_level=None, check_same_thread=False
+        f"file:{quote(str(path))}?mode=ro",
+        uri=True,
+        timeout=BUSY_TIMEOUT_S,
+        isolation_level=None,
+        check_same_thread=False,
     )
     try:
         db.execute("PRAGMA query_only = ON")

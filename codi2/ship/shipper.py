@@ -30,7 +30,6 @@ log = structlog.get_logger("codi2.ship.shipper")
 RETRY_MAX_S = 5.0
 SHIP_CHUNK = 16
 HANDOFF_MAX = 32  # batches kept in memory for the shipper
-BACKLOG_BATCHES = SHIP_CHUNK  # read back from the outbox at once: the shipper is at least this far behind
 # With nothing to ship the thread sleeps until woken (a committed batch, a new journal, a stop): this
 # bound only limits what a missed wake-up could cost, and keeps an idle daemon from waking.
 IDLE_WAIT_S = 60.0
@@ -193,7 +192,7 @@ class Shipper:
                     batches: list[OutboxBatch | tuple[int, str]] = list(self._from_handoff(after))
                     if not batches:
                         batches = reader.next_batches(after, SHIP_CHUNK)
-                        self._draining(len(batches) >= BACKLOG_BATCHES)
+                        self._draining(len(batches) == SHIP_CHUNK)  # a full chunk read back: this far behind, at least
                     else:
                         self._draining(False)
                 except Exception as exc:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -133,7 +133,6 @@ class RetentionPlan:
     streams: dict[str, PrunedStream]
     bound: Any
     legacy: bool = False  # FDB: layout v1's keys go too (all of them older than `before`)
-    kept: dict[str, Horizon] = field(default_factory=dict)  # streams whose horizon stays as it is
 
 
 @runtime_checkable

@@ -28,7 +28,7 @@ from typing import Any
 
 import structlog
 
-from codi2.schema import Schema, SchemaTooNew, execute_script
+from codi2.schema import BUSY_TIMEOUT_S, Schema, SchemaTooNew, execute_script
 from codi2.stores.base import Cursor, Horizon, PrunedStream, RetentionPlan, StoredBatch, StoreError, StreamEntry
 from codi2.trail.chain import ZERO
 from codi2.trail.events import Batch, BatchHeader, Event, EventQuery, decode_event, encode_event, rfc3339
@@ -140,7 +140,6 @@ def _streams_table(db: sqlite3.Connection) -> None:
 
 # The high half of user_version: the low half is the journal's, which shares this file in the daemon.
 SCHEMA = Schema("store", 16, [_adopt, _add_horizons, _session_column, _streams_table])
-BUSY_TIMEOUT_S = 2.0
 HEADER_COLUMNS = "number, ts, prev, link, key_id, events, first_pos, last_pos"
 log = structlog.get_logger("codi2.stores.sqlite")
 
@@ -513,8 +512,7 @@ def plan(db: sqlite3.Connection, tenant_id: str, before: datetime) -> RetentionP
             pruned[stream] = PrunedStream(
                 horizons.get(stream), Horizon(number, link, ts), len(going), sum(r[4] for r in going)
             )
-    kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
-    return RetentionPlan(tenant_id, before, pruned, bound, kept=kept)
+    return RetentionPlan(tenant_id, before, pruned, bound)
 
 
 def unchained_before(db: sqlite3.Connection, plan: RetentionPlan) -> Iterator[Event]:

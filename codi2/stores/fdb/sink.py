@@ -394,7 +394,7 @@ class FdbSink:
             v1_begin = max(v1_begin, keys.key(tenant, "audit", stamp) + b"\xff")
             log_begin = max(log_begin, keys.key(tenant, "log", stamp) + b"\xff")
             if query.session_id is not None:
-                session_begin = keys.key(tenant, "s", query.session_id, stamp) + b"\xff"
+                session_begin = keys.session(tenant, query.session_id, stamp) + b"\xff"
         v1 = ((key, codec.decode_v1_event(tenant, value)) for key, value in self._v1_rows(tenant, v1_begin, v1_end))
         if query.session_id is None:
             yield from query.select(chain(v1, self._log_events(tenant, log_begin, log_end, skip)))
@@ -422,11 +422,11 @@ class FdbSink:
         `since`: an event's ts is at most its commit time, so no event at or after `since` is in it or before."""
         begin, _ = self._keys.namespace_range(tenant, "t")
         end = self._keys.time_index(tenant, int(since.timestamp()) - CLOCK_SKEW_S) + b"\xff"
+        return self._run(partial(self._last_stamp, begin, end), tenant)
 
-        def last(tr: Any) -> bytes | None:
-            return next((bytes(kv.value[:VS_LEN]) for kv in tr.get_range(begin, end, limit=1, reverse=True)), None)
-
-        return self._run(last, tenant)
+    def _last_stamp(self, begin: bytes, end: bytes, tr: Any) -> bytes | None:
+        """The versionstamp held by the last `t` key in [begin, end): the last transaction committed there."""
+        return next((bytes(kv.value[:VS_LEN]) for kv in tr.get_range(begin, end, limit=1, reverse=True)), None)
 
     def _log_events(
         self, tenant: str, begin: bytes, end: bytes, skip: tuple[bytes, int] | None = None
@@ -512,14 +512,7 @@ class FdbSink:
 
     def streams(self, tenant_id: str) -> list[str]:
         """One read per stream and layout: from each stream's first key to the next stream's."""
-        found: set[str] = set()
-        for namespace in ("chain", "c"):
-            begin, end = self._keys.namespace_range(tenant_id, namespace)
-            while key := self._run(partial(self._first_key, begin, end), tenant_id):
-                stream: str = self._keys.unpack(key)[2]
-                found.add(stream)
-                begin = self._keys.key(tenant_id, namespace, stream) + b"\xff"
-        return sorted(found)
+        return sorted({stream for namespace in ("chain", "c") for stream in self._first_keys(tenant_id, namespace)})
 
     def _first_key(self, begin: bytes, end: bytes, tr: Any) -> bytes | None:
         return next((kv.key for kv in tr.get_range(begin, end, limit=1)), None)
@@ -597,11 +590,7 @@ class FdbSink:
         horizons = self.horizons(tenant_id)
         t_begin, _ = keys.namespace_range(tenant_id, "t")
         t_end = keys.time_index(tenant_id, math.floor(before.timestamp()))
-
-        def last(tr: Any) -> bytes | None:
-            return next((bytes(kv.value[:VS_LEN]) for kv in tr.get_range(t_begin, t_end, limit=1, reverse=True)), None)
-
-        last_vs = self._run(last, tenant_id)
+        last_vs = self._run(partial(self._last_stamp, t_begin, t_end), tenant_id)
         upper = bytes(VS_LEN) if last_vs is None else (int.from_bytes(last_vs) + 1).to_bytes(VS_LEN)
         streams = {
             stream: self._stream_batches(tenant_id, stream, horizons.get(stream)) for stream in self.streams(tenant_id)
@@ -629,8 +618,7 @@ class FdbSink:
                 pruned[stream] = PrunedStream(
                     previous, Horizon(h.number, h.link, h.ts), len(gone), sum(row[0].events for row in gone)
                 )
-        kept = {stream: h for stream, h in horizons.items() if stream not in pruned}
-        return RetentionPlan(tenant_id, before, pruned, upper, legacy=legacy, kept=kept)
+        return RetentionPlan(tenant_id, before, pruned, upper, legacy=legacy)
 
     def _stream_batches(
         self, tenant: str, stream: str, horizon: Horizon | None
@@ -711,7 +699,7 @@ class FdbSink:
             def clear_sessions(tr: Any, chunk: list[str] = chunk_s) -> None:
                 for session in chunk:
                     begin, _ = keys.namespace_range(tenant, "s", session)
-                    tr.clear_range(begin, keys.key(tenant, "s", session, fdbtuple.Versionstamp(plan.bound)))
+                    tr.clear_range(begin, keys.session(tenant, session, fdbtuple.Versionstamp(plan.bound)))
 
             self._run(clear_sessions, tenant, write=True)
         for chunk_h in _chunks(self.horizons(tenant).items()):
