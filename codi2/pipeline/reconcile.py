@@ -28,13 +28,15 @@ from codi2.disk.fs import (
     Facts,
     HashProgress,
     Unreadable,
+    key_of,
     lstat_at,
     read_facts,
+    rel_of,
     split,
+    subtree_bounds,
 )
 from codi2.disk.ignore import IgnoreRules
 from codi2.disk.walk import DiskEntry, entries, excluded
-from codi2.journal.index import key_of, rel_of, subtree_bounds
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.index import Index
 from codi2.trail.events import Action, Event, Origin, rfc3339
