@@ -270,8 +270,8 @@ def read_facts(
         digest, total = hashlib.sha256(), 0
         want = size + 1 if size < HASH_CHUNK else HASH_CHUNK
         report = progress if size >= HASH_CHUNK else None
-        path = "" if report is None else report.path
-        started = time.time()
+        # The clock is read only for a hash /status reports: most files are small, read in one go.
+        path, started = ("", 0.0) if report is None else (report.path, time.time())
         while chunk := os.read(fd, want):
             total += len(chunk)
             if total > hash_max:

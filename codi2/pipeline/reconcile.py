@@ -235,7 +235,8 @@ class Reconciler:
     def apply(self, hint: Touch | Move | Rescan, origin: Origin = "live") -> Iterator[None]:
         """Settle one hint. A `RootReplaced` is the caller's to turn into a `Rescan` of the whole root, once it
         has opened the root's path again (the reconciler reads the roots through descriptors it is given)."""
-        yield from self.close_vanished(hint)
+        if self._vanished:  # rare: no generator built for every hint when nothing is owed
+            yield from self.close_vanished(hint)
         self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
