@@ -13,9 +13,8 @@ import pytest
 from conftest import WAIT_S, wait_for
 
 from codi2.config import BatchingSettings, MonitoringSettings, SpoolSettings
-from codi2.disk.fs import O_DIR, Facts
+from codi2.disk.fs import O_DIR, Facts, key_of
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.index import key_of
 from codi2.journal.journal import Journal
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.metrics import Metrics

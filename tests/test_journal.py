@@ -14,9 +14,8 @@ import pytest
 from conftest import disk_state, folds_to, read_events, wait_for, write_config
 from sink_contract import make_event
 
-from codi2.disk.fs import Facts
+from codi2.disk.fs import Facts, key_of, rel_of
 from codi2.journal import legacy
-from codi2.journal.index import key_of, rel_of
 from codi2.journal.journal import Journal, JournalCorrupt
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.journal.recovery import salvage_outbox

@@ -19,9 +19,8 @@ from conftest import WAIT_S, read_events, wait_for
 from sink_contract import make_event
 
 from codi2.config import BatchingSettings, MonitoringSettings, SpoolSettings
-from codi2.disk.fs import Facts
+from codi2.disk.fs import Facts, key_of
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.index import key_of
 from codi2.journal.journal import SCHEMA as JOURNAL_SCHEMA
 from codi2.journal.journal import Journal, JournalCorrupt, JournalUnavailable, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader

@@ -22,9 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from trail_checks import disk_state, trail_defects
 
-from codi2.disk.fs import O_DIR, Facts
+from codi2.disk.fs import O_DIR, Facts, subtree_bounds
 from codi2.disk.ignore import IgnoreRules
-from codi2.journal.index import subtree_bounds
 from codi2.journal.journal import Journal
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.index import Index

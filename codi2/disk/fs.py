@@ -100,6 +100,25 @@ def split(rel: bytes) -> tuple[bytes, bytes]:
     return parent, name
 
 
+def key_of(rel: bytes) -> bytes:
+    """The index's key of a relative path: `/` as NUL, so that key order is depth-first order."""
+    return rel.replace(b"/", b"\x00")
+
+
+def rel_of(key: bytes) -> bytes:
+    """The relative path of an index key."""
+    return key.replace(b"\x00", b"/")
+
+
+def subtree_bounds(key: bytes) -> tuple[bytes, bytes]:
+    """Keys strictly below `key` lie in [low, high); the whole root for b"". No file name reaches 4096 bytes
+    (PATH_MAX bounds what a system call takes), so every key is below 4096 bytes of 0xff: a name of eight or more
+    0xff bytes (eight was the bound) is a name like any other."""
+    if not key:
+        return b"", b"\xff" * 4096
+    return key + b"\x00", key + b"\x01"
+
+
 def open_dir(root_fd: int, rel: bytes) -> int:
     """A new descriptor of the directory `rel` below `root_fd`, never through a symlink."""
     fd = os.dup(root_fd)
@@ -251,8 +270,8 @@ def read_facts(
         digest, total = hashlib.sha256(), 0
         want = size + 1 if size < HASH_CHUNK else HASH_CHUNK
         report = progress if size >= HASH_CHUNK else None
-        path = "" if report is None else report.path
-        started = time.time()
+        # The clock is read only for a hash /status reports: most files are small, read in one go.
+        path, started = ("", 0.0) if report is None else (report.path, time.time())
         while chunk := os.read(fd, want):
             total += len(chunk)
             if total > hash_max:

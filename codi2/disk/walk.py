@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, Facts, Unreadable, facts_of, read_facts
+from codi2.disk.fs import ABSENT_ERRNOS, O_DIR, RESOURCE_ERRNOS, Facts, Unreadable, facts_of, key_of, read_facts
 from codi2.disk.ignore import IgnoreRules
 
 
@@ -53,7 +53,7 @@ def entries(rules: IgnoreRules, root: int, rel: bytes, fd: int, recursive: bool)
                 continue
             entry = pending.pop()
             child = parent + b"/" + entry if parent else entry
-            key = child.replace(b"/", b"\x00")
+            key = key_of(child)
             st: os.stat_result | None
             try:
                 st = os.stat(entry, dir_fd=pfd, follow_symlinks=False)

@@ -13,28 +13,11 @@ import sqlite3
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from codi2.disk.fs import Facts
+from codi2.disk.fs import Facts, subtree_bounds
 
 LOOKUP_CHUNK = 500  # host parameters per IN (...) query
 FACT_COLUMNS = "type, size, mode, mtime_ns, ctime_ns, ino, dev, nlink, sha256, uid, gid, target"
 PUT_SQL = "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-
-
-def key_of(rel: bytes) -> bytes:
-    return rel.replace(b"/", b"\x00")
-
-
-def rel_of(key: bytes) -> bytes:
-    return key.replace(b"\x00", b"/")
-
-
-def subtree_bounds(key: bytes) -> tuple[bytes, bytes]:
-    """Keys strictly below `key` lie in [low, high); the whole root for b"". No file name reaches 4096 bytes
-    (PATH_MAX bounds what a system call takes), so every key is below 4096 bytes of 0xff: a name of eight or more
-    0xff bytes (eight was the bound) is a name like any other."""
-    if not key:
-        return b"", b"\xff" * 4096
-    return key + b"\x00", key + b"\x01"
 
 
 # SQLite's INTEGER is 64-bit signed; the kernel's values are not all within it: an mtime after 2262-04-11 is

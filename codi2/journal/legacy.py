@@ -24,8 +24,7 @@ from pathlib import Path
 
 import structlog
 
-from codi2.disk.fs import Facts
-from codi2.journal.index import key_of
+from codi2.disk.fs import Facts, key_of
 from codi2.journal.journal import Journal
 from codi2.trail.events import Event
 

@@ -139,5 +139,11 @@ class EventFactory:
         """A `gap`: `dest_path` names the cause, `size` how many changes (when known) lost their history,
         `root` the watch root it concerns (the first when it concerns them all)."""
         log.warning("gap_recorded", reason=reason, changes=count)
-        facts = Facts("dir", count, None, None, None, None, None, None)  # built as every event is, path empty
-        return self.observed("gap", root, b"", os.fsencode(reason), facts, "live")
+        return self.pathless("gap", root, os.fsencode(reason), count)
+
+    def pathless(self, action: Action, root: int, detail: bytes, size: int | None, sha256: str | None = None) -> Event:
+        """A record of the daemon's own (a `gap`, a lifecycle record): built as every event is, with an empty
+        path, `detail` in `dest_path`, and only `size` and `sha256` of a bare `dir`'s facts, so that both
+        kinds are shaped alike."""
+        facts = Facts("dir", size, None, None, None, None, None, None, sha256)
+        return self.observed(action, root, b"", detail, facts, "live")

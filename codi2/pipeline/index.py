@@ -2,7 +2,7 @@
 
 A protocol naming exactly the calls the reconciler makes, so it depends on no journal class: the journal
 implements it in SQLite (inside the flush's transaction), a test with a dict. Keys are relative paths with
-`/` replaced by `\\x00` (`codi2.journal.journal.key_of`), so a directory's subtree is one key range.
+`/` replaced by `\\x00` (`codi2.disk.fs.key_of`), so a directory's subtree is one key range.
 """
 
 from __future__ import annotations

@@ -22,7 +22,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from codi2.disk.fs import Facts
 from codi2.pipeline.factory import EventFactory
 from codi2.trail.events import Event, Origin
 
@@ -76,6 +75,5 @@ def stop_mark(*, not_journaled: int, spool_events: int) -> Mark:
 
 def mark_event(factory: EventFactory, mark: Mark) -> Event:
     """The record, built as every event is (identity, sequence, time): at the first root, path empty."""
-    facts = Facts("dir", mark.count, None, None, None, None, None, None, mark.sha256)
     detail = json.dumps(mark.detail, sort_keys=True, separators=(",", ":")).encode()
-    return factory.observed(mark.action, 0, b"", detail, facts, "live")
+    return factory.pathless(mark.action, 0, detail, mark.count, mark.sha256)

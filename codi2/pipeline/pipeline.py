@@ -281,9 +281,18 @@ class Pipeline:
                 self._lock.notify()
 
     def _collapse_locked(self, count: int) -> None:
-        self._intake = [Rescan(i, b"", True) for i in range(len(self._roots))]
+        self._intake = self._every_root("rescan")
         self._gap_reasons["coalesced"] = self._gap_reasons.get("coalesced", 0) + count
         log.warning("hints_coalesced", count=count, note="too many pending changes; every root is rescanned")
+
+    def _every_root(self, origin: Origin) -> list[Hint]:
+        """A rescan of the whole of each root: what start-up, a rebuild and a collapsed intake all ask for."""
+        return [Rescan(i, b"", True, origin) for i in range(len(self._roots))]
+
+    def _scan_every_root(self, origin: Origin) -> None:
+        """Every root diffed against the index, counted as the initial scan (start-up, or after a rebuild)."""
+        self._flusher.expect_initial(len(self._roots), origin)
+        self.feed(self._every_root(origin))
 
     def note_gap(self, reason: str, count: int | None) -> None:
         """Thread-safe: the next batch starts with a `gap` event (history before it is incomplete)."""
@@ -305,8 +314,7 @@ class Pipeline:
         # After a rebuild from the store there was a trail before: what differs changed while we were down.
         known = self.journal.initialized or self.journal.needs_rebuild
         origin: Origin = "offline" if known else "baseline"
-        self._flusher.expect_initial(len(self._roots), origin)
-        self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
+        self._scan_every_root(origin)
 
     def record_start(self, *, version: str, backend: str, config_sha256: str) -> None:
         """Before `start`: the run's `start` record heads its first batch, saying how the run before ended
@@ -576,8 +584,7 @@ class Pipeline:
             return
         self._rebuild_requested = False
         self._fresh_remote = False
-        self._flusher.expect_initial(len(self._roots), origin)
-        self.feed([Rescan(i, b"", True, origin) for i in range(len(self._roots))])
+        self._scan_every_root(origin)
 
     # Events --------------------------------------------------------------------------------------
 

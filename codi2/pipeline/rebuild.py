@@ -15,8 +15,7 @@ from pathlib import Path
 
 import structlog
 
-from codi2.disk.fs import Facts
-from codi2.journal.index import key_of
+from codi2.disk.fs import Facts, key_of
 from codi2.journal.journal import Journal, is_corruption
 from codi2.journal.outbox import OutboxBatch, OutboxReader
 from codi2.pipeline.flusher import Flusher

@@ -28,13 +28,15 @@ from codi2.disk.fs import (
     Facts,
     HashProgress,
     Unreadable,
+    key_of,
     lstat_at,
     read_facts,
+    rel_of,
     split,
+    subtree_bounds,
 )
 from codi2.disk.ignore import IgnoreRules
 from codi2.disk.walk import DiskEntry, entries, excluded
-from codi2.journal.index import key_of, rel_of, subtree_bounds
 from codi2.pipeline.factory import EventFactory
 from codi2.pipeline.index import Index
 from codi2.trail.events import Action, Event, Origin, rfc3339
@@ -233,7 +235,8 @@ class Reconciler:
     def apply(self, hint: Touch | Move | Rescan, origin: Origin = "live") -> Iterator[None]:
         """Settle one hint. A `RootReplaced` is the caller's to turn into a `Rescan` of the whole root, once it
         has opened the root's path again (the reconciler reads the roots through descriptors it is given)."""
-        yield from self.close_vanished(hint)
+        if self._vanished:  # rare: no generator built for every hint when nothing is owed
+            yield from self.close_vanished(hint)
         self._silent = self._silent_baseline and isinstance(hint, Rescan) and hint.origin == "baseline"
         if isinstance(hint, Touch):
             yield from self.touch(hint.root, hint.path, origin, created=hint.created, is_dir=hint.is_dir)
@@ -248,14 +251,7 @@ class Reconciler:
         if not rel:
             return
         if created and is_dir:
-            if self._vanished_dir(root, rel):
-                yield from self._emit("created", root, rel, None, _bare("dir"), origin)
-                self._vanished.append((root, rel, origin))  # its `deleted` once its children's are recorded
-                return
-            # A directory the watcher has just watched: what it holds is only known from a look taken
-            # after its watch, so look now, even if a walk of its parent saw it before the watch existed.
-            if not self._walked_in_this_flush(root, rel):
-                yield from self.rescan(root, rel, True, origin)
+            yield from self._created_dir(root, rel, origin)
             return
         key = key_of(rel)
         known = self._get(self._names[root], key)
@@ -291,11 +287,27 @@ class Reconciler:
         ):
             yield from self._touch_links(root, key, known, origin)
 
-    def _vanished_dir(self, root: int, rel: bytes) -> bool:
-        """A directory the kernel reported created, gone before anyone looked, and unknown to the index."""
-        if self._get(self._names[root], key_of(rel)) is not None:
-            return False
-        return self._disk(root, rel, None) is None and not self._present(root, rel)
+    def _created_dir(self, root: int, rel: bytes, origin: Origin) -> Iterator[None]:
+        """A directory the kernel reported created. Its index row, and its disk entry when it has none, are
+        read once: for whether it vanished, and for the look at it."""
+        key = key_of(rel)
+        known = self._get(self._names[root], key)
+        disk = self._disk(root, rel, None) if known is None else None
+        if known is None and disk is None and not self._present(root, rel):
+            # Gone before anyone looked, and unknown to the index.
+            yield from self._emit("created", root, rel, None, _bare("dir"), origin)
+            self._vanished.append((root, rel, origin))  # its `deleted` once its children's are recorded
+            return
+        # A directory the watcher has just watched: what it holds is only known from a look taken
+        # after its watch, so look now, even if a walk of its parent saw it before the watch existed.
+        if self._walked_in_this_flush(root, rel):
+            return
+        if self._ignored(root, rel):
+            yield from self.touch(root, rel, origin)
+            return
+        if known is not None:
+            disk = self._disk(root, rel, known)
+        yield from self._rescan_at(root, rel, key, known, disk, True, origin)
 
     def close_vanished(self, hint: Touch | Move | Rescan | None = None) -> Iterator[None]:
         """The `deleted` of each vanished directory (deepest first) once the hints below it are settled:
@@ -411,15 +423,21 @@ class Reconciler:
                 return
             key = key_of(rel)
             known = self._get(self._names[root], key)
-            disk = self._disk(root, rel, known)
-            if isinstance(disk, _Unknown):
-                return
-            if disk is None or known is None or disk.type != "dir" or known.type != "dir":
-                yield from self._settle(root, rel, key, known, disk, origin, descend=True)
-                return
-            yield from self._settle(root, rel, key, known, disk, origin, descend=False)
-            recursive = recursive or not same_entity(known, disk)
+            yield from self._rescan_at(root, rel, key, known, self._disk(root, rel, known), recursive, origin)
+            return
         yield from self._walk(root, rel, origin, recursive=recursive)
+
+    def _rescan_at(
+        self, root: int, rel: bytes, key: bytes, known: Facts | None, disk: DiskState, recursive: bool, origin: Origin
+    ) -> Iterator[None]:
+        """`rescan` of a path out of the ignore rules, once its index row and disk entry are read."""
+        if isinstance(disk, _Unknown):
+            return
+        if disk is None or known is None or disk.type != "dir" or known.type != "dir":
+            yield from self._settle(root, rel, key, known, disk, origin, descend=True)
+            return
+        yield from self._settle(root, rel, key, known, disk, origin, descend=False)
+        yield from self._walk(root, rel, origin, recursive=recursive or not same_entity(known, disk))
 
     # The comparison of one path -------------------------------------------------------------------
 
