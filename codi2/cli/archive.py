@@ -45,14 +45,11 @@ def cutoff_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def key_file_arg(parser: argparse.ArgumentParser) -> None:
-    key_file = parser.add_argument(
-        "--key-file",
-        type=Path,
-        action="append",
-        metavar="FILE",
-        help="an HMAC key the trail is sealed with; repeat it for every key (default: [integrity] key_file)",
-    )
+def key_file_arg(
+    parser: argparse.ArgumentParser,
+    help: str = "an HMAC key the trail is sealed with; repeat it for every key (default: [integrity] key_file)",
+) -> None:
+    key_file = parser.add_argument("--key-file", type=Path, action="append", metavar="FILE", help=help)
     completes(key_file, FILE)
 
 
