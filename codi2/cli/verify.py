@@ -8,18 +8,20 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codi2.cli.archive import chain_keys, key_file_arg, tenant
 from codi2.cli.common import (
     DIRECTORY,
     EXIT_FAILURE,
     EXIT_OK,
     UsageError,
+    chain_keys,
     completes,
     config_arg,
+    key_file_arg,
     load,
     printable,
+    since,
+    tenant,
 )
-from codi2.cli.events import since
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
