@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +106,7 @@ def render(report: Report) -> str:
     change the daemon has not committed yet."""
     from codi2.trail import verify
 
-    lines = [verify.render(dataclasses.replace(report, disk=None))]
+    lines = [verify.render(report)]
     d = report.disk
     if d is None:
         return lines[0]
