@@ -153,8 +153,8 @@ def poll_until(predicate: Callable[[], bool], timeout: float, interval: float = 
     return time.monotonic() - started
 
 
-def health_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) -> int:
-    """The health port a daemon logged in its `codi2_ready` line (it binds port 0)."""
+def health_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120, interval: float = 0.05) -> int:
+    """The health port a daemon logged in its `codi2_ready` line (it binds port 0), read every `interval`."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in log.read_text().splitlines():
@@ -163,7 +163,7 @@ def health_port(log: Path, proc: subprocess.Popen[bytes], timeout: float = 120) 
                 return port
         if proc.poll() is not None:
             sys.exit(f"bench: codi2 exited: {log.read_text()[-2000:]}")
-        time.sleep(0.05)
+        time.sleep(interval)
     sys.exit(f"bench: codi2 did not start (log {log})")
 
 
@@ -276,19 +276,7 @@ class Codi2:
                 env={**os.environ, **env},
             )
         self.pid = self.proc.pid
-        self.port = self._port()
-
-    def _port(self) -> int:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            for line in self.log.read_text().splitlines():
-                if '"codi2_ready"' in line:
-                    port: int = json.loads(line)["health_port"]
-                    return port
-            if self.proc.poll() is not None:
-                sys.exit(f"bench: codi2 exited: {self.log.read_text()[-2000:]}")
-            time.sleep(0.01)
-        sys.exit("bench: codi2 did not start")
+        self.port = health_port(self.log, self.proc, interval=0.01)  # read finely: start-up is timed through it
 
     def ready_seconds(self) -> float:
         """From the process start to /readyz 200."""
@@ -344,11 +332,7 @@ class Codi2:
 
     def metric(self, name: str) -> float:
         """One unlabelled series of /metrics (a counter's `_total`, a gauge)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(f"{name} "):
-                    return float(line.split()[1])
-        raise KeyError(name)
+        return scrape(self.port)[name]
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/status", timeout=5) as resp:

@@ -44,6 +44,7 @@ from common import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from codi2.config import MonitoringSettings
 from codi2.disk.ignore import IgnoreRules
 from codi2.stores.sqlite import SqliteSink
 from codi2.trail.events import Event, EventQuery
@@ -57,8 +58,8 @@ for i in range(n):
         f.write(b"x")
 """
 SCENARIOS = ("burst", "burst-fdb", "latency", "startup", "idle", "mixed", "fleet")
-IGNORED = {".git", "node_modules", "target", "dist"}
-HASH_MAX = 64 * 1024 * 1024  # the daemon's default hash_max_bytes
+DEFAULTS = MonitoringSettings()  # the daemon's defaults, which the mixed load's disk is read with
+IGNORED, HASH_MAX = DEFAULTS.ignore_patterns, DEFAULTS.hash_max_bytes
 FLOOR = Path(__file__).resolve().parent / "floor.py"
 
 
@@ -130,6 +131,29 @@ def python_floor(base: Path, tree: Path, files: int, mode: str = "plain") -> dic
     return {"recorded": result["rows"] / files, "cpu_s": result["cpu_s"], "wall_s": result["wall_s"]}
 
 
+def watched_burst(name: str, base: Path, tree: Path, binaries: dict[str, str], files: int) -> dict[str, float]:
+    """One watcher's rep of the burst: started on `tree`, then its CPU from the burst's start until it has
+    every file, and its lag after the writer's end."""
+    watcher: Codi2 | InotifyWait | Watchman
+    if name == "codi2":
+        watcher = Codi2(base, tree)
+        watcher.ready_seconds()
+        poll_until(watcher.scanned, 60)
+        counter = watcher.count_files
+    elif name == "inotifywait":
+        watcher = InotifyWait(binaries["inotifywait"], tree, base / "iw.out")
+        counter = watcher.created
+    else:
+        watcher = Watchman(binaries["watchman"], base, tree)
+        counter = watcher.hashed
+    cpu0 = cpu_seconds(watcher.pid)
+    writer_end = write_burst(tree, files)
+    recorded, last = until_stable(counter, files, poll_s=0.5 if name == "watchman" else 0.05)
+    cpu = cpu_seconds(watcher.pid) - cpu0
+    watcher.stop()
+    return {"recorded": recorded / files, "lag_s": max(0.0, last - writer_end), "cpu_s": cpu}
+
+
 def burst(base: Path, binaries: dict[str, str], reps: int, files: int) -> dict[str, Any]:
     """A separate process writes `files` one-byte files into 100 directories; each watcher's CPU until
     it has it all: codi2 every file committed with its sha256, inotifywait every create printed,
@@ -142,29 +166,8 @@ def burst(base: Path, binaries: dict[str, str], reps: int, files: int) -> dict[s
             tree = burst_tree(base)
             if name in ("floor", "trail_floor"):
                 run = python_floor(base, tree, files, "plain" if name == "floor" else "trail")
-                runs[name].append(run)
-                print(
-                    f"  burst rep {rep + 1} {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True
-                )
-                continue
-            watcher: Codi2 | InotifyWait | Watchman
-            if name == "codi2":
-                watcher = Codi2(base, tree)
-                watcher.ready_seconds()
-                poll_until(watcher.scanned, 60)
-                counter = watcher.count_files
-            elif name == "inotifywait":
-                watcher = InotifyWait(binaries["inotifywait"], tree, base / "iw.out")
-                counter = watcher.created
             else:
-                watcher = Watchman(binaries["watchman"], base, tree)
-                counter = watcher.hashed
-            cpu0 = cpu_seconds(watcher.pid)
-            writer_end = write_burst(tree, files)
-            recorded, last = until_stable(counter, files, poll_s=0.5 if name == "watchman" else 0.05)
-            cpu = cpu_seconds(watcher.pid) - cpu0
-            watcher.stop()
-            run = {"recorded": recorded / files, "lag_s": max(0.0, last - writer_end), "cpu_s": cpu}
+                run = watched_burst(name, base, tree, binaries, files)
             runs[name].append(run)
             print(f"  burst rep {rep + 1} {name:<11} " + "  ".join(f"{k} {v:.3f}" for k, v in run.items()), flush=True)
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from codi2.cli.common import DIRECTORY, EXIT_FAILURE, EXIT_OK, FILE, UsageError, completes, config_arg, load
-from codi2.trail.events import parse_time
+from codi2.cli.common import (
+    DIRECTORY,
+    EXIT_FAILURE,
+    EXIT_OK,
+    UsageError,
+    chain_keys,
+    completes,
+    config_arg,
+    cutoff,
+    cutoff_arg,
+    key_file_arg,
+    load,
+    tenant,
+)
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
-    from codi2.config import Settings
     from codi2.trail.chain import ChainKey
 
 
@@ -35,57 +44,6 @@ def register(sub: Subparsers) -> None:
     key_file_arg(archive)
     archive.add_argument("--json", action="store_true", help="print the archive's check as one JSON document")
     archive.set_defaults(func=command)
-
-
-def cutoff_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--before",
-        metavar="ISO8601",
-        help="the cutoff (UTC if no zone; default: now less [retention] max_age)",
-    )
-
-
-def key_file_arg(parser: argparse.ArgumentParser) -> None:
-    key_file = parser.add_argument(
-        "--key-file",
-        type=Path,
-        action="append",
-        metavar="FILE",
-        help="an HMAC key the trail is sealed with; repeat it for every key (default: [integrity] key_file)",
-    )
-    completes(key_file, FILE)
-
-
-def cutoff(args: argparse.Namespace, settings: Settings) -> datetime:
-    """`--before`, else now less `[retention] max_age`: the CronJob's cutoff comes from the config."""
-    if args.before:
-        try:
-            return parse_time(args.before)
-        except ValueError:
-            raise UsageError(f"--before: not an ISO 8601 time: {args.before!r}") from None
-    max_age = settings.retention.max_age_s
-    if max_age is None:
-        raise UsageError("--before required (or set [retention] max_age)")
-    return datetime.fromtimestamp(time.time() - max_age, UTC)
-
-
-def tenant(settings: Settings) -> str:
-    if not settings.tenant_id:
-        raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
-    return settings.tenant_id
-
-
-def chain_keys(args: argparse.Namespace, settings: Settings) -> list[ChainKey]:
-    from codi2.trail.chain import load_key
-
-    configured = settings.integrity.key_file
-    keys = []
-    for path in args.key_file or ([configured] if configured else []):
-        try:
-            keys.append(load_key(path))
-        except ValueError as exc:
-            raise UsageError(f"{'--key-file' if args.key_file else 'integrity.key_file'}: {exc}") from None
-    return keys
 
 
 def command(args: argparse.Namespace) -> int:

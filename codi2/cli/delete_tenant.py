@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from codi2.cli.archive import tenant
-from codi2.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, config_arg, load
+from codi2.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, config_arg, load, tenant
 from codi2.cli.prune import Refused, store_lock
 
 if TYPE_CHECKING:

@@ -7,17 +7,15 @@ import argparse
 import io
 import itertools
 import json
-import re
 import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO, get_args
 
-from codi2.cli.common import EXIT_OK, FILE, UsageError, completes, config_arg, load, printable
-from codi2.trail.events import ACTIONS, Event, EventQuery, Origin, parse_time
+from codi2.cli.common import EXIT_OK, FILE, UsageError, completes, config_arg, load, printable, since, tenant, time_arg
+from codi2.trail.events import ACTIONS, Event, EventQuery, Origin
 from codi2.trail.export import FORMATS, render
 
 if TYPE_CHECKING:
@@ -27,8 +25,6 @@ if TYPE_CHECKING:
     from codi2.stores.base import TrailReader
 
 FOLLOW_POLL_S = 0.5
-RELATIVE = re.compile(r"(\d+)([smhdw])")  # `--since 30m`: that long before now
-UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 TABLE = "{ts:<27} {action:<7} {type:<7} {size:>10} {mode:>4} {origin:<8} {user:<12} {session:<12} {owner:<9} {path}"
 REPLAY_TABLE = "{type:<7} {sha256:<64} {root}  {path}"
 
@@ -87,8 +83,7 @@ def command(args: argparse.Namespace) -> int:
     from codi2.stores.open import open_sink
 
     settings = load(args, tenant_id=args.tenant_id)
-    if not settings.tenant_id:
-        raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
+    tenant_id = tenant(settings)
     if args.limit is not None and args.limit < 0:
         raise UsageError("--limit: must be 0 or more")
     if args.replay and (args.cursor_file or args.format in FORMATS):
@@ -97,12 +92,12 @@ def command(args: argparse.Namespace) -> int:
     # The store applies its own filters and the limit; the limit moves here when this command filters too.
     limit = args.limit if wanted is None else None
     query = EventQuery(
-        settings.tenant_id,
+        tenant_id,
         args.path,
         args.action,
         since(args),
         limit,
-        until=_time(args.until, "--until"),
+        until=time_arg(args.until, "--until"),
         session_id=args.session,
     )
     fmt = args.format or ("table" if sys.stdout.isatty() else "jsonl")
@@ -115,7 +110,7 @@ def command(args: argparse.Namespace) -> int:
         try:
             rows = sink.read(query)
             selected = (e for _, e in rows if wanted is None or wanted(e))
-            return _replay(itertools.islice(selected, args.limit), fmt, settings.tenant_id)
+            return _replay(itertools.islice(selected, args.limit), fmt, tenant_id)
         finally:
             sink.close()
     printed = 0
@@ -142,7 +137,7 @@ def command(args: argparse.Namespace) -> int:
                     return EXIT_OK
             if not args.follow:
                 if printed == 0:
-                    _nothing("no events match", settings.tenant_id)
+                    _nothing("no events match", tenant_id)
                 return EXIT_OK
             sys.stdout.flush()
             time.sleep(FOLLOW_POLL_S)
@@ -156,26 +151,6 @@ def _cursor_file(path: Path | None, settings: Settings, tenant_id: str, sink: Tr
     from codi2.cli.cursor import CursorFile, store_name
 
     return CursorFile(path, tenant_id, store_name(settings), sink) if path is not None else None
-
-
-def since(args: argparse.Namespace) -> datetime | None:
-    """`--since` as a time (`events` and `verify` take it alike): ISO 8601, or a span back from now."""
-    return _time(args.since, "--since")
-
-
-def _time(text: str | None, flag: str) -> datetime | None:
-    if not text:
-        return None
-    if relative := RELATIVE.fullmatch(text.strip()):
-        amount, unit = relative.groups()
-        try:
-            return datetime.now(UTC) - timedelta(**{UNITS[unit]: int(amount)})
-        except (OverflowError, ValueError):  # timedelta's bound, or a time before year 1
-            raise UsageError(f"{flag}: {text!r} reaches back before any date") from None
-    try:
-        return parse_time(text)
-    except ValueError:
-        raise UsageError(f"{flag}: neither an ISO 8601 time nor a span such as 30m, 1h, 2d: {text!r}") from None
 
 
 def _filter(args: argparse.Namespace) -> Callable[[Event], bool] | None:

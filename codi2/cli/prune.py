@@ -10,8 +10,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from codi2.cli.archive import chain_keys, cutoff, cutoff_arg, key_file_arg, tenant
-from codi2.cli.common import DIRECTORY, EXIT_FAILURE, EXIT_OK, UsageError, completes, config_arg, load
+from codi2.cli.common import (
+    DIRECTORY,
+    EXIT_FAILURE,
+    EXIT_OK,
+    UsageError,
+    chain_keys,
+    completes,
+    config_arg,
+    cutoff,
+    cutoff_arg,
+    key_file_arg,
+    load,
+    tenant,
+)
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -12,18 +11,19 @@ from codi2.cli.common import (
     DIRECTORY,
     EXIT_FAILURE,
     EXIT_OK,
-    FILE,
     UsageError,
+    chain_keys,
     completes,
     config_arg,
+    key_file_arg,
     load,
     printable,
+    since,
+    tenant,
 )
-from codi2.cli.events import since
 
 if TYPE_CHECKING:
     from codi2.cli.common import Subparsers
-    from codi2.trail.chain import ChainKey
     from codi2.trail.verify import Report
 
 LIVE_HINT = "a change made in the last few seconds may not be committed yet: run again"
@@ -45,15 +45,11 @@ def register(sub: Subparsers) -> None:
         help="check each stream from its first batch journaled at or after this time (ISO 8601, or a span back "
         "from now: 30m, 1h, 2d)",
     )
-    key_file = verify.add_argument(
-        "--key-file",
-        type=Path,
-        action="append",
-        metavar="FILE",
+    key_file_arg(
+        verify,
         help="an HMAC key the trail is sealed with; repeat it for every key still in the trail (default: "
         "[integrity] key_file)",
     )
-    completes(key_file, FILE)
     verify.add_argument("--json", action="store_true", help="print the report as one JSON document")
     disk = verify.add_argument(
         "--disk",
@@ -75,28 +71,18 @@ def register(sub: Subparsers) -> None:
 def command(args: argparse.Namespace) -> int:
     from codi2.stores.open import open_sink
     from codi2.trail import verify
-    from codi2.trail.chain import load_key
 
     settings = load(args, tenant_id=args.tenant_id, user_id=args.user_id)
     if args.archive is not None:
-        from codi2.cli.archive import chain_keys, check
+        from codi2.cli.archive import check
 
         return check(args.archive, chain_keys(args, settings), as_json=args.json)
-    if not settings.tenant_id:
-        raise UsageError("tenant_id required (set --tenant-id or $TENANT_ID)")
-    start = since(args)
-    configured = settings.integrity.key_file
-    keys: list[ChainKey] = []
-    for path in args.key_file or ([configured] if configured else []):
-        try:
-            keys.append(load_key(path))
-        except ValueError as exc:
-            raise UsageError(f"{'--key-file' if args.key_file else 'integrity.key_file'}: {exc}") from None
+    tenant_id, start, keys = tenant(settings), since(args), chain_keys(args, settings)
     sink = open_sink(settings, create=False)
     disk_error = None
     try:
         try:
-            report = verify.verify(sink, settings.tenant_id, keys, start)
+            report = verify.verify(sink, tenant_id, keys, start)
         except verify.VerifyError as exc:
             raise UsageError(str(exc)) from None
         if args.disk is not None:
@@ -120,7 +106,7 @@ def render(report: Report) -> str:
     change the daemon has not committed yet."""
     from codi2.trail import verify
 
-    lines = [verify.render(dataclasses.replace(report, disk=None))]
+    lines = [verify.render(report)]
     d = report.disk
     if d is None:
         return lines[0]

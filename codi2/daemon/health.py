@@ -78,7 +78,6 @@ class _Guard:
         self._limit = limit
         self._timeout = timeout
         self._open: dict[asyncio.BaseTransport, asyncio.TimerHandle | None] = {}  # insertion order = age
-        self.evicted = 0
 
     def __call__(self) -> asyncio.Protocol:
         return _Guarded(self, self._inner())
@@ -87,7 +86,6 @@ class _Guard:
         if len(self._open) >= self._limit:
             idle = next((t for t, timer in self._open.items() if timer is not None), None)
             (idle or transport).close()
-            self.evicted += 1
             if idle is None:
                 return
             self.closed(idle)
@@ -113,12 +111,7 @@ class _Guard:
 
     def _expire(self, transport: asyncio.BaseTransport) -> None:
         self._open[transport] = None
-        self.evicted += 1
         transport.close()
-
-    @property
-    def connections(self) -> int:
-        return len(self._open)
 
 
 class _Guarded(asyncio.Protocol):
@@ -184,15 +177,6 @@ class HealthServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._guard, self._host, self._port, backlog=cap)
         self.port = self._server.sockets[0].getsockname()[1]  # the real port when 0 was asked for
-
-    @property
-    def connections(self) -> int:
-        return self._guard.connections if self._guard is not None else 0
-
-    @property
-    def evicted(self) -> int:
-        """Connections closed for being slow or idle, or to make room (a local client misbehaving)."""
-        return self._guard.evicted if self._guard is not None else 0
 
     async def stop(self) -> None:
         if self._server is not None:

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from codi2.trail.events import Event
+from codi2.trail.events import LIFECYCLE, Event
 
 
 @dataclass
@@ -32,7 +32,7 @@ class Range:
 
 def detail_of(event: Event) -> dict[str, Any]:
     """A lifecycle record's details (`dest_path`, a JSON object); {} for any other event, or bad JSON."""
-    if event.action not in ("start", "stop") or not event.dest_path:
+    if event.action not in LIFECYCLE or not event.dest_path:
         return {}
     try:
         value = json.loads(event.dest_path)

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from codi2 import __version__
-from codi2.trail.events import Action, Event, parse_time
+from codi2.trail.events import LIFECYCLE, Action, Event, parse_time
 
 OCSF_VERSION = "1.5.0"
 ECS_VERSION = "9.4.0"
@@ -76,7 +76,9 @@ def _mtime_ms(e: Event) -> int | None:
 
 def _file_facts(e: Event) -> Event:
     """The event with only what describes a file: a gap's `size` counts changes lost, not bytes."""
-    return e._replace(size=None, mode=None, mtime=None, sha256=None) if e.action in ("gap", "start", "stop") else e
+    if e.action == "gap" or e.action in LIFECYCLE:
+        return e._replace(size=None, mode=None, mtime=None, sha256=None)
+    return e
 
 
 def _gap_message(e: Event) -> str:

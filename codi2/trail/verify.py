@@ -484,7 +484,8 @@ def _unseen(rel: str, unseen: set[str], unlisted: set[str]) -> bool:
 
 
 def render(report: Report) -> str:
-    """The report for a terminal: per stream its figures and breaks, then events in no batch, the disk."""
+    """The chain's report for a terminal: per stream its figures and breaks, then events in no batch (the disk's
+    report, if any, is the CLI's to render)."""
     lines = []
     for s in report.streams:
         keys = ", ".join(k or "none (SHA-256)" for k in s.key_ids) or "-"
@@ -501,16 +502,6 @@ def render(report: Report) -> str:
         lines += [f"  BREAK {b.kind}: {b.detail}" for b in report.unchained]
         if report.unchained_events > len(report.unchained):
             lines.append(f"  … and {report.unchained_events - len(report.unchained)} more")
-    if report.disk is not None:
-        d = report.disk
-        verdict = "the trail differs" if d.differences else "the trail folds to exactly what is there"
-        if d.unreadable:
-            verdict += f" ({d.unreadable} entries could not be read, and are not compared)"
-        lines.append(f"disk {d.path} (watch root {d.root}, user {d.user_id or '-'}): {d.entries} entries; {verdict}")
-        lines += [f"  {x['kind']}: {x['path']!r} (trail {x['trail']}, disk {x['disk']})" for x in d.differences]
-        lines += [f"  unreadable: {x['path']!r}: {x['problem']}" for x in d.unreadable_listed]
-        if d.unreadable > len(d.unreadable_listed):
-            lines.append(f"  … and {d.unreadable - len(d.unreadable_listed)} more unreadable")
     events = sum(s.events for s in report.streams)
     summary = f"streams {len(report.streams)}, batches {sum(s.checked for s in report.streams)}, events {events}"
     verdict = "intact" if report.breaks == 0 else f"{report.breaks} breaks"
